@@ -1,0 +1,164 @@
+"""Type stubs of ``vmstore._native``, the Rust core that touches every byte.
+
+Every call that reads, writes or hashes file data releases the GIL. Errors are raised as
+the classes of :mod:`vmstore.errors` (``NotFoundError``, ``PermissionDeniedError``,
+``OperationFailedError`` for a full disk, ``CancelledError``, ``ChecksumMismatchError``);
+an exception raised by a progress callback propagates unchanged.
+"""
+
+from collections.abc import Callable
+from typing import final
+
+Buffer = bytes | bytearray | memoryview
+ProgressCallback = Callable[[int, int], object]
+"""Called as ``callback(bytes_done, bytes_total)``; monotonic, the last call has done == total."""
+
+DEFAULT_PROGRESS_INTERVAL_MS: int
+"""Least time between two progress callbacks (the final call is always made)."""
+
+@final
+class CancelToken:
+    """A flag the core polls once per chunk; ``cancel()`` may be called from any thread."""
+
+    def __init__(self) -> None: ...
+    def cancel(self) -> None: ...
+    @property
+    def is_cancelled(self) -> bool: ...
+
+@final
+class Sha256:
+    """Streaming SHA-256 (CPU SHA extensions where present)."""
+
+    def __init__(self) -> None: ...
+    def update(self, data: Buffer) -> None: ...
+    def hexdigest(self) -> str:
+        """Digest of everything fed so far; the hasher stays usable."""
+    @property
+    def bytes_hashed(self) -> int: ...
+
+def sha256_file(
+    path: str,
+    *,
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+) -> str:
+    """Whole-file SHA-256 as 64 lowercase hex digits; holes are hashed as zeros, never read."""
+
+def hash_parts(
+    path: str,
+    part_size: int,
+    *,
+    threads: int = 2,
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+) -> tuple[str, list[str]]:
+    """One pass over the file: (whole-file SHA-256 hex, [SHA-256 hex of each part]).
+
+    The whole-file digest runs on one thread while the per-part digests run on ``threads``
+    workers over the same mapped pages; the number of parts is ceil(size / part_size)
+    (one empty part for an empty file).
+    """
+
+@final
+class ChunkReader:
+    """Reads a source file at offsets; knows its data extents so holes are never read."""
+
+    def __init__(self, path: str) -> None: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+    def data_extents(self) -> list[tuple[int, int]]:
+        """(offset, length) of every data region, in order; the rest of the file is holes."""
+    def read(self, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset+length), clipped at end of file; preads with the GIL released."""
+    def close(self) -> None: ...
+    def __enter__(self) -> ChunkReader: ...
+    def __exit__(self, *exc: object) -> None: ...
+
+@final
+class ChunkWriter:
+    """Writes chunks at offsets into a temporary file beside the destination.
+
+    The temporary file is opened (created if missing) and locked with an exclusive
+    ``flock``; if another writer holds the lock, ``BlockingIOError`` is raised so the
+    caller can choose another temp name. With ``resume=False`` any existing content is
+    discarded; with ``resume=True`` it is kept (see ``existing_length``).
+
+    With ``hash=True`` a background thread hashes the file in order, reading back the
+    contiguous prefix that ``write_at``/``mark_done`` have completed, so out-of-order chunks
+    are verified as they landed on disk without holding them in memory.
+    """
+
+    def __init__(
+        self,
+        final_path: str,
+        temp_path: str,
+        *,
+        resume: bool = False,
+        hash: bool = False,
+    ) -> None: ...
+    @property
+    def final_path(self) -> str: ...
+    @property
+    def temp_path(self) -> str: ...
+    @property
+    def existing_length(self) -> int:
+        """Length of the temp file when it was opened (0 unless resume=True)."""
+    @property
+    def bytes_written(self) -> int:
+        """Bytes accepted by write_at (zero chunks count, though they are not stored)."""
+    def write_at(self, offset: int, data: Buffer) -> None:
+        """pwrite data at offset (GIL released); an all-zero chunk is skipped to stay sparse."""
+    def mark_done(self, offset: int, length: int) -> None:
+        """Tell the in-order hasher that [offset, offset+length) is already on disk (resume)."""
+    def set_len(self, size: int) -> None:
+        """Truncate or extend the temp file (extension leaves a hole)."""
+    def hexdigest(self, size: int) -> str:
+        """With hash=True: wait until [0, size) is hashed and return the SHA-256 hex."""
+    def commit(self) -> None:
+        """fsync the temp file, rename it over final_path, fsync the directory."""
+    def abort(self, keep: bool = False) -> None:
+        """Close; remove the temp file unless keep=True (kept for a later resume)."""
+    @property
+    def closed(self) -> bool: ...
+    def __enter__(self) -> ChunkWriter: ...
+    def __exit__(self, *exc: object) -> None:
+        """Aborts (removing the temp file) unless commit() already ran."""
+
+@final
+class CopyResult:
+    @property
+    def sha256(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def bytes_copied(self) -> int:
+        """Bytes read from the source in this call (excludes a verified resumed prefix)."""
+    @property
+    def resumed_from(self) -> int:
+        """Offset the copy continued from (0 when it started fresh)."""
+    @property
+    def holes_skipped(self) -> int:
+        """Bytes of holes and zero chunks not written to the destination."""
+
+def copy_file(
+    source_path: str,
+    writer: ChunkWriter,
+    *,
+    chunk_size: int = 32 << 20,
+    resume: bool = False,
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+) -> CopyResult:
+    """Copy source into writer's temp file, hashing while copying; does not commit.
+
+    Reading, hashing and writing run on three threads so the time is the slowest of the
+    three, not their sum. Holes and all-zero chunks are hashed but not written, and the temp
+    file is left exactly source-sized. With ``resume=True`` the writer's existing prefix (its
+    ``existing_length``, rounded down to ``chunk_size``) is re-hashed from both files and
+    reused only if the bytes are equal; otherwise the copy starts over.
+    """
+
+def is_network_filesystem(path: str) -> tuple[bool, str]:
+    """(True if ``path`` lives on NFS, name of the filesystem type) from statfs(2)."""

@@ -1,0 +1,123 @@
+//! vmstore._native: the byte-moving core of vmstore.
+//!
+//! Python speaks the storage protocols; this crate does every loop that touches file
+//! bytes, with the GIL released: reading chunks (reader), writing them atomically and
+//! sparsely (writer), hashing (hash), the overlapped local copy (copy). Errors map onto
+//! the classes of `vmstore.errors` in one place (error).
+
+mod buffer;
+mod cancel;
+mod copy;
+mod error;
+mod fsinfo;
+mod hash;
+mod progress;
+mod reader;
+mod writer;
+
+use std::path::PathBuf;
+
+use pyo3::prelude::*;
+
+use crate::cancel::CancelToken;
+use crate::error::IoContext;
+use crate::progress::Progress;
+use crate::writer::ChunkWriter;
+
+fn progress_for(progress: Option<Py<PyAny>>, cancel: Option<&Bound<'_, CancelToken>>) -> Progress {
+    Progress::new(progress, cancel.map(|c| c.get().flag()), 0)
+}
+
+/// Outcome of `copy_file`.
+#[pyclass(module = "vmstore._native", frozen, get_all)]
+pub struct CopyResult {
+    sha256: String,
+    size: u64,
+    bytes_copied: u64,
+    resumed_from: u64,
+    holes_skipped: u64,
+}
+
+#[pymethods]
+impl CopyResult {
+    fn __repr__(&self) -> String {
+        format!(
+            "CopyResult(sha256='{}', size={}, bytes_copied={}, resumed_from={}, holes_skipped={})",
+            self.sha256, self.size, self.bytes_copied, self.resumed_from, self.holes_skipped
+        )
+    }
+}
+
+#[pyfunction]
+#[pyo3(signature = (source_path, writer, *, chunk_size = 32 << 20, resume = false, progress = None, cancel = None))]
+fn copy_file(
+    py: Python<'_>,
+    source_path: PathBuf,
+    writer: &Bound<'_, ChunkWriter>,
+    chunk_size: usize,
+    resume: bool,
+    progress: Option<Py<PyAny>>,
+    cancel: Option<&Bound<'_, CancelToken>>,
+) -> PyResult<CopyResult> {
+    let mut reporter = progress_for(progress, cancel);
+    let sink = writer.get().core();
+    let stats = py.detach(|| copy::copy_file(&source_path, Some(sink), chunk_size, resume, &mut reporter))?;
+    Ok(CopyResult {
+        sha256: stats.sha256,
+        size: stats.size,
+        bytes_copied: stats.bytes_copied,
+        resumed_from: stats.resumed_from,
+        holes_skipped: stats.holes_skipped,
+    })
+}
+
+#[pyfunction]
+#[pyo3(signature = (path, *, progress = None, cancel = None))]
+fn sha256_file(
+    py: Python<'_>,
+    path: PathBuf,
+    progress: Option<Py<PyAny>>,
+    cancel: Option<&Bound<'_, CancelToken>>,
+) -> PyResult<String> {
+    let mut reporter = progress_for(progress, cancel);
+    let stats = py.detach(|| copy::copy_file(&path, None, 8 << 20, false, &mut reporter))?;
+    Ok(stats.sha256)
+}
+
+#[pyfunction]
+#[pyo3(signature = (path, part_size, *, threads = 2, progress = None, cancel = None))]
+fn hash_parts(
+    py: Python<'_>,
+    path: PathBuf,
+    part_size: u64,
+    threads: usize,
+    progress: Option<Py<PyAny>>,
+    cancel: Option<&Bound<'_, CancelToken>>,
+) -> PyResult<(String, Vec<String>)> {
+    let mut reporter = progress_for(progress, cancel);
+    let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    reporter.set_total(size);
+    let digests = py.detach(|| hash::hash_parts(&path, part_size, threads, &mut reporter))?;
+    Ok((digests.whole, digests.parts))
+}
+
+#[pyfunction]
+fn is_network_filesystem(py: Python<'_>, path: PathBuf) -> PyResult<(bool, String)> {
+    let result = py.detach(|| fsinfo::filesystem_type(&path).context(|| format!("statfs {}", path.display())));
+    Ok(result?)
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<CancelToken>()?;
+    m.add_class::<hash::PySha256>()?;
+    m.add_class::<reader::ChunkReader>()?;
+    m.add_class::<ChunkWriter>()?;
+    m.add_class::<CopyResult>()?;
+    m.add_function(wrap_pyfunction!(copy_file, m)?)?;
+    m.add_function(wrap_pyfunction!(sha256_file, m)?)?;
+    m.add_function(wrap_pyfunction!(hash_parts, m)?)?;
+    m.add_function(wrap_pyfunction!(is_network_filesystem, m)?)?;
+    m.add("DEFAULT_PROGRESS_INTERVAL_MS", progress::DEFAULT_INTERVAL_MS)?;
+    Ok(())
+}

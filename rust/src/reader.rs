@@ -1,0 +1,211 @@
+//! ChunkReader: positioned reads of a source file, and its data extents so holes are
+//! neither read nor sent.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+use crate::error::{CoreError, CoreResult, IoContext};
+
+/// (offset, length) of each data region of `file`, in order, via SEEK_DATA/SEEK_HOLE.
+/// A filesystem without hole reporting yields one extent covering the whole file.
+pub fn data_extents(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
+    let fd = file.as_raw_fd();
+    let mut extents = Vec::new();
+    let mut pos: u64 = 0;
+    while pos < size {
+        // SAFETY: lseek on a valid fd; it does not touch memory.
+        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::ENXIO) => break, // no data after pos: the rest is a hole
+                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) if pos == 0 => return Ok(vec![(0, size)]),
+                _ => return Err(err),
+            }
+        }
+        let data = data as u64;
+        if data >= size {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+        let hole = if hole < 0 { size } else { (hole as u64).min(size) };
+        extents.push((data, hole - data));
+        pos = hole;
+    }
+    Ok(extents)
+}
+
+/// Read exactly `buf.len()` bytes at `offset`, fewer only at end of file.
+pub fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read_at(&mut buf[filled..], offset + filled as u64) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(filled)
+}
+
+pub fn advise_sequential(file: &File) {
+    // SAFETY: advisory call on a valid fd; failure is harmless.
+    unsafe {
+        libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
+    }
+}
+
+pub struct SourceFile {
+    pub file: File,
+    pub path: PathBuf,
+    pub size: u64,
+}
+
+impl SourceFile {
+    pub fn open(path: &Path) -> CoreResult<Self> {
+        let file = File::open(path).context(|| format!("opening {}", path.display()))?;
+        let meta = file.metadata().context(|| format!("reading {}", path.display()))?;
+        if meta.is_dir() {
+            return Err(CoreError::io(
+                format!("reading {}", path.display()),
+                io::Error::from_raw_os_error(libc::EISDIR),
+            ));
+        }
+        advise_sequential(&file);
+        Ok(SourceFile { file, path: path.to_path_buf(), size: meta.len() })
+    }
+
+    pub fn extents(&self) -> CoreResult<Vec<(u64, u64)>> {
+        data_extents(&self.file, self.size)
+            .context(|| format!("finding data extents of {}", self.path.display()))
+    }
+}
+
+#[pyclass(module = "vmstore._native", frozen)]
+pub struct ChunkReader {
+    source: Mutex<Option<std::sync::Arc<SourceFile>>>,
+    path: String,
+    size: u64,
+}
+
+impl ChunkReader {
+    fn source(&self) -> PyResult<std::sync::Arc<SourceFile>> {
+        self.source
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| PyValueError::new_err("ChunkReader is closed"))
+    }
+}
+
+#[pymethods]
+impl ChunkReader {
+    #[new]
+    fn new(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        let source = py.detach(|| SourceFile::open(&path))?;
+        Ok(ChunkReader {
+            size: source.size,
+            path: path.to_string_lossy().into_owned(),
+            source: Mutex::new(Some(std::sync::Arc::new(source))),
+        })
+    }
+
+    #[getter]
+    fn path(&self) -> &str {
+        &self.path
+    }
+
+    #[getter]
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn data_extents(&self, py: Python<'_>) -> PyResult<Vec<(u64, u64)>> {
+        let source = self.source()?;
+        Ok(py.detach(|| source.extents())?)
+    }
+
+    fn read<'py>(&self, py: Python<'py>, offset: u64, length: u64) -> PyResult<Bound<'py, PyBytes>> {
+        let source = self.source()?;
+        let len = length.min(self.size.saturating_sub(offset)) as usize;
+        PyBytes::new_with(py, len, |buf| {
+            // The bytes object is not visible to any other code until we return it.
+            let filled = py
+                .detach(|| read_full_at(&source.file, buf, offset))
+                .context(|| format!("reading {} at offset {offset}", source.path.display()))?;
+            if filled < len {
+                return Err(CoreError::io(
+                    format!("reading {} at offset {offset}", source.path.display()),
+                    io::Error::new(io::ErrorKind::UnexpectedEof, "file shrank while being read"),
+                )
+                .into());
+            }
+            Ok(())
+        })
+    }
+
+    fn close(&self) {
+        self.source.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __exit__(&self, _exc_type: Py<PyAny>, _exc: Py<PyAny>, _tb: Py<PyAny>) {
+        self.close();
+    }
+
+    fn __repr__(&self) -> String {
+        format!("ChunkReader(path={:?}, size={})", self.path, self.size)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Seek, SeekFrom, Write};
+
+    #[test]
+    fn sparse_file_reports_only_its_data() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("sparse.raw");
+        let mut file = File::create(&path).expect("create");
+        file.seek(SeekFrom::Start(8 << 20)).expect("seek");
+        file.write_all(&[1u8; 4096]).expect("write");
+        file.set_len(32 << 20).expect("extend");
+        drop(file);
+        let file = File::open(&path).expect("open");
+        let extents = data_extents(&file, 32 << 20).expect("extents");
+        let data: u64 = extents.iter().map(|e| e.1).sum();
+        assert!(data < 1 << 20, "{extents:?}");
+        assert!(extents.iter().any(|&(off, len)| off <= 8 << 20 && off + len >= (8 << 20) + 4096));
+    }
+
+    #[test]
+    fn dense_file_is_one_extent() {
+        let mut file = tempfile::NamedTempFile::new().expect("temp");
+        file.write_all(&[7u8; 100_000]).expect("write");
+        let extents = data_extents(file.as_file(), 100_000).expect("extents");
+        assert_eq!(extents, vec![(0, 100_000)]);
+    }
+
+    #[test]
+    fn read_full_at_stops_at_end_of_file() {
+        let mut file = tempfile::NamedTempFile::new().expect("temp");
+        file.write_all(b"hello world").expect("write");
+        let mut buf = [0u8; 32];
+        let n = read_full_at(file.as_file(), &mut buf, 6).expect("read");
+        assert_eq!(&buf[..n], b"world");
+    }
+}
