@@ -1,0 +1,217 @@
+"""StorageConfig: which backend to talk to and how."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from vmstore.errors import InvalidConfigError
+
+BUILTIN_BACKEND_TYPES = ("s3", "minio", "http", "https", "nfs")
+
+MIN_CHUNK_SIZE = 64 << 10
+MAX_CONCURRENCY = 64
+
+_SECRET_FIELDS = frozenset({"access_key", "secret_key", "session_token", "token"})
+_MASK = "***"
+
+# Environment variable -> field. VMSTORE_* wins over the AWS name when both are set, so
+# a vmstore-specific setting is never shadowed by an unrelated AWS profile.
+_ENV_VARIABLES: dict[str, tuple[str, ...]] = {
+    "type": ("VMSTORE_TYPE",),
+    "endpoint": ("VMSTORE_ENDPOINT",),
+    "bucket": ("VMSTORE_BUCKET",),
+    "region": ("VMSTORE_REGION",),
+    "access_key": ("VMSTORE_ACCESS_KEY", "AWS_ACCESS_KEY_ID"),
+    "secret_key": ("VMSTORE_SECRET_KEY", "AWS_SECRET_ACCESS_KEY"),
+    "session_token": ("VMSTORE_SESSION_TOKEN", "AWS_SESSION_TOKEN"),
+    "token": ("VMSTORE_TOKEN",),
+    "use_ssl": ("VMSTORE_USE_SSL",),
+    "insecure_skip_verify": ("VMSTORE_INSECURE_SKIP_VERIFY",),
+    "ca_bundle": ("VMSTORE_CA_BUNDLE",),
+    "timeout": ("VMSTORE_TIMEOUT",),
+    "max_retries": ("VMSTORE_MAX_RETRIES",),
+    "chunk_size": ("VMSTORE_CHUNK_SIZE",),
+    "concurrency": ("VMSTORE_CONCURRENCY",),
+}
+
+_TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+_FALSE_WORDS = frozenset({"0", "false", "no", "off", ""})
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "kb": 1 << 10,
+    "kib": 1 << 10,
+    "m": 1 << 20,
+    "mb": 1 << 20,
+    "mib": 1 << 20,
+    "g": 1 << 30,
+    "gb": 1 << 30,
+    "gib": 1 << 30,
+}
+_SIZE_PATTERN = re.compile(r"\s*(\d+)\s*([a-zA-Z]*)\s*")
+
+
+def parse_byte_size(text: str) -> int:
+    """Parse "33554432", "32M", "32MiB" or "64k" (binary units) into a number of bytes."""
+    match = _SIZE_PATTERN.fullmatch(text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _SIZE_UNITS:
+        raise ValueError(f"not a size: {text!r} (examples: 33554432, 32M, 32MiB, 64k)")
+    return int(match.group(1)) * _SIZE_UNITS[unit]
+
+
+@dataclass
+class StorageConfig:
+    """Which backend to use and how to reach it; validated when built.
+
+    ``type`` is one of "s3", "minio", "http", "https", "nfs" (or a name given to
+    :func:`vmstore.register_backend`). For NFS, ``endpoint`` is the mount point. ``timeout``
+    is the number of seconds without progress after which a transfer fails, not a limit on
+    the whole transfer. ``chunk_size=None`` picks the backend's default. Secrets
+    (``access_key``, ``secret_key``, ``session_token``, ``token``) never appear in ``repr``.
+    """
+
+    type: str
+    endpoint: str = ""
+    bucket: str = ""
+    region: str = ""
+    access_key: str = ""
+    secret_key: str = ""
+    session_token: str = ""
+    token: str = ""
+    use_ssl: bool = True
+    insecure_skip_verify: bool = False
+    ca_bundle: str = ""
+    timeout: float = 300.0
+    max_retries: int = 3
+    chunk_size: int | None = None
+    concurrency: int = 4
+
+    def __post_init__(self) -> None:
+        self.type = _check_type(self.type)
+        for name in (
+            "endpoint",
+            "bucket",
+            "region",
+            "access_key",
+            "secret_key",
+            "session_token",
+            "token",
+            "ca_bundle",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                value = os.fspath(value)
+                setattr(self, name, value)
+            if not isinstance(value, str):
+                raise _invalid(name, "must be a string")
+        for name in ("use_ssl", "insecure_skip_verify"):
+            if not isinstance(getattr(self, name), bool):
+                raise _invalid(name, "must be True or False")
+        if isinstance(self.timeout, bool) or not isinstance(self.timeout, int | float):
+            raise _invalid("timeout", "must be a number of seconds")
+        if not self.timeout > 0:
+            raise _invalid("timeout", "must be greater than 0 (idle seconds before giving up)")
+        self.timeout = float(self.timeout)
+        if not _is_int(self.max_retries) or self.max_retries < 0:
+            raise _invalid("max_retries", "must be an integer >= 0")
+        if self.chunk_size is not None and (
+            not _is_int(self.chunk_size) or self.chunk_size < MIN_CHUNK_SIZE
+        ):
+            raise _invalid(
+                "chunk_size",
+                f"must be an integer >= {MIN_CHUNK_SIZE} (64 KiB), or None for the "
+                "backend's default",
+            )
+        if not _is_int(self.concurrency) or not 1 <= self.concurrency <= MAX_CONCURRENCY:
+            raise _invalid("concurrency", f"must be an integer from 1 to {MAX_CONCURRENCY}")
+
+    def __repr__(self) -> str:
+        shown = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name in _SECRET_FIELDS and value:
+                value = _MASK
+            shown.append(f"{field.name}={value!r}")
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+    @classmethod
+    def from_env(
+        cls, *, environ: Mapping[str, str] | None = None, **overrides: Any
+    ) -> StorageConfig:
+        """Build a config from ``VMSTORE_*`` (and ``AWS_*`` key) variables.
+
+        Keyword arguments override the environment; an override of ``None`` means "not
+        given" (so command-line flags can be passed through as they are). ``environ``
+        defaults to ``os.environ``.
+        """
+        env = os.environ if environ is None else environ
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise InvalidConfigError(
+                f"unknown StorageConfig field(s): {', '.join(unknown)}; "
+                f"known fields: {', '.join(sorted(known))}"
+            )
+        values: dict[str, Any] = {}
+        for name, variables in _ENV_VARIABLES.items():
+            for variable in variables:
+                if variable in env:
+                    values[name] = _parse_env_value(name, variable, env[variable])
+                    break
+        values.update({name: value for name, value in overrides.items() if value is not None})
+        if not values.get("type"):
+            raise InvalidConfigError(
+                f"type is required (one of {', '.join(BUILTIN_BACKEND_TYPES)}): set "
+                "VMSTORE_TYPE, or pass --type on the command line / type= in Python"
+            )
+        return cls(**values)
+
+
+def _check_type(value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _invalid("type", f"is required: one of {', '.join(BUILTIN_BACKEND_TYPES)}")
+    name = value.strip().lower()
+    # Imported here: storage.py imports this module, and the registry (which may hold
+    # backends added by register_backend) decides which names are valid.
+    from vmstore.storage import backend_names
+
+    names = backend_names()
+    if name not in names:
+        raise _invalid("type", f"{value!r} is not a known backend; use one of {', '.join(names)}")
+    return name
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _invalid(field_name: str, problem: str) -> InvalidConfigError:
+    return InvalidConfigError(f"invalid StorageConfig.{field_name}: {problem}")
+
+
+def _parse_env_value(field_name: str, variable: str, text: str) -> object:
+    if field_name in ("use_ssl", "insecure_skip_verify"):
+        word = text.strip().lower()
+        if word in _TRUE_WORDS:
+            return True
+        if word in _FALSE_WORDS:
+            return False
+        raise InvalidConfigError(f"{variable}={text!r} is not a boolean; use true or false")
+    try:
+        if field_name == "chunk_size":
+            return parse_byte_size(text) if text.strip() else None
+        if field_name in ("max_retries", "concurrency"):
+            return int(text)
+        if field_name == "timeout":
+            return float(text)
+    except ValueError as exc:
+        raise InvalidConfigError(f"{variable}={text!r} is not valid: {exc}", cause=exc) from exc
+    return text
