@@ -390,17 +390,12 @@ class ProgressBar:
         self._stream = stream
         self._clock = clock
         self._start_time = clock()
-        self._start_bytes: int | None = None
         self._drawn = False
 
     def __call__(self, transferred: int, total: int) -> None:
-        now = self._clock()
-        if self._start_bytes is None:
-            # A resumed transfer starts part-way: the rate counts only this run's bytes.
-            self._start_bytes = transferred
-            self._start_time = now
-        elapsed = now - self._start_time
-        rate = (transferred - self._start_bytes) / elapsed if elapsed > 0 else 0.0
+        elapsed = self._clock() - self._start_time
+        # A resume counts its re-hashed prefix as progress: verifying it is work done now.
+        rate = transferred / elapsed if elapsed > 0 else 0.0
         percent = 100.0 * transferred / total if total else 100.0
         if transferred >= total:
             eta = "done"
@@ -408,9 +403,10 @@ class ProgressBar:
             eta = "ETA " + _duration((total - transferred) / rate)
         else:
             eta = "ETA --:--"
+        speed = f"{_human_size(rate)}/s" if rate > 0 else "--/s"
         line = (
             f"{self._label}  {percent:5.1f}%  {_human_size(transferred)} / "
-            f"{_human_size(total)}  {_human_size(rate)}/s  {eta}"
+            f"{_human_size(total)}  {speed}  {eta}"
         )
         self._stream.write(f"\r{line}\x1b[K")
         self._stream.flush()
