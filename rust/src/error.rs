@@ -13,6 +13,7 @@ pyo3::import_exception!(vmstore.errors, OperationFailedError);
 pyo3::import_exception!(vmstore.errors, CancelledError);
 pyo3::import_exception!(vmstore.errors, ChecksumMismatchError);
 pyo3::import_exception!(vmstore.errors, InvalidConfigError);
+pyo3::import_exception!(vmstore.errors, NetworkError);
 
 #[derive(Debug)]
 pub enum CoreError {
@@ -60,6 +61,8 @@ pub enum IoClass {
     NotFound,
     PermissionDenied,
     NoSpace,
+    /// An NFS server that went away shows up as these, not as socket errors.
+    Network,
     Other,
 }
 
@@ -69,6 +72,9 @@ pub fn classify(err: &io::Error) -> IoClass {
             libc::ENOENT | libc::ENOTDIR => return IoClass::NotFound,
             libc::EACCES | libc::EPERM | libc::EROFS => return IoClass::PermissionDenied,
             libc::ENOSPC | libc::EDQUOT | libc::EFBIG => return IoClass::NoSpace,
+            libc::ESTALE | libc::ETIMEDOUT | libc::EHOSTDOWN | libc::EHOSTUNREACH | libc::ENETUNREACH => {
+                return IoClass::Network
+            }
             _ => {}
         }
     }
@@ -85,6 +91,7 @@ impl fmt::Display for CoreError {
             CoreError::Io { context, source } => {
                 let hint = match classify(source) {
                     IoClass::NotFound => "",
+                    IoClass::Network => " (the file server did not answer; check the mount, then retry)",
                     IoClass::PermissionDenied => " (check the path's permissions and that the filesystem is mounted read-write)",
                     IoClass::NoSpace => " (free space on the destination filesystem, then retry: the partial file was removed)",
                     IoClass::Other => "",
@@ -111,6 +118,7 @@ impl From<CoreError> for PyErr {
             CoreError::Io { source, .. } => match classify(&source) {
                 IoClass::NotFound => NotFoundError::new_err(message),
                 IoClass::PermissionDenied => PermissionDeniedError::new_err(message),
+                IoClass::Network => NetworkError::new_err(message),
                 IoClass::NoSpace | IoClass::Other => OperationFailedError::new_err(message),
             },
             CoreError::Cancelled => CancelledError::new_err(message),
@@ -133,6 +141,7 @@ mod tests {
         assert_eq!(classify(&io::Error::from_raw_os_error(libc::EACCES)), IoClass::PermissionDenied);
         assert_eq!(classify(&io::Error::from_raw_os_error(libc::ENOSPC)), IoClass::NoSpace);
         assert_eq!(classify(&io::Error::from_raw_os_error(libc::EDQUOT)), IoClass::NoSpace);
+        assert_eq!(classify(&io::Error::from_raw_os_error(libc::ESTALE)), IoClass::Network);
         assert_eq!(classify(&io::Error::from_raw_os_error(libc::EIO)), IoClass::Other);
     }
 

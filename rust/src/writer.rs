@@ -93,7 +93,9 @@ struct HashState {
 
 impl OrderedHasher {
     fn start(file: Arc<File>, path: PathBuf) -> Self {
-        let shared = Arc::new(HashShared { state: Mutex::new(HashState::default()), changed: Condvar::new() });
+        // The digest of the empty prefix, so a zero-length object needs no write at all.
+        let state = HashState { digest: Some(hex_digest(&Sha256::new())), ..HashState::default() };
+        let shared = Arc::new(HashShared { state: Mutex::new(state), changed: Condvar::new() });
         let worker = Arc::clone(&shared);
         let thread = std::thread::spawn(move || worker.run(&file, &path));
         OrderedHasher { shared, thread: Mutex::new(Some(thread)) }
@@ -584,6 +586,17 @@ mod tests {
         let writer = WriterCore::open(&final_path, &temp_path, false, true).expect("open");
         writer.write_at(0, &[1u8; 10]).expect("write");
         assert!(writer.hexdigest(20).is_err());
+    }
+
+    #[test]
+    fn empty_object_digest_needs_no_write() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (final_path, temp_path) = paths(dir.path());
+        let writer = WriterCore::open(&final_path, &temp_path, false, true).expect("open");
+        assert_eq!(
+            writer.hexdigest(0).expect("digest"),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
     }
 
     #[test]

@@ -1,0 +1,326 @@
+"""The download pipeline shared by the network backends (S3, HTTP).
+
+HEAD has told the backend the object's size and validator (ETag); this module fetches the
+object as concurrent ranged reads, writes each chunk at its offset through the native
+ChunkWriter (into ``<dest>.vmstore-partial``), lets the writer's hashing thread hash the
+file in order as the contiguous prefix grows, verifies the digest, and only then renames the
+file into place. A mismatch, or any failure, leaves the destination as it was.
+
+An interrupted download leaves the partial plus a state file naming the source, its ETag,
+size, chunk size and the chunks already written; the next download of the same source to
+the same destination continues from there if the ETag still matches. The resumed chunks are
+re-hashed from disk, not trusted: the final digest covers every byte in the file.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from vmstore import _native
+from vmstore._oserrors import storage_error_from_oserror
+from vmstore._parts import Chunk, split
+from vmstore._retry import RetryableError, RetryPolicy
+from vmstore.errors import (
+    CancelledError,
+    ChecksumMismatchError,
+    NetworkError,
+    NotFoundError,
+    OperationFailedError,
+    StorageError,
+)
+from vmstore.models import DownloadRequest, DownloadResponse, parse_sha256_hex
+from vmstore.progress import ProgressReporter
+
+log = logging.getLogger("vmstore.download")
+
+PARTIAL_SUFFIX = ".vmstore-partial"
+STATE_SUFFIX = ".vmstore-partial.state"
+STATE_VERSION = 1
+# How often the list of written chunks is saved while downloading.
+STATE_SAVE_INTERVAL = 2.0
+
+
+@dataclass(frozen=True)
+class RemoteObject:
+    """What HEAD said about the object being downloaded."""
+
+    url: str
+    size: int
+    etag: str
+    """Validator pinned on every ranged read ("" when the server gives none)."""
+    checksum: str | None
+    """SHA-256 the store holds for the object, if any."""
+    supports_ranges: bool = True
+
+
+class ObjectReader(Protocol):
+    """How a backend reads the object's bytes. Both methods raise StorageError on failure,
+    or RetryableError / a backend exception that ``classify`` maps to one for a retry."""
+
+    def read_range(self, start: int, end: int) -> bytes:
+        """Bytes [start, end) exactly, pinned to the object's ETag."""
+        ...
+
+    def read_stream(self) -> Iterable[bytes]:
+        """The whole object as one stream, for servers without range support."""
+        ...
+
+
+@dataclass(frozen=True)
+class DownloadSettings:
+    chunk_size: int
+    concurrency: int
+    retry: RetryPolicy
+    classify: Callable[[BaseException], RetryableError | None]
+
+
+def _load_state(path: str) -> dict[str, object] | None:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            state = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def _save_state(path: str, state: dict[str, object]) -> None:
+    temp = f"{path}.tmp"
+    with open(temp, "w", encoding="utf-8") as handle:
+        json.dump(state, handle)
+    os.replace(temp, path)
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+
+
+def _keeps_partial(exc: BaseException) -> bool:
+    """Interruptions keep the partial for a resume; bad data and a full disk do not."""
+    return not isinstance(exc, ChecksumMismatchError | NotFoundError | OperationFailedError)
+
+
+def download_object(
+    obj: RemoteObject,
+    reader: ObjectReader,
+    request: DownloadRequest,
+    settings: DownloadSettings,
+) -> DownloadResponse:
+    """Fetch ``obj`` into ``request.destination_path``, verified, atomically."""
+    expected: str | None = None
+    if request.expected_checksum:
+        expected = parse_sha256_hex(request.expected_checksum)
+    elif request.verify_checksum and obj.checksum:
+        expected = obj.checksum
+
+    destination = os.path.abspath(request.destination_path)
+    if os.path.isdir(destination):
+        raise OperationFailedError(
+            f"destination {destination} is a directory; give the path of the file to write"
+        )
+    directory = os.path.dirname(destination)
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as exc:
+        raise storage_error_from_oserror(exc, "create directory", directory) from exc
+
+    partial = destination + PARTIAL_SUFFIX
+    state_path = destination + STATE_SUFFIX
+    try:
+        writer = _native.ChunkWriter(destination, partial, resume=request.resume, hash=True)
+    except BlockingIOError as exc:
+        raise OperationFailedError(
+            f"another download to {destination} is in progress (its partial file is locked); "
+            "wait for it or choose another destination"
+        ) from exc
+
+    chunk_size = settings.chunk_size if obj.supports_ranges else max(obj.size, 1)
+    chunks = split(obj.size, chunk_size)
+    done: set[int] = set()
+    state: dict[str, object] = {
+        "version": STATE_VERSION,
+        "url": obj.url,
+        "etag": obj.etag,
+        "size": obj.size,
+        "chunk_size": chunk_size,
+        "done": [],
+    }
+    if request.resume and obj.etag and obj.supports_ranges:
+        previous = _load_state(state_path)
+        same = previous is not None and all(
+            previous.get(key) == state[key]
+            for key in ("version", "url", "etag", "size", "chunk_size")
+        )
+        if previous is not None and same:
+            listed = previous.get("done")
+            if isinstance(listed, list):
+                done = {n for n in listed if isinstance(n, int) and 1 <= n <= len(chunks)}
+        elif previous is not None:
+            log.info("partial download of %s is from another version; starting over", obj.url)
+    resumed_bytes = 0
+    try:
+        if not done:
+            writer.set_len(0)
+        writer.set_len(obj.size)
+        for chunk in chunks:
+            if chunk.number in done:
+                # Already on disk: the hashing thread re-reads it rather than trusting it.
+                writer.mark_done(chunk.offset, chunk.length)
+                resumed_bytes += chunk.length
+        if resumed_bytes:
+            log.info("resuming %s at %d of %d bytes", obj.url, resumed_bytes, obj.size)
+        state["done"] = sorted(done)
+        _save_state(state_path, state)
+
+        reporter = ProgressReporter(request.progress_callback, obj.size)
+        reporter(resumed_bytes, obj.size)
+        todo = [chunk for chunk in chunks if chunk.number not in done]
+        if obj.supports_ranges:
+            _fetch_ranges(
+                todo, reader, writer, settings, request, reporter, state, done, state_path
+            )
+        else:
+            _fetch_stream(obj, reader, writer, request, reporter)
+
+        digest = writer.hexdigest(obj.size)
+        if expected is not None and digest != expected:
+            raise ChecksumMismatchError(
+                f"{obj.url} downloaded with SHA-256 {digest}, expected {expected}; "
+                f"{destination} was left as it was"
+            )
+        writer.commit()
+        _remove(state_path)
+        reporter.finish(obj.size)
+    except BaseException as exc:
+        keep = request.resume and obj.supports_ranges and _keeps_partial(exc)
+        with contextlib.suppress(Exception):
+            writer.abort(keep=keep)
+        if keep:
+            with contextlib.suppress(OSError):
+                _save_state(state_path, {**state, "done": sorted(done)})
+            log.info("kept %s for a later resume", partial)
+        else:
+            _remove(state_path)
+        raise
+    return DownloadResponse(
+        checksum=digest,
+        content_length=obj.size,
+        bytes_transferred=obj.size - resumed_bytes,
+        destination_path=destination,
+        resumed_from=resumed_bytes,
+    )
+
+
+def _check_cancel(request: DownloadRequest) -> None:
+    if request.cancel is not None and request.cancel.is_cancelled:
+        raise CancelledError(f"download of {request.source_url} cancelled")
+
+
+def _fetch_ranges(
+    todo: list[Chunk],
+    reader: ObjectReader,
+    writer: _native.ChunkWriter,
+    settings: DownloadSettings,
+    request: DownloadRequest,
+    reporter: ProgressReporter,
+    state: dict[str, object],
+    done: set[int],
+    state_path: str,
+) -> None:
+    stop = threading.Event()
+    done_lock = threading.Lock()
+
+    def fetch(chunk: Chunk) -> Chunk:
+        def attempt() -> bytes:
+            if stop.is_set():
+                raise CancelledError("download stopped")
+            data = reader.read_range(chunk.offset, chunk.end)
+            if len(data) != chunk.length:
+                raise RetryableError(
+                    f"range {chunk.offset}-{chunk.end - 1} returned {len(data)} bytes"
+                )
+            return data
+
+        data = settings.retry.call(
+            attempt,
+            classify=settings.classify,
+            describe=f"reading bytes {chunk.offset}-{chunk.end - 1} of {request.source_url}",
+            cancelled=stop,
+        )
+        writer.write_at(chunk.offset, data)
+        return chunk
+
+    last_save = time.monotonic()
+    # Bounded submission: at most 2 x concurrency chunks exist at once, so memory stays
+    # near concurrency x chunk_size whatever the object's size.
+    pending: set[cf.Future[Chunk]] = set()
+    queue = list(reversed(todo))
+    with cf.ThreadPoolExecutor(
+        max_workers=settings.concurrency, thread_name_prefix="vmstore-get"
+    ) as pool:
+        try:
+            while queue or pending:
+                while queue and len(pending) < 2 * settings.concurrency:
+                    pending.add(pool.submit(fetch, queue.pop()))
+                finished, pending = cf.wait(pending, timeout=0.1, return_when=cf.FIRST_COMPLETED)
+                for future in finished:
+                    chunk = future.result()
+                    with done_lock:
+                        done.add(chunk.number)
+                    reporter.advance(chunk.length)
+                _check_cancel(request)
+                if time.monotonic() - last_save >= STATE_SAVE_INTERVAL:
+                    state["done"] = sorted(done)
+                    with contextlib.suppress(OSError):
+                        _save_state(state_path, state)
+                    last_save = time.monotonic()
+        except BaseException:
+            stop.set()
+            for future in pending:
+                future.cancel()
+            # Chunks that finish while we shut down are on disk: keep them for the resume.
+            for future in cf.as_completed(pending):
+                with contextlib.suppress(BaseException):
+                    done.add(future.result().number)
+            raise
+
+
+def _fetch_stream(
+    obj: RemoteObject,
+    reader: ObjectReader,
+    writer: _native.ChunkWriter,
+    request: DownloadRequest,
+    reporter: ProgressReporter,
+) -> None:
+    offset = 0
+    for block in reader.read_stream():
+        _check_cancel(request)
+        if offset + len(block) > obj.size:
+            raise NetworkError(
+                f"{obj.url} sent more than the {obj.size} bytes it announced; retry the download"
+            )
+        writer.write_at(offset, block)
+        offset += len(block)
+        reporter.advance(len(block))
+    if offset != obj.size:
+        raise NetworkError(
+            f"{obj.url} ended after {offset} of {obj.size} bytes; retry the download"
+        )
+
+
+__all__ = [
+    "DownloadSettings",
+    "ObjectReader",
+    "RemoteObject",
+    "StorageError",
+    "download_object",
+]
