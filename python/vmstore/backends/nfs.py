@@ -304,7 +304,7 @@ class NfsStorage:
         ):
             try:
                 os.unlink(path)
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 continue
             except OSError as exc:
                 raise storage_error_from_oserror(exc, "delete", path) from exc
@@ -457,7 +457,7 @@ class NfsStorage:
     def _make_directories(path: str) -> None:
         try:
             os.makedirs(path, exist_ok=True)
-        except FileExistsError as exc:
+        except (FileExistsError, NotADirectoryError) as exc:
             raise storage_error_from_oserror(
                 exc,
                 "create directory",
