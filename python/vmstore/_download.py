@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
@@ -45,8 +44,6 @@ log = logging.getLogger("vmstore.download")
 PARTIAL_SUFFIX = ".vmstore-partial"
 STATE_SUFFIX = ".vmstore-partial.state"
 STATE_VERSION = 1
-# How often the list of written chunks is saved while downloading.
-STATE_SAVE_INTERVAL = 2.0
 
 
 @dataclass(frozen=True)
@@ -259,7 +256,6 @@ def _fetch_ranges(
         writer.write_at(chunk.offset, data)
         return chunk
 
-    last_save = time.monotonic()
     # Bounded submission: at most 2 x concurrency chunks exist at once, so memory stays
     # near concurrency x chunk_size whatever the object's size.
     pending: set[cf.Future[Chunk]] = set()
@@ -272,17 +268,18 @@ def _fetch_ranges(
                 while queue and len(pending) < 2 * settings.concurrency:
                     pending.add(pool.submit(fetch, queue.pop()))
                 finished, pending = cf.wait(pending, timeout=0.1, return_when=cf.FIRST_COMPLETED)
-                for future in finished:
-                    chunk = future.result()
-                    with done_lock:
-                        done.add(chunk.number)
-                    reporter.advance(chunk.length)
-                _check_cancel(request)
-                if time.monotonic() - last_save >= STATE_SAVE_INTERVAL:
+                landed = [future.result() for future in finished]
+                with done_lock:
+                    done.update(chunk.number for chunk in landed)
+                # Record landed chunks before telling anyone: a process killed from its
+                # progress callback must still find them on resume.
+                if landed:
                     state["done"] = sorted(done)
                     with contextlib.suppress(OSError):
                         _save_state(state_path, state)
-                    last_save = time.monotonic()
+                for chunk in landed:
+                    reporter.advance(chunk.length)
+                _check_cancel(request)
         except BaseException:
             stop.set()
             for future in pending:
