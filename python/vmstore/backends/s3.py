@@ -22,7 +22,6 @@ import logging
 import mimetypes
 import os
 import threading
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -65,7 +64,6 @@ from vmstore.urls import S3Location, normalize_endpoint, parse_s3_url, s3_url
 log = logging.getLogger("vmstore.s3")
 
 DEFAULT_CHUNK_SIZE = 10 << 20
-STATE_SAVE_INTERVAL = 2.0
 
 _NOT_FOUND = {"NoSuchKey", "NotFound", "404", "NoSuchUpload"}
 _DENIED = {
@@ -808,7 +806,6 @@ class _MultipartUpload:
         concurrency = self.storage._config.concurrency
         queue: Iterator[Chunk] = iter(todo)
         pending: set[cf.Future[Chunk]] = set()
-        last_save = time.monotonic()
         with cf.ThreadPoolExecutor(
             max_workers=concurrency, thread_name_prefix="vmstore-put"
         ) as pool:
@@ -828,13 +825,15 @@ class _MultipartUpload:
                     finished, pending = cf.wait(
                         pending, timeout=0.1, return_when=cf.FIRST_COMPLETED
                     )
-                    for future in finished:
-                        reporter.advance(future.result().length)
+                    landed = [future.result() for future in finished]
+                    # Save stored parts before reporting them: a process killed from its
+                    # progress callback must still find them on resume.
+                    if landed and self.request.resume:
+                        self._save(state)
+                    for part in landed:
+                        reporter.advance(part.length)
                     if self._cancelled():
                         raise CancelledError(f"upload of {self.source} cancelled")
-                    if self.request.resume and time.monotonic() - last_save >= STATE_SAVE_INTERVAL:
-                        self._save(state)
-                        last_save = time.monotonic()
             except BaseException:
                 self.stop.set()
                 for future in pending:
