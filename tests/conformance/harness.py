@@ -1,0 +1,126 @@
+"""What the conformance suite needs to know about a backend, and nothing more.
+
+Every scenario in ``tests/conformance`` talks to vmstore through ``new_storage(harness.config)``
+and looks at the store from the outside through the harness (``read_object``,
+``stored_names``, ``tamper``), never through vmstore itself: a scenario that checked
+vmstore's answers only against vmstore's other answers could not catch a store that lies
+consistently.
+
+Adding a backend (rclone fstests style) means adding one subclass here and one fixture in
+``conftest.py`` that starts its server; the scenarios do not change:
+
+* ``S3Harness`` (for ``rclone serve s3`` and ``moto_server``): ``url`` gives
+  ``s3://<bucket>/<prefix>/<key>``, ``read_object`` is a boto3 ``get_object`` (``None`` on
+  NoSuchKey), ``stored_names`` a ``list_objects_v2`` under the prefix, ``companion_names``
+  is empty, ``tamper`` re-puts different bytes of the same size with the original
+  ``sha256`` metadata.
+* ``HttpHarness`` (nginx with WebDAV PUT/DELETE): the same through ``requests`` against
+  the document root, or directly on the served directory.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from vmstore import Storage, StorageConfig, new_storage
+
+CHUNK = 256 * 1024
+"""Chunk size every harness configures, so that MiB-sized files have many chunks."""
+
+
+class Capability:
+    """Optional behaviours a scenario may need; a harness lists the ones its store has."""
+
+    UPLOAD_RESUME = "upload-resume"
+    """An interrupted upload can be continued (NFS partial file, S3 multipart + ListParts)."""
+
+    TAMPER = "tamper"
+    """The test can change stored bytes behind vmstore's back, keeping the stored checksum."""
+
+
+@dataclass
+class BackendHarness(abc.ABC):
+    """One backend under test: its config plus an outside view of what it stores."""
+
+    name: str
+    config: StorageConfig
+    capabilities: frozenset[str]
+
+    def open(self, **config_changes: Any) -> Storage:
+        """A fresh Storage for this backend (optionally with some config fields changed)."""
+        return new_storage(dataclasses.replace(self.config, **config_changes))
+
+    def require(self, capability: str) -> None:
+        if capability not in self.capabilities:
+            pytest.skip(f"backend {self.name} has no {capability!r}")
+
+    def config_json(self) -> str:
+        """The config, for a child process that must talk to the same store."""
+        return json.dumps(dataclasses.asdict(self.config))
+
+    @abc.abstractmethod
+    def url(self, key: str) -> str:
+        """The URL a caller would pass to vmstore for the object ``key``."""
+
+    @abc.abstractmethod
+    def read_object(self, key: str) -> bytes | None:
+        """The object's bytes as the store holds them under the final name, or None if absent."""
+
+    @abc.abstractmethod
+    def stored_names(self) -> set[str]:
+        """Every name the store holds in this test's area (objects, sidecars, temp files)."""
+
+    @abc.abstractmethod
+    def companion_names(self, key: str) -> set[str]:
+        """Names that legitimately accompany a committed object (e.g. an NFS sidecar)."""
+
+    @abc.abstractmethod
+    def tamper(self, key: str) -> bytes:
+        """Change the stored bytes (same size, stored checksum kept); return the new bytes."""
+
+
+@dataclass
+class NfsHarness(BackendHarness):
+    """The NFS backend over a plain local directory standing in for the mounted share."""
+
+    mount: Path = Path()
+
+    def url(self, key: str) -> str:
+        return f"nfs://{key}"
+
+    def read_object(self, key: str) -> bytes | None:
+        path = self.mount / key
+        return path.read_bytes() if path.is_file() else None
+
+    def stored_names(self) -> set[str]:
+        return {
+            p.relative_to(self.mount).as_posix() for p in self.mount.rglob("*") if not p.is_dir()
+        }
+
+    def companion_names(self, key: str) -> set[str]:
+        return {f"{key}.vmstore.json"}
+
+    def tamper(self, key: str) -> bytes:
+        path = self.mount / key
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        # In place, so size and sidecar stay as they were: only the bytes changed.
+        with open(path, "r+b") as f:
+            f.write(data)
+        return bytes(data)
+
+
+def nfs_harness(mount: Path) -> NfsHarness:
+    mount.mkdir(parents=True, exist_ok=True)
+    return NfsHarness(
+        name="nfs",
+        config=StorageConfig(type="nfs", endpoint=str(mount), chunk_size=CHUNK),
+        capabilities=frozenset({Capability.UPLOAD_RESUME, Capability.TAMPER}),
+        mount=mount,
+    )

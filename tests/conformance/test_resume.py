@@ -1,0 +1,286 @@
+"""A failure costs only the unfinished part: interrupted transfers resume, never truncate."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from vmstore import DownloadRequest, Storage, UploadRequest
+
+from tests.support import (
+    InterruptAt,
+    Interrupted,
+    MiB,
+    files_under,
+    random_bytes,
+    sha256_bytes,
+    write_file,
+)
+
+from .harness import CHUNK, BackendHarness, Capability
+
+SIZE = 4 * MiB + 123  # 17 chunks of 256 KiB, the last one short
+STALL_HELPER = Path(__file__).with_name("stall_transfer.py")
+
+
+def interrupt_upload(store: Storage, source: Path, url: str, *, resume: bool = True) -> None:
+    with pytest.raises(Interrupted):
+        store.upload(
+            UploadRequest(str(source), url, progress_callback=InterruptAt(2 * CHUNK), resume=resume)
+        )
+
+
+def interrupt_download(store: Storage, url: str, dest: Path, *, resume: bool = True) -> None:
+    with pytest.raises(Interrupted):
+        store.download(
+            DownloadRequest(url, str(dest), progress_callback=InterruptAt(2 * CHUNK), resume=resume)
+        )
+
+
+def kill_mid_transfer(backend: BackendHarness, mode: str, source: str, destination: str) -> None:
+    """Start the transfer in a child process, wait until it is under way, SIGKILL it."""
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            str(STALL_HELPER),
+            backend.config_json(),
+            mode,
+            source,
+            destination,
+            str(2 * CHUNK),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        ready, _, _ = select.select([child.stdout], [], [], 60)
+        line = child.stdout.readline() if ready else ""
+        if not line.startswith("STALLED"):
+            child.kill()
+            _out, err = child.communicate(timeout=30)
+            pytest.fail(f"transfer child did not stall: stdout={line!r} stderr={err[-2000:]}")
+        os.kill(child.pid, signal.SIGKILL)
+        assert child.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        for stream in (child.stdout, child.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def assert_resumed_upload(
+    backend: BackendHarness, store: Storage, source: Path, key: str, data: bytes
+) -> None:
+    up = store.upload(UploadRequest(str(source), backend.url(key)))
+
+    assert 0 < up.resumed_from <= len(data)
+    assert up.resumed_from % CHUNK == 0
+    assert up.bytes_transferred == len(data) - up.resumed_from
+    assert up.checksum == sha256_bytes(data)
+    assert backend.read_object(key) == data
+    assert store.get_metadata(up.url).checksum == sha256_bytes(data)
+    assert backend.stored_names() == {key} | backend.companion_names(key)
+
+
+def assert_resumed_download(store: Storage, url: str, dest: Path, data: bytes) -> None:
+    down = store.download(DownloadRequest(url, str(dest)))
+
+    assert 0 < down.resumed_from <= len(data)
+    assert down.resumed_from % CHUNK == 0
+    assert down.bytes_transferred == len(data) - down.resumed_from
+    assert down.checksum == sha256_bytes(data)
+    assert dest.read_bytes() == data
+    # The partial and its state file are gone once the file is in place.
+    assert files_under(dest.parent) == {"disk.img", dest.name}
+
+
+def test_upload_resumes_after_an_interrupted_attempt(
+    backend: BackendHarness, store: Storage, workdir: Path
+) -> None:
+    backend.require(Capability.UPLOAD_RESUME)
+    data = random_bytes(SIZE, seed=51)
+    source = write_file(workdir / "disk.img", data)
+
+    interrupt_upload(store, source, backend.url("disk.img"))
+    assert backend.read_object("disk.img") is None
+
+    assert_resumed_upload(backend, store, source, "disk.img", data)
+
+
+def test_download_resumes_after_an_interrupted_attempt(
+    backend: BackendHarness, store: Storage, workdir: Path
+) -> None:
+    data = random_bytes(SIZE, seed=52)
+    up = store.upload(UploadRequest(str(write_file(workdir / "disk.img", data)), backend.url("d")))
+    dest = workdir / "imported.img"
+
+    interrupt_download(store, up.url, dest)
+    assert not dest.exists()
+    assert (workdir / "imported.img.vmstore-partial").exists()
+
+    assert_resumed_download(store, up.url, dest, data)
+
+
+def test_upload_resumes_after_the_uploading_process_is_killed(
+    backend: BackendHarness, store: Storage, workdir: Path
+) -> None:
+    backend.require(Capability.UPLOAD_RESUME)
+    data = random_bytes(SIZE, seed=53)
+    source = write_file(workdir / "disk.img", data)
+
+    kill_mid_transfer(backend, "upload", str(source), backend.url("disk.img"))
+    assert backend.read_object("disk.img") is None
+
+    assert_resumed_upload(backend, store, source, "disk.img", data)
+
+
+def test_download_resumes_after_the_downloading_process_is_killed(
+    backend: BackendHarness, store: Storage, workdir: Path
+) -> None:
+    data = random_bytes(SIZE, seed=54)
+    up = store.upload(UploadRequest(str(write_file(workdir / "disk.img", data)), backend.url("d")))
+    dest = workdir / "imported.img"
+
+    kill_mid_transfer(backend, "download", up.url, str(dest))
+    assert not dest.exists()
+
+    assert_resumed_download(store, up.url, dest, data)
+
+
+def test_resumed_upload_starts_over_when_the_source_changed_meanwhile(
+    backend: BackendHarness, store: Storage, workdir: Path
+) -> None:
+    backend.require(Capability.UPLOAD_RESUME)
+    source = write_file(workdir / "disk.img", random_bytes(SIZE, seed=55))
+    interrupt_upload(store, source, backend.url("disk.img"))
+    changed = bytearray(source.read_bytes())
+    changed[0] ^= 0x01  # same size, first chunk differs: nothing of the partial is reusable
+    source.write_bytes(changed)
+
+    up = store.upload(UploadRequest(str(source), backend.url("disk.img")))
+
+    assert up.resumed_from == 0
+    assert up.checksum == sha256_bytes(bytes(changed))
+    assert backend.read_object("disk.img") == changed
+
+
+def test_resumed_download_gets_the_new_object_when_it_was_replaced_meanwhile(
+    backend: BackendHarness, store: Storage, workdir: Path
+) -> None:
+    old = random_bytes(SIZE, seed=56)
+    new = bytearray(old)
+    new[0] ^= 0x01
+    new[-1] ^= 0x01
+    source = write_file(workdir / "disk.img", old)
+    up = store.upload(UploadRequest(str(source), backend.url("d")))
+    dest = workdir / "imported.img"
+    interrupt_download(store, up.url, dest)
+    source.write_bytes(new)
+    store.upload(UploadRequest(str(source), backend.url("d")))
+
+    down = store.download(DownloadRequest(up.url, str(dest)))
+
+    assert dest.read_bytes() == new
+    assert down.checksum == sha256_bytes(bytes(new))
+
+
+def test_interrupted_upload_without_resume_leaves_nothing_behind(
+    backend: BackendHarness, store: Storage, workdir: Path
+) -> None:
+    source = write_file(workdir / "disk.img", random_bytes(SIZE, seed=57))
+
+    interrupt_upload(store, source, backend.url("disk.img"), resume=False)
+
+    assert backend.stored_names() == set()
+
+
+def test_interrupted_download_without_resume_leaves_nothing_behind(
+    backend: BackendHarness, store: Storage, workdir: Path
+) -> None:
+    data = random_bytes(SIZE, seed=58)
+    up = store.upload(UploadRequest(str(write_file(workdir / "disk.img", data)), backend.url("d")))
+
+    interrupt_download(store, up.url, workdir / "imported.img", resume=False)
+
+    assert files_under(workdir) == {"disk.img"}
+
+
+def test_upload_without_resume_ignores_an_earlier_partial(
+    backend: BackendHarness, store: Storage, workdir: Path
+) -> None:
+    backend.require(Capability.UPLOAD_RESUME)
+    data = random_bytes(SIZE, seed=59)
+    source = write_file(workdir / "disk.img", data)
+    interrupt_upload(store, source, backend.url("disk.img"))
+
+    up = store.upload(UploadRequest(str(source), backend.url("disk.img"), resume=False))
+
+    assert up.resumed_from == 0
+    assert up.bytes_transferred == len(data)
+    assert backend.read_object("disk.img") == data
+    assert backend.stored_names() == {"disk.img"} | backend.companion_names("disk.img")
+
+
+def damage_download_partial(store: Storage, url: str, dest: Path, how: str, at: int) -> Path:
+    """Interrupt a download, then damage its partial the way a crash or a bad disk would."""
+    interrupt_download(store, url, dest)
+    partial = dest.with_name(dest.name + ".vmstore-partial")
+    assert partial.exists()
+    if how == "truncate":  # the tail never reached the disk (lost with the page cache)
+        os.truncate(partial, at)
+    elif how == "zero-tail":  # chunks never written into a pre-sized file read as zeros
+        with open(partial, "r+b") as f:
+            f.seek(at)
+            f.write(bytes(SIZE - at))
+    else:  # "flip": one byte changed on disk inside the prefix
+        with open(partial, "r+b") as f:
+            f.seek(at)
+            byte = f.read(1)
+            f.seek(at)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    return partial
+
+
+def test_download_resume_after_a_lost_tail_reuses_the_prefix_that_survived(
+    backend: BackendHarness, store: Storage, workdir: Path
+) -> None:
+    data = random_bytes(SIZE, seed=60)
+    up = store.upload(UploadRequest(str(write_file(workdir / "disk.img", data)), backend.url("d")))
+    dest = workdir / "imported.img"
+    survived = 2 * MiB + 1000
+    damage_download_partial(store, up.url, dest, "truncate", survived)
+
+    down = store.download(DownloadRequest(up.url, str(dest)))
+
+    assert 0 < down.resumed_from <= survived
+    assert down.bytes_transferred == SIZE - down.resumed_from
+    assert dest.read_bytes() == data
+
+
+@pytest.mark.parametrize(
+    ("how", "at", "reusable"),
+    [("zero-tail", 2 * MiB + 1000, 2 * MiB + 1000), ("flip", CHUNK + 5, CHUNK)],
+    ids=["unwritten-chunks", "corrupted-chunk"],
+)
+def test_download_resume_never_reuses_bytes_that_differ_from_the_source(
+    backend: BackendHarness, store: Storage, workdir: Path, how: str, at: int, reusable: int
+) -> None:
+    data = random_bytes(SIZE, seed=61)
+    up = store.upload(UploadRequest(str(write_file(workdir / "disk.img", data)), backend.url("d")))
+    dest = workdir / "imported.img"
+    damage_download_partial(store, up.url, dest, how, at)
+
+    down = store.download(DownloadRequest(up.url, str(dest)))
+
+    assert down.resumed_from <= reusable
+    assert down.checksum == sha256_bytes(data)
+    assert dest.read_bytes() == data

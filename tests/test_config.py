@@ -1,0 +1,161 @@
+"""StorageConfig: defaults, validation that names the bad field, secrets kept out of sight."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+from vmstore import ErrorType, InvalidConfigError, StorageConfig
+
+SECRETS = {
+    "access_key": "AKIAEXAMPLEACCESS77",
+    "secret_key": "wJalrXUtnFEMI-secret-value-42",
+    "session_token": "FQoGZXIvYXdzEXAMPLEsessiontoken",
+    "token": "bearer-token-value-9000",
+}
+
+
+def test_defaults_are_the_documented_ones() -> None:
+    config = StorageConfig(type="nfs")
+
+    assert dataclasses.is_dataclass(config)
+    assert (config.endpoint, config.bucket, config.region) == ("", "", "")
+    assert (config.access_key, config.secret_key, config.session_token, config.token) == (
+        "",
+        "",
+        "",
+        "",
+    )
+    assert config.use_ssl is True
+    assert config.insecure_skip_verify is False
+    assert config.ca_bundle == ""
+    assert config.timeout == 300.0
+    assert config.max_retries == 3
+    assert config.chunk_size is None
+    assert config.concurrency == 4
+
+
+@pytest.mark.parametrize("backend_type", ["s3", "minio", "http", "https", "nfs"])
+def test_every_documented_backend_type_is_accepted(backend_type: str) -> None:
+    assert StorageConfig(type=backend_type).type == backend_type
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("type", "ftp"),
+        ("type", ""),
+        ("chunk_size", -1),
+        ("chunk_size", 0),
+        ("chunk_size", 64 * 1024 - 1),
+        ("chunk_size", "big"),
+        ("concurrency", 0),
+        ("concurrency", 65),
+        ("concurrency", -4),
+        ("max_retries", -1),
+        ("timeout", -1.0),
+        ("timeout", "soon"),
+    ],
+)
+def test_bad_value_is_invalid_config_naming_the_field(field: str, value: Any) -> None:
+    fields: dict[str, Any] = {"type": "nfs", field: value}
+
+    with pytest.raises(InvalidConfigError) as caught:
+        StorageConfig(**fields)
+
+    assert caught.value.type is ErrorType.INVALID_CONFIG
+    assert field in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("chunk_size", 64 * 1024),
+        ("chunk_size", 32 << 20),
+        ("concurrency", 1),
+        ("concurrency", 64),
+        ("max_retries", 0),
+    ],
+)
+def test_boundary_values_are_accepted(field: str, value: int) -> None:
+    fields: dict[str, Any] = {"type": "nfs", field: value}
+
+    assert getattr(StorageConfig(**fields), field) == value
+
+
+def test_type_is_required() -> None:
+    with pytest.raises(TypeError):
+        StorageConfig()  # type: ignore[call-arg]
+
+
+def test_repr_masks_every_secret_that_is_set() -> None:
+    config = StorageConfig(type="s3", endpoint="http://127.0.0.1:9000", bucket="b", **SECRETS)
+
+    text = repr(config)
+
+    for field, secret in SECRETS.items():
+        assert secret not in text
+        assert f"{field}='***'" in text
+    assert "http://127.0.0.1:9000" in text  # the rest stays visible for debugging
+    assert all(secret not in str(config) for secret in SECRETS.values())
+
+
+def test_repr_shows_unset_secrets_as_empty_not_masked() -> None:
+    text = repr(StorageConfig(type="s3"))
+
+    assert "'***'" not in text
+    assert "secret_key=''" in text
+
+
+def test_validation_error_never_contains_a_secret() -> None:
+    with pytest.raises(InvalidConfigError) as caught:
+        StorageConfig(type="s3", chunk_size=-5, **SECRETS)
+
+    shown = f"{caught.value} {caught.value!r}"
+    assert all(secret not in shown for secret in SECRETS.values())
+
+
+def test_from_env_reads_vmstore_and_aws_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in {
+        "VMSTORE_TYPE": "s3",
+        "VMSTORE_ENDPOINT": "http://127.0.0.1:9000",
+        "VMSTORE_BUCKET": "vm-exports",
+        "VMSTORE_REGION": "eu-west-1",
+        "VMSTORE_TOKEN": SECRETS["token"],
+        "AWS_ACCESS_KEY_ID": SECRETS["access_key"],
+        "AWS_SECRET_ACCESS_KEY": SECRETS["secret_key"],
+        "AWS_SESSION_TOKEN": SECRETS["session_token"],
+    }.items():
+        monkeypatch.setenv(name, value)
+
+    config = StorageConfig.from_env()
+
+    assert (config.type, config.endpoint, config.bucket, config.region) == (
+        "s3",
+        "http://127.0.0.1:9000",
+        "vm-exports",
+        "eu-west-1",
+    )
+    assert config.token == SECRETS["token"]
+    assert config.access_key == SECRETS["access_key"]
+    assert config.secret_key == SECRETS["secret_key"]
+    assert config.session_token == SECRETS["session_token"]
+
+
+def test_from_env_overrides_win_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VMSTORE_TYPE", "nfs")
+    monkeypatch.setenv("VMSTORE_ENDPOINT", "/mnt/from-env")
+
+    config = StorageConfig.from_env(endpoint="/mnt/override")
+
+    assert (config.type, config.endpoint) == ("nfs", "/mnt/override")
+
+
+def test_from_env_validates_like_the_constructor(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VMSTORE_TYPE", "carrier-pigeon")
+
+    with pytest.raises(InvalidConfigError) as caught:
+        StorageConfig.from_env()
+
+    assert "type" in str(caught.value)
