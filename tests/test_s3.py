@@ -1,0 +1,461 @@
+"""What is specific to the S3 backend, run against both real servers (rclone and moto).
+
+The scenarios every backend shares live in tests/conformance; here: multipart uploads with
+several parts, part sizing, resume after a killed process, a connection dropped mid-part,
+credentials, buckets, and a source that changes while it is uploaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from vmstore import (
+    CancelledError,
+    CancelToken,
+    ChecksumMismatchError,
+    DownloadRequest,
+    ErrorType,
+    NotFoundError,
+    PermissionDeniedError,
+    StorageConfig,
+    StorageError,
+    UploadRequest,
+    new_storage,
+)
+from vmstore._parts import S3_MAX_PARTS, s3_part_size
+
+from tests.faults import DroppingProxy
+from tests.s3_servers import S3_SERVERS, S3Server, free_port, running_s3_server, unique_prefix
+from tests.support import MiB, random_bytes, sha256_bytes, write_file
+
+PART = 5 * MiB  # the S3 minimum part size; moto enforces it like AWS does
+
+
+@pytest.fixture(scope="module", params=S3_SERVERS)
+def s3_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[S3Server]:
+    """Each real S3 server in turn (rclone serve s3, moto), one per module run."""
+    with running_s3_server(request.param, tmp_path_factory.mktemp(request.param)) as server:
+        yield server
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "state"
+    monkeypatch.setenv("VMSTORE_STATE_DIR", str(path))
+    return path
+
+
+@pytest.fixture
+def config(s3_server: S3Server, state_dir: Path) -> StorageConfig:
+    return StorageConfig(
+        type="s3",
+        endpoint=s3_server.endpoint,
+        bucket=s3_server.bucket,
+        access_key=s3_server.access_key,
+        secret_key=s3_server.secret_key,
+        region="us-east-1",
+        chunk_size=PART,
+        concurrency=2,
+        max_retries=3,
+    )
+
+
+@pytest.fixture
+def prefix() -> str:
+    return unique_prefix()
+
+
+def head(server: S3Server, key: str) -> dict[str, Any]:
+    return server.client().head_object(Bucket=server.bucket, Key=key)  # type: ignore[attr-defined, no-any-return]
+
+
+def get(server: S3Server, key: str) -> bytes:
+    body = server.client().get_object(Bucket=server.bucket, Key=key)["Body"]  # type: ignore[attr-defined]
+    return body.read()  # type: ignore[no-any-return]
+
+
+def open_uploads(server: S3Server, prefix: str) -> list[dict[str, Any]]:
+    listing = server.client().list_multipart_uploads(Bucket=server.bucket, Prefix=prefix)  # type: ignore[attr-defined]
+    return list(listing.get("Uploads", []))
+
+
+def test_part_size_grows_so_a_200_gib_disk_fits_in_10000_parts() -> None:
+    size = 200 * 1024 * MiB
+    part = s3_part_size(size, 10 * MiB)
+    assert -(-size // part) <= S3_MAX_PARTS
+    assert part >= 10 * MiB
+    assert s3_part_size(12 * MiB, 1024) == PART  # never below the protocol minimum
+
+
+def test_multipart_upload_stores_whole_file_sha256_with_the_object(
+    config: StorageConfig,
+    s3_server: S3Server,
+    tmp_path: Path,
+    prefix: str,
+) -> None:
+    data = random_bytes(12 * MiB + 12345, seed=1)
+    source = write_file(tmp_path / "disk.qcow2", data)
+    with new_storage(config) as store:
+        up = store.upload(
+            UploadRequest(
+                str(source),
+                f"s3://{s3_server.bucket}/{prefix}/disk.qcow2",
+                metadata={"VM-Name": "test-vm-01"},
+            )
+        )
+    assert up.checksum == sha256_bytes(data)
+    assert up.size == len(data) == up.bytes_transferred
+    stored = head(s3_server, f"{prefix}/disk.qcow2")
+    meta = {k.lower(): v for k, v in stored["Metadata"].items()}
+    assert meta["sha256"] == sha256_bytes(data)
+    assert meta["vm-name"] == "test-vm-01"
+    assert get(s3_server, f"{prefix}/disk.qcow2") == data
+    assert open_uploads(s3_server, prefix) == []
+
+
+def test_download_of_multipart_object_verifies_against_stored_sha256(
+    config: StorageConfig,
+    s3_server: S3Server,
+    tmp_path: Path,
+    prefix: str,
+) -> None:
+    data = random_bytes(11 * MiB, seed=2)
+    source = write_file(tmp_path / "src.raw", data)
+    url = f"/{prefix}/src.raw"
+    with new_storage(config) as store:
+        store.upload(UploadRequest(str(source), url))
+        # Replace the bytes behind vmstore's back, keeping the stored sha256.
+        stored = head(s3_server, f"{prefix}/src.raw")
+        tampered = bytearray(data)
+        tampered[5 * MiB] ^= 0xFF
+        s3_server.client().put_object(  # type: ignore[attr-defined]
+            Bucket=s3_server.bucket,
+            Key=f"{prefix}/src.raw",
+            Body=bytes(tampered),
+            Metadata=stored["Metadata"],
+        )
+        destination = write_file(tmp_path / "dest.raw", b"previous content")
+        with pytest.raises(ChecksumMismatchError):
+            store.download(DownloadRequest(url, str(destination)))
+    assert destination.read_bytes() == b"previous content"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dest.raw", "src.raw", "state"]
+
+
+def _run_killed(script: str, tmp_path: Path) -> None:
+    path = tmp_path / "child.py"
+    path.write_text(textwrap.dedent(script))
+    result = subprocess.run(
+        [sys.executable, str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == -signal.SIGKILL, result.stdout + result.stderr
+
+
+def _port(server: S3Server) -> int:
+    return int(server.endpoint.rsplit(":", 1)[1])
+
+
+def _config_json(config: StorageConfig, port: int | None = None) -> str:
+    fields = {
+        k: getattr(config, k)
+        for k in ("type", "endpoint", "bucket", "access_key", "secret_key", "region", "chunk_size")
+    }
+    if port is not None:
+        fields["endpoint"] = f"http://127.0.0.1:{port}"
+    return json.dumps({**fields, "concurrency": 1})
+
+
+def test_upload_resumes_from_listparts_after_the_process_is_killed(
+    config: StorageConfig,
+    s3_server: S3Server,
+    tmp_path: Path,
+    prefix: str,
+    state_dir: Path,
+) -> None:
+    data = random_bytes(3 * PART + 1000, seed=3)
+    source = write_file(tmp_path / "disk.img", data)
+    url = f"s3://{s3_server.bucket}/{prefix}/disk.img"
+    # A slow link (20 MiB/s), so the kill lands while parts are still being sent.
+    with DroppingProxy(_port(s3_server), rate=20 * MiB) as proxy:
+        _run_killed(
+            f"""
+        import json, os, signal
+        from vmstore import StorageConfig, UploadRequest, new_storage
+        config = StorageConfig(**json.loads({_config_json(config, proxy.port)!r}))
+        def progress(done, total):
+            if done >= {PART}:
+                os.kill(os.getpid(), signal.SIGKILL)
+        with new_storage(config) as store:
+            store.upload(UploadRequest({str(source)!r}, {url!r}, progress_callback=progress))
+        """,
+            tmp_path,
+        )
+    assert len(open_uploads(s3_server, prefix)) == 1  # kept for the resume
+    with new_storage(config) as store:
+        up = store.upload(UploadRequest(str(source), url))
+    assert up.resumed_from >= PART
+    assert up.bytes_transferred == len(data) - up.resumed_from
+    assert up.checksum == sha256_bytes(data)
+    assert get(s3_server, f"{prefix}/disk.img") == data
+    assert open_uploads(s3_server, prefix) == []
+    assert list(state_dir.glob("*.json")) == []
+
+
+def test_download_resumes_from_partial_after_the_process_is_killed(
+    config: StorageConfig,
+    s3_server: S3Server,
+    tmp_path: Path,
+    prefix: str,
+) -> None:
+    data = random_bytes(6 * MiB, seed=4)
+    s3_server.client().put_object(  # type: ignore[attr-defined]
+        Bucket=s3_server.bucket,
+        Key=f"{prefix}/big.img",
+        Body=data,
+        Metadata={"sha256": sha256_bytes(data)},
+    )
+    config = StorageConfig(**{**json.loads(_config_json(config)), "chunk_size": 1 * MiB})
+    url = f"/{prefix}/big.img"
+    destination = tmp_path / "big.img"
+    with DroppingProxy(_port(s3_server), rate=8 * MiB, direction="download") as proxy:
+        _run_killed(
+            f"""
+        import json, os, signal
+        from vmstore import StorageConfig, DownloadRequest, new_storage
+        config = StorageConfig(**json.loads({_config_json(config, proxy.port)!r}))
+        def progress(done, total):
+            if done >= {2 * MiB}:
+                os.kill(os.getpid(), signal.SIGKILL)
+        with new_storage(config) as store:
+            request = DownloadRequest({url!r}, {str(destination)!r}, progress_callback=progress)
+            store.download(request)
+        """,
+            tmp_path,
+        )
+    assert not destination.exists()
+    assert (tmp_path / "big.img.vmstore-partial").exists()
+    with new_storage(config) as store:
+        down = store.download(DownloadRequest(url, str(destination)))
+    assert down.resumed_from >= 2 * MiB
+    assert down.bytes_transferred == len(data) - down.resumed_from
+    assert down.checksum == sha256_bytes(data)
+    assert destination.read_bytes() == data
+    assert not (tmp_path / "big.img.vmstore-partial").exists()
+
+
+def test_part_upload_is_retried_when_the_connection_drops_mid_part(
+    config: StorageConfig,
+    s3_server: S3Server,
+    tmp_path: Path,
+    prefix: str,
+) -> None:
+    data = random_bytes(2 * PART + 10, seed=5)
+    source = write_file(tmp_path / "disk.img", data)
+    with DroppingProxy(_port(s3_server), after_bytes=PART // 2, drops=1) as proxy:
+        proxied = StorageConfig(**json.loads(_config_json(config, proxy.port)))
+        with new_storage(proxied) as store:
+            up = store.upload(UploadRequest(str(source), f"/{prefix}/disk.img"))
+        assert proxy.dropped == 1
+    assert up.checksum == sha256_bytes(data)
+    assert get(s3_server, f"{prefix}/disk.img") == data
+
+
+def test_upload_gives_up_with_network_error_when_every_attempt_drops(
+    config: StorageConfig,
+    s3_server: S3Server,
+    tmp_path: Path,
+    prefix: str,
+) -> None:
+    source = write_file(tmp_path / "disk.img", random_bytes(PART + 10, seed=10))
+    with DroppingProxy(_port(s3_server), after_bytes=PART // 2, drops=1000) as proxy:
+        proxied = StorageConfig(
+            **{**json.loads(_config_json(config, proxy.port)), "max_retries": 2}
+        )
+        with new_storage(proxied) as store, pytest.raises(StorageError) as raised:
+            store.upload(UploadRequest(str(source), f"/{prefix}/disk.img", resume=False))
+    assert raised.value.type is ErrorType.NETWORK_ERROR
+    assert open_uploads(s3_server, prefix) == []
+
+
+def test_ranged_get_is_retried_when_the_connection_drops_mid_body(
+    config: StorageConfig,
+    s3_server: S3Server,
+    tmp_path: Path,
+    prefix: str,
+) -> None:
+    data = random_bytes(3 * MiB, seed=6)
+    s3_server.client().put_object(Bucket=s3_server.bucket, Key=f"{prefix}/d.img", Body=data)  # type: ignore[attr-defined]
+    with DroppingProxy(
+        _port(s3_server), after_bytes=MiB // 2, drops=1, direction="download"
+    ) as proxy:
+        proxied = StorageConfig(
+            **{**json.loads(_config_json(config, proxy.port)), "chunk_size": 1 * MiB}
+        )
+        with new_storage(proxied) as store:
+            down = store.download(
+                DownloadRequest(
+                    f"/{prefix}/d.img",
+                    str(tmp_path / "d.img"),
+                    expected_checksum=sha256_bytes(data),
+                )
+            )
+        assert proxy.dropped == 1
+    assert down.checksum == sha256_bytes(data)
+    assert (tmp_path / "d.img").read_bytes() == data
+
+
+def test_connection_refused_after_retries_is_a_network_error(
+    tmp_path: Path, state_dir: Path
+) -> None:
+    config = StorageConfig(
+        type="s3",
+        endpoint=f"http://127.0.0.1:{free_port()}",
+        bucket="b",
+        access_key="k",
+        secret_key="s",
+        max_retries=1,
+    )
+    with new_storage(config) as store, pytest.raises(StorageError) as raised:
+        store.get_metadata("/missing")
+    assert raised.value.type is ErrorType.NETWORK_ERROR
+
+
+def test_wrong_secret_is_permission_denied_and_never_shown(
+    config: StorageConfig,
+    s3_server: S3Server,
+    tmp_path: Path,
+    prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    if s3_server.name == "moto":
+        pytest.skip("moto's server accepts any credentials; rclone checks them")
+    source = write_file(tmp_path / "small", b"x" * 1000)
+    bad_secret = "definitely-wrong-secret-value-42"
+    bad = StorageConfig(**{**json.loads(_config_json(config)), "secret_key": bad_secret})
+    with new_storage(bad) as store, pytest.raises(PermissionDeniedError) as raised:
+        store.upload(UploadRequest(str(source), f"/{prefix}/small"))
+    assert bad_secret not in str(raised.value)
+    assert bad_secret not in repr(bad)
+    assert bad_secret not in caplog.text
+
+
+def test_missing_bucket_is_not_found_and_named(
+    config: StorageConfig, tmp_path: Path, prefix: str
+) -> None:
+    with new_storage(config) as store, pytest.raises(NotFoundError) as raised:
+        store.get_metadata(f"s3://no-such-bucket-{prefix}/key")
+    # HEAD has no body, so some servers cannot say which of bucket or key is missing.
+    assert "no-such-bucket" in str(raised.value)
+    source = write_file(tmp_path / "small", b"y" * 100)
+    with new_storage(config) as store, pytest.raises(NotFoundError) as raised:
+        store.upload(UploadRequest(str(source), f"s3://no-such-bucket-{prefix}/key"))
+    assert f"no-such-bucket-{prefix}" in str(raised.value)
+
+
+def test_url_naming_another_bucket_uses_that_bucket(
+    config: StorageConfig,
+    s3_server: S3Server,
+    tmp_path: Path,
+    prefix: str,
+) -> None:
+    other = f"other-{prefix}"
+    s3_server.client().create_bucket(Bucket=other)  # type: ignore[attr-defined]
+    source = write_file(tmp_path / "f", b"z" * 5000)
+    with new_storage(config) as store:
+        up = store.upload(UploadRequest(str(source), f"s3://{other}/k"))
+        assert up.url == f"s3://{other}/k"
+        assert store.get_metadata(up.url).size == 5000
+    body = s3_server.client().get_object(Bucket=other, Key="k")["Body"].read()  # type: ignore[attr-defined]
+    assert body == b"z" * 5000
+    with pytest.raises(Exception):  # noqa: B017 - any error: the key must not exist in the default bucket
+        head(s3_server, f"{other}/k")
+
+
+def test_source_changing_during_upload_is_detected_and_the_upload_aborted(
+    config: StorageConfig,
+    s3_server: S3Server,
+    tmp_path: Path,
+    prefix: str,
+) -> None:
+    data = random_bytes(3 * PART, seed=7)
+    source = write_file(tmp_path / "live.img", data)
+
+    def scribble(done: int, total: int) -> None:
+        if done >= PART:
+            with open(source, "r+b") as f:  # the VM is still writing to its disk
+                f.seek(2 * PART + 10)
+                f.write(b"\xff" * 100)
+
+    # A slow link, so progress is reported while parts are still to be sent.
+    with DroppingProxy(_port(s3_server), rate=20 * MiB) as proxy:
+        slow = StorageConfig(**json.loads(_config_json(config, proxy.port)))
+        with new_storage(slow) as store, pytest.raises(ChecksumMismatchError) as raised:
+            store.upload(
+                UploadRequest(str(source), f"/{prefix}/live.img", progress_callback=scribble)
+            )
+    assert "changed" in str(raised.value)
+    assert open_uploads(s3_server, prefix) == []
+    with pytest.raises(Exception):  # noqa: B017 - nothing may be visible under the key
+        head(s3_server, f"{prefix}/live.img")
+
+
+def test_cancelled_upload_without_resume_leaves_no_multipart_upload(
+    config: StorageConfig,
+    s3_server: S3Server,
+    tmp_path: Path,
+    prefix: str,
+) -> None:
+    source = write_file(tmp_path / "c.img", random_bytes(3 * PART, seed=8))
+    token = CancelToken()
+
+    def cancel_after_first_part(done: int, total: int) -> None:
+        if done >= PART:
+            token.cancel()
+
+    with DroppingProxy(_port(s3_server), rate=20 * MiB) as proxy:
+        slow = StorageConfig(**json.loads(_config_json(config, proxy.port)))
+        with new_storage(slow) as store, pytest.raises(CancelledError):
+            store.upload(
+                UploadRequest(
+                    str(source),
+                    f"/{prefix}/c.img",
+                    resume=False,
+                    cancel=token,
+                    progress_callback=cancel_after_first_part,
+                )
+            )
+    assert open_uploads(s3_server, prefix) == []
+
+
+@pytest.fixture
+def big_source(tmp_path: Path) -> Iterator[Path]:
+    yield write_file(tmp_path / "x.img", random_bytes(PART + 1, seed=9))
+
+
+def test_progress_of_a_multipart_upload_is_monotonic_and_ends_at_total(
+    config: StorageConfig, big_source: Path, prefix: str
+) -> None:
+    calls: list[tuple[int, int]] = []
+    with new_storage(config) as store:
+        store.upload(
+            UploadRequest(
+                str(big_source),
+                f"/{prefix}/x.img",
+                progress_callback=lambda d, t: calls.append((d, t)),
+            )
+        )
+    size = os.path.getsize(big_source)
+    assert calls[-1] == (size, size)
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+    assert hashlib.sha256(big_source.read_bytes()).hexdigest()
