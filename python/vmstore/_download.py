@@ -106,13 +106,37 @@ def _keeps_partial(exc: BaseException) -> bool:
     return not isinstance(exc, ChecksumMismatchError | NotFoundError | OperationFailedError)
 
 
+class _ResumedBytesDiffer(Exception):
+    """The digest failed after resuming: some reused chunk on disk was not what was sent."""
+
+
 def download_object(
     obj: RemoteObject,
     reader: ObjectReader,
     request: DownloadRequest,
     settings: DownloadSettings,
 ) -> DownloadResponse:
-    """Fetch ``obj`` into ``request.destination_path``, verified, atomically."""
+    """Fetch ``obj`` into ``request.destination_path``, verified, atomically.
+
+    A resumed download whose digest does not match may have reused damaged chunks (a crash
+    can lose or garble what the page cache held): it starts over once from zero before a
+    mismatch is reported, so only the source's own bytes can fail verification.
+    """
+    try:
+        return _download(obj, reader, request, settings, reuse_partial=request.resume)
+    except _ResumedBytesDiffer:
+        log.warning("resumed download of %s failed verification; starting over", obj.url)
+        return _download(obj, reader, request, settings, reuse_partial=False)
+
+
+def _download(
+    obj: RemoteObject,
+    reader: ObjectReader,
+    request: DownloadRequest,
+    settings: DownloadSettings,
+    *,
+    reuse_partial: bool,
+) -> DownloadResponse:
     expected: str | None = None
     if request.expected_checksum:
         expected = parse_sha256_hex(request.expected_checksum)
@@ -133,7 +157,7 @@ def download_object(
     partial = destination + PARTIAL_SUFFIX
     state_path = destination + STATE_SUFFIX
     try:
-        writer = _native.ChunkWriter(destination, partial, resume=request.resume, hash=True)
+        writer = _native.ChunkWriter(destination, partial, resume=reuse_partial, hash=True)
     except BlockingIOError as exc:
         raise OperationFailedError(
             f"another download to {destination} is in progress (its partial file is locked); "
@@ -151,7 +175,7 @@ def download_object(
         "chunk_size": chunk_size,
         "done": [],
     }
-    if request.resume and obj.etag and obj.supports_ranges:
+    if reuse_partial and obj.etag and obj.supports_ranges:
         previous = _load_state(state_path)
         same = previous is not None and all(
             previous.get(key) == state[key]
@@ -160,7 +184,13 @@ def download_object(
         if previous is not None and same:
             listed = previous.get("done")
             if isinstance(listed, list):
-                done = {n for n in listed if isinstance(n, int) and 1 <= n <= len(chunks)}
+                # A chunk past the partial's end was lost (e.g. truncated by a crash).
+                on_disk = writer.existing_length
+                done = {
+                    n
+                    for n in listed
+                    if isinstance(n, int) and 1 <= n <= len(chunks) and chunks[n - 1].end <= on_disk
+                }
         elif previous is not None:
             log.info("partial download of %s is from another version; starting over", obj.url)
     resumed_bytes = 0
@@ -190,15 +220,24 @@ def download_object(
 
         digest = writer.hexdigest(obj.size)
         if expected is not None and digest != expected:
+            if resumed_bytes:
+                raise _ResumedBytesDiffer()
             raise ChecksumMismatchError(
                 f"{obj.url} downloaded with SHA-256 {digest}, expected {expected}; "
                 f"{destination} was left as it was"
             )
+        # The final (total, total) report comes before the commit, as for every backend:
+        # a callback that raises there still stops the file from appearing.
+        reporter.finish(obj.size)
         writer.commit()
         _remove(state_path)
-        reporter.finish(obj.size)
     except BaseException as exc:
-        keep = request.resume and obj.supports_ranges and _keeps_partial(exc)
+        keep = (
+            request.resume
+            and obj.supports_ranges
+            and _keeps_partial(exc)
+            and not isinstance(exc, _ResumedBytesDiffer)
+        )
         with contextlib.suppress(Exception):
             writer.abort(keep=keep)
         if keep:

@@ -528,6 +528,9 @@ class S3Storage:
         hasher = _native.Sha256()
         hasher.update(data)
         digest = hasher.hexdigest()
+        # A single PUT is its own commit, so the final report precedes it (as the rename
+        # does for NFS): a callback that raises here keeps the object from being stored.
+        reporter.finish(size)
         response = self._call(
             "upload to",
             location,
@@ -539,7 +542,6 @@ class S3Storage:
             Metadata={**metadata, SHA256_KEY: digest},
             ChecksumSHA256=_b64(digest),
         )
-        reporter.finish(size)
         return UploadResponse(
             url=s3_url(location),
             checksum=digest,
@@ -595,6 +597,8 @@ class _MultipartUpload:
         reporter(already, size)
         try:
             self._send_parts(state, parts, part_hashes, reporter)
+            # Reported before Complete, which is the commit: a raising callback stops it.
+            reporter.finish(size)
             completed = [
                 {
                     "PartNumber": n,
@@ -623,7 +627,6 @@ class _MultipartUpload:
                 f"{s3_url(self.location)} holds {stored_size} bytes after the upload, "
                 f"expected {size}"
             )
-        reporter.finish(size)
         return UploadResponse(
             url=s3_url(self.location),
             checksum=whole,
