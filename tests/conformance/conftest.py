@@ -1,22 +1,42 @@
 """The ``backend`` fixture: every conformance scenario runs once per backend listed here.
 
 To add a backend, write a ``<name>_backend`` fixture below (depending on a session-scoped
-fixture that starts its server, e.g. ``rclone serve s3`` on 127.0.0.1 or ``moto_server``)
-that yields a :class:`~tests.conformance.harness.BackendHarness`, and add ``<name>`` to
-``BACKENDS``. No scenario changes.
+fixture that starts its server on 127.0.0.1, see ``servers.py``) that returns a
+:class:`~tests.conformance.harness.BackendHarness`, and add ``<name>`` (dashes for
+underscores) to ``BACKENDS``. No scenario changes.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from vmstore import Storage
 
-from .harness import BackendHarness, nfs_harness
+from .harness import BackendHarness, nfs_harness, s3_harness
+from .servers import ACCESS_KEY, BUCKET, SECRET_KEY, S3Endpoint, run_s3_server
 
-BACKENDS = ["nfs"]
+BACKENDS = ["nfs", "s3-rclone", "s3-moto"]
+
+
+@pytest.fixture(autouse=True)
+def private_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Resume state of network transfers goes to the test's own directory, not ~/.local."""
+    path = tmp_path / "vmstore-state"
+    monkeypatch.setenv("VMSTORE_STATE_DIR", str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def rclone_s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Endpoint]:
+    yield from run_s3_server("rclone", tmp_path_factory.mktemp("rclone-s3"))
+
+
+@pytest.fixture(scope="session")
+def moto_s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Endpoint]:
+    yield from run_s3_server("moto", tmp_path_factory.mktemp("moto-s3"))
 
 
 @pytest.fixture
@@ -24,9 +44,32 @@ def nfs_backend(tmp_path: Path) -> BackendHarness:
     return nfs_harness(tmp_path / "share")
 
 
+def _s3_backend(server: S3Endpoint) -> BackendHarness:
+    pytest.importorskip("vmstore.backends.s3", reason="the S3 backend is not available")
+    return s3_harness(
+        f"s3-{server.name}",
+        server.endpoint,
+        server.client(),
+        BUCKET,
+        f"t-{uuid.uuid4().hex[:12]}",  # a test sees only its own objects
+        ACCESS_KEY,
+        SECRET_KEY,
+    )
+
+
+@pytest.fixture
+def s3_rclone_backend(rclone_s3_server: S3Endpoint) -> BackendHarness:
+    return _s3_backend(rclone_s3_server)
+
+
+@pytest.fixture
+def s3_moto_backend(moto_s3_server: S3Endpoint) -> BackendHarness:
+    return _s3_backend(moto_s3_server)
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> BackendHarness:
-    harness = request.getfixturevalue(f"{request.param}_backend")
+    harness = request.getfixturevalue(f"{request.param.replace('-', '_')}_backend")
     assert isinstance(harness, BackendHarness)
     return harness
 

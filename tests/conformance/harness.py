@@ -9,13 +9,13 @@ consistently.
 Adding a backend (rclone fstests style) means adding one subclass here and one fixture in
 ``conftest.py`` that starts its server; the scenarios do not change:
 
-* ``S3Harness`` (for ``rclone serve s3`` and ``moto_server``): ``url`` gives
-  ``s3://<bucket>/<prefix>/<key>``, ``read_object`` is a boto3 ``get_object`` (``None`` on
-  NoSuchKey), ``stored_names`` a ``list_objects_v2`` under the prefix, ``companion_names``
-  is empty, ``tamper`` re-puts different bytes of the same size with the original
-  ``sha256`` metadata.
-* ``HttpHarness`` (nginx with WebDAV PUT/DELETE): the same through ``requests`` against
-  the document root, or directly on the served directory.
+* ``NfsHarness``: the share is a local directory; the outside view is the file system.
+* ``S3Harness`` (``rclone serve s3`` and ``moto_server``): ``url`` gives
+  ``s3://<bucket>/<prefix>/<key>``, the outside view is a plain boto3 client
+  (``get_object``, ``list_objects_v2`` plus unfinished multipart uploads), ``tamper``
+  re-puts different bytes of the same size with the original ``sha256`` metadata.
+* An ``HttpHarness`` (nginx with WebDAV PUT/DELETE) would look at the served directory
+  directly, like ``NfsHarness``.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ from vmstore import Storage, StorageConfig, new_storage
 
 CHUNK = 256 * 1024
 """Chunk size every harness configures, so that MiB-sized files have many chunks."""
+
+S3_MIN_PART = 5 * 1024 * 1024
+"""S3 refuses parts smaller than this (but the last), so uploads move in units of at least it."""
 
 
 class Capability:
@@ -51,6 +54,10 @@ class BackendHarness(abc.ABC):
     name: str
     config: StorageConfig
     capabilities: frozenset[str]
+    upload_unit: int
+    """Bytes an upload moves at a time (a resumed upload restarts at a multiple of it)."""
+    download_unit: int
+    """Bytes a download moves at a time (a resumed download restarts at a multiple of it)."""
 
     def open(self, **config_changes: Any) -> Storage:
         """A fresh Storage for this backend (optionally with some config fields changed)."""
@@ -122,5 +129,83 @@ def nfs_harness(mount: Path) -> NfsHarness:
         name="nfs",
         config=StorageConfig(type="nfs", endpoint=str(mount), chunk_size=CHUNK),
         capabilities=frozenset({Capability.UPLOAD_RESUME, Capability.TAMPER}),
+        upload_unit=CHUNK,
+        download_unit=CHUNK,
         mount=mount,
+    )
+
+
+@dataclass
+class S3Harness(BackendHarness):
+    """An S3 backend against a real server; each test works under its own key prefix."""
+
+    client: Any = None
+    bucket: str = ""
+    prefix: str = ""
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}"
+
+    def url(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    def read_object(self, key: str) -> bytes | None:
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+        except self.client.exceptions.NoSuchKey:
+            return None
+        data = response["Body"].read()
+        assert isinstance(data, bytes)
+        return data
+
+    def stored_names(self) -> set[str]:
+        start = len(self.prefix) + 1
+        listed = self.client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix + "/")
+        names = {item["Key"][start:] for item in listed.get("Contents", [])}
+        # An unfinished multipart upload holds stored bytes too, invisible to a listing.
+        try:
+            uploads = self.client.list_multipart_uploads(
+                Bucket=self.bucket, Prefix=self.prefix + "/"
+            ).get("Uploads", [])
+        except self.client.exceptions.NoSuchUpload:
+            uploads = []  # rclone's answer when there is none
+        names |= {f"{u['Key'][start:]} (multipart upload)" for u in uploads}
+        return names
+
+    def companion_names(self, key: str) -> set[str]:
+        return set()
+
+    def tamper(self, key: str) -> bytes:
+        head = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        data = bytearray(self.read_object(key) or b"")
+        data[len(data) // 2] ^= 0xFF
+        # Same size, same user metadata (the stored sha256 included): only the bytes change.
+        self.client.put_object(
+            Bucket=self.bucket, Key=self._key(key), Body=bytes(data), Metadata=head["Metadata"]
+        )
+        return bytes(data)
+
+
+def s3_harness(name: str, endpoint: str, client: Any, bucket: str, prefix: str,
+               access_key: str, secret_key: str) -> S3Harness:  # fmt: skip
+    config = StorageConfig(
+        type="s3",
+        endpoint=endpoint,
+        bucket=bucket,
+        region="us-east-1",
+        access_key=access_key,
+        secret_key=secret_key,
+        use_ssl=False,
+        chunk_size=CHUNK,
+        concurrency=2,
+    )
+    return S3Harness(
+        name=name,
+        config=config,
+        capabilities=frozenset({Capability.UPLOAD_RESUME, Capability.TAMPER}),
+        upload_unit=max(CHUNK, S3_MIN_PART),
+        download_unit=CHUNK,
+        client=client,
+        bucket=bucket,
+        prefix=prefix,
     )

@@ -1,4 +1,8 @@
-"""A failure costs only the unfinished part: interrupted transfers resume, never truncate."""
+"""A failure costs only the unfinished part: interrupted transfers resume, never truncate.
+
+Sizes and offsets are in the backend's own transfer units (a 256 KiB chunk on NFS, a 5 MiB
+part for an S3 upload), so every backend sees an object of several units.
+"""
 
 from __future__ import annotations
 
@@ -22,42 +26,58 @@ from tests.support import (
     write_file,
 )
 
-from .harness import CHUNK, BackendHarness, Capability
+from .harness import BackendHarness, Capability
 
-SIZE = 4 * MiB + 123  # 17 chunks of 256 KiB, the last one short
 STALL_HELPER = Path(__file__).with_name("stall_transfer.py")
 
 
-def interrupt_upload(store: Storage, source: Path, url: str, *, resume: bool = True) -> None:
+def upload_size(backend: BackendHarness) -> int:
+    """Several upload units, the last one short."""
+    return max(4 * MiB, 3 * backend.upload_unit) + 123
+
+
+def download_size(backend: BackendHarness) -> int:
+    return max(4 * MiB, 3 * backend.download_unit) + 123
+
+
+def interrupt_upload(
+    backend: BackendHarness, store: Storage, source: Path, url: str, *, resume: bool = True
+) -> None:
     with pytest.raises(Interrupted):
         store.upload(
-            UploadRequest(str(source), url, progress_callback=InterruptAt(2 * CHUNK), resume=resume)
+            UploadRequest(
+                str(source),
+                url,
+                progress_callback=InterruptAt(backend.upload_unit),
+                resume=resume,
+            )
         )
 
 
-def interrupt_download(store: Storage, url: str, dest: Path, *, resume: bool = True) -> None:
+def interrupt_download(
+    backend: BackendHarness, store: Storage, url: str, dest: Path, *, resume: bool = True
+) -> None:
     with pytest.raises(Interrupted):
         store.download(
-            DownloadRequest(url, str(dest), progress_callback=InterruptAt(2 * CHUNK), resume=resume)
+            DownloadRequest(
+                url,
+                str(dest),
+                progress_callback=InterruptAt(2 * backend.download_unit),
+                resume=resume,
+            )
         )
 
 
 def kill_mid_transfer(backend: BackendHarness, mode: str, source: str, destination: str) -> None:
     """Start the transfer in a child process, wait until it is under way, SIGKILL it."""
+    unit = backend.upload_unit if mode == "upload" else 2 * backend.download_unit
     child = subprocess.Popen(
-        [
-            sys.executable,
-            str(STALL_HELPER),
-            backend.config_json(),
-            mode,
-            source,
-            destination,
-            str(2 * CHUNK),
-        ],
+        [sys.executable, str(STALL_HELPER), backend.config_json(), mode, source, destination,
+         str(unit)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-    )
+    )  # fmt: skip
     try:
         assert child.stdout is not None
         ready, _, _ = select.select([child.stdout], [], [], 60)
@@ -83,7 +103,8 @@ def assert_resumed_upload(
     up = store.upload(UploadRequest(str(source), backend.url(key)))
 
     assert 0 < up.resumed_from <= len(data)
-    assert up.resumed_from % CHUNK == 0
+    # Whole units are reused; all of them when the interruption came after the last one.
+    assert up.resumed_from % backend.upload_unit == 0 or up.resumed_from == len(data)
     assert up.bytes_transferred == len(data) - up.resumed_from
     assert up.checksum == sha256_bytes(data)
     assert backend.read_object(key) == data
@@ -91,11 +112,13 @@ def assert_resumed_upload(
     assert backend.stored_names() == {key} | backend.companion_names(key)
 
 
-def assert_resumed_download(store: Storage, url: str, dest: Path, data: bytes) -> None:
+def assert_resumed_download(
+    backend: BackendHarness, store: Storage, url: str, dest: Path, data: bytes
+) -> None:
     down = store.download(DownloadRequest(url, str(dest)))
 
     assert 0 < down.resumed_from <= len(data)
-    assert down.resumed_from % CHUNK == 0
+    assert down.resumed_from % backend.download_unit == 0 or down.resumed_from == len(data)
     assert down.bytes_transferred == len(data) - down.resumed_from
     assert down.checksum == sha256_bytes(data)
     assert dest.read_bytes() == data
@@ -107,10 +130,10 @@ def test_upload_resumes_after_an_interrupted_attempt(
     backend: BackendHarness, store: Storage, workdir: Path
 ) -> None:
     backend.require(Capability.UPLOAD_RESUME)
-    data = random_bytes(SIZE, seed=51)
+    data = random_bytes(upload_size(backend), seed=51)
     source = write_file(workdir / "disk.img", data)
 
-    interrupt_upload(store, source, backend.url("disk.img"))
+    interrupt_upload(backend, store, source, backend.url("disk.img"))
     assert backend.read_object("disk.img") is None
 
     assert_resumed_upload(backend, store, source, "disk.img", data)
@@ -119,22 +142,22 @@ def test_upload_resumes_after_an_interrupted_attempt(
 def test_download_resumes_after_an_interrupted_attempt(
     backend: BackendHarness, store: Storage, workdir: Path
 ) -> None:
-    data = random_bytes(SIZE, seed=52)
+    data = random_bytes(download_size(backend), seed=52)
     up = store.upload(UploadRequest(str(write_file(workdir / "disk.img", data)), backend.url("d")))
     dest = workdir / "imported.img"
 
-    interrupt_download(store, up.url, dest)
+    interrupt_download(backend, store, up.url, dest)
     assert not dest.exists()
     assert (workdir / "imported.img.vmstore-partial").exists()
 
-    assert_resumed_download(store, up.url, dest, data)
+    assert_resumed_download(backend, store, up.url, dest, data)
 
 
 def test_upload_resumes_after_the_uploading_process_is_killed(
     backend: BackendHarness, store: Storage, workdir: Path
 ) -> None:
     backend.require(Capability.UPLOAD_RESUME)
-    data = random_bytes(SIZE, seed=53)
+    data = random_bytes(upload_size(backend), seed=53)
     source = write_file(workdir / "disk.img", data)
 
     kill_mid_transfer(backend, "upload", str(source), backend.url("disk.img"))
@@ -146,24 +169,24 @@ def test_upload_resumes_after_the_uploading_process_is_killed(
 def test_download_resumes_after_the_downloading_process_is_killed(
     backend: BackendHarness, store: Storage, workdir: Path
 ) -> None:
-    data = random_bytes(SIZE, seed=54)
+    data = random_bytes(download_size(backend), seed=54)
     up = store.upload(UploadRequest(str(write_file(workdir / "disk.img", data)), backend.url("d")))
     dest = workdir / "imported.img"
 
     kill_mid_transfer(backend, "download", up.url, str(dest))
     assert not dest.exists()
 
-    assert_resumed_download(store, up.url, dest, data)
+    assert_resumed_download(backend, store, up.url, dest, data)
 
 
 def test_resumed_upload_starts_over_when_the_source_changed_meanwhile(
     backend: BackendHarness, store: Storage, workdir: Path
 ) -> None:
     backend.require(Capability.UPLOAD_RESUME)
-    source = write_file(workdir / "disk.img", random_bytes(SIZE, seed=55))
-    interrupt_upload(store, source, backend.url("disk.img"))
+    source = write_file(workdir / "disk.img", random_bytes(upload_size(backend), seed=55))
+    interrupt_upload(backend, store, source, backend.url("disk.img"))
     changed = bytearray(source.read_bytes())
-    changed[0] ^= 0x01  # same size, first chunk differs: nothing of the partial is reusable
+    changed[0] ^= 0x01  # same size, first unit differs: nothing stored so far is reusable
     source.write_bytes(changed)
 
     up = store.upload(UploadRequest(str(source), backend.url("disk.img")))
@@ -176,14 +199,14 @@ def test_resumed_upload_starts_over_when_the_source_changed_meanwhile(
 def test_resumed_download_gets_the_new_object_when_it_was_replaced_meanwhile(
     backend: BackendHarness, store: Storage, workdir: Path
 ) -> None:
-    old = random_bytes(SIZE, seed=56)
+    old = random_bytes(download_size(backend), seed=56)
     new = bytearray(old)
     new[0] ^= 0x01
     new[-1] ^= 0x01
     source = write_file(workdir / "disk.img", old)
     up = store.upload(UploadRequest(str(source), backend.url("d")))
     dest = workdir / "imported.img"
-    interrupt_download(store, up.url, dest)
+    interrupt_download(backend, store, up.url, dest)
     source.write_bytes(new)
     store.upload(UploadRequest(str(source), backend.url("d")))
 
@@ -196,9 +219,9 @@ def test_resumed_download_gets_the_new_object_when_it_was_replaced_meanwhile(
 def test_interrupted_upload_without_resume_leaves_nothing_behind(
     backend: BackendHarness, store: Storage, workdir: Path
 ) -> None:
-    source = write_file(workdir / "disk.img", random_bytes(SIZE, seed=57))
+    source = write_file(workdir / "disk.img", random_bytes(upload_size(backend), seed=57))
 
-    interrupt_upload(store, source, backend.url("disk.img"), resume=False)
+    interrupt_upload(backend, store, source, backend.url("disk.img"), resume=False)
 
     assert backend.stored_names() == set()
 
@@ -206,10 +229,10 @@ def test_interrupted_upload_without_resume_leaves_nothing_behind(
 def test_interrupted_download_without_resume_leaves_nothing_behind(
     backend: BackendHarness, store: Storage, workdir: Path
 ) -> None:
-    data = random_bytes(SIZE, seed=58)
+    data = random_bytes(download_size(backend), seed=58)
     up = store.upload(UploadRequest(str(write_file(workdir / "disk.img", data)), backend.url("d")))
 
-    interrupt_download(store, up.url, workdir / "imported.img", resume=False)
+    interrupt_download(backend, store, up.url, workdir / "imported.img", resume=False)
 
     assert files_under(workdir) == {"disk.img"}
 
@@ -218,9 +241,9 @@ def test_upload_without_resume_ignores_an_earlier_partial(
     backend: BackendHarness, store: Storage, workdir: Path
 ) -> None:
     backend.require(Capability.UPLOAD_RESUME)
-    data = random_bytes(SIZE, seed=59)
+    data = random_bytes(upload_size(backend), seed=59)
     source = write_file(workdir / "disk.img", data)
-    interrupt_upload(store, source, backend.url("disk.img"))
+    interrupt_upload(backend, store, source, backend.url("disk.img"))
 
     up = store.upload(UploadRequest(str(source), backend.url("disk.img"), resume=False))
 
@@ -230,57 +253,62 @@ def test_upload_without_resume_ignores_an_earlier_partial(
     assert backend.stored_names() == {"disk.img"} | backend.companion_names("disk.img")
 
 
-def damage_download_partial(store: Storage, url: str, dest: Path, how: str, at: int) -> Path:
-    """Interrupt a download, then damage its partial the way a crash or a bad disk would."""
-    interrupt_download(store, url, dest)
-    partial = dest.with_name(dest.name + ".vmstore-partial")
-    assert partial.exists()
+def damage_download_partial(partial: Path, how: str, at: int) -> None:
+    """Damage an interrupted download's partial the way a crash or a bad disk would."""
     if how == "truncate":  # the tail never reached the disk (lost with the page cache)
         os.truncate(partial, at)
-    elif how == "zero-tail":  # chunks never written into a pre-sized file read as zeros
+    elif how == "zero-tail":  # units never written into a pre-sized file read as zeros
+        size = partial.stat().st_size
         with open(partial, "r+b") as f:
             f.seek(at)
-            f.write(bytes(SIZE - at))
+            f.write(bytes(max(0, size - at)))
     else:  # "flip": one byte changed on disk inside the prefix
         with open(partial, "r+b") as f:
             f.seek(at)
             byte = f.read(1)
             f.seek(at)
             f.write(bytes([byte[0] ^ 0xFF]))
-    return partial
+
+
+def interrupted_download_partial(
+    backend: BackendHarness, store: Storage, workdir: Path, data: bytes
+) -> tuple[str, Path, Path]:
+    up = store.upload(UploadRequest(str(write_file(workdir / "disk.img", data)), backend.url("d")))
+    dest = workdir / "imported.img"
+    interrupt_download(backend, store, up.url, dest)
+    partial = dest.with_name(dest.name + ".vmstore-partial")
+    assert partial.exists()
+    return up.url, dest, partial
 
 
 def test_download_resume_after_a_lost_tail_reuses_the_prefix_that_survived(
     backend: BackendHarness, store: Storage, workdir: Path
 ) -> None:
-    data = random_bytes(SIZE, seed=60)
-    up = store.upload(UploadRequest(str(write_file(workdir / "disk.img", data)), backend.url("d")))
-    dest = workdir / "imported.img"
-    survived = 2 * MiB + 1000
-    damage_download_partial(store, up.url, dest, "truncate", survived)
+    data = random_bytes(download_size(backend), seed=60)
+    url, dest, partial = interrupted_download_partial(backend, store, workdir, data)
+    survived = 2 * backend.download_unit + 1000
+    damage_download_partial(partial, "truncate", survived)
 
-    down = store.download(DownloadRequest(up.url, str(dest)))
+    down = store.download(DownloadRequest(url, str(dest)))
 
     assert 0 < down.resumed_from <= survived
-    assert down.bytes_transferred == SIZE - down.resumed_from
+    assert down.bytes_transferred == len(data) - down.resumed_from
     assert dest.read_bytes() == data
 
 
-@pytest.mark.parametrize(
-    ("how", "at", "reusable"),
-    [("zero-tail", 2 * MiB + 1000, 2 * MiB + 1000), ("flip", CHUNK + 5, CHUNK)],
-    ids=["unwritten-chunks", "corrupted-chunk"],
-)
+@pytest.mark.parametrize("how", ["zero-tail", "flip"], ids=["unwritten-units", "corrupted-unit"])
 def test_download_resume_never_reuses_bytes_that_differ_from_the_source(
-    backend: BackendHarness, store: Storage, workdir: Path, how: str, at: int, reusable: int
+    backend: BackendHarness, store: Storage, workdir: Path, how: str
 ) -> None:
-    data = random_bytes(SIZE, seed=61)
-    up = store.upload(UploadRequest(str(write_file(workdir / "disk.img", data)), backend.url("d")))
-    dest = workdir / "imported.img"
-    damage_download_partial(store, up.url, dest, how, at)
+    data = random_bytes(download_size(backend), seed=61)
+    url, dest, partial = interrupted_download_partial(backend, store, workdir, data)
+    unit = backend.download_unit
+    # Bytes from `at` on differ from the source; whole units before it may be reused.
+    at = 2 * unit + 1000 if how == "zero-tail" else unit + 5
+    damage_download_partial(partial, how, at)
 
-    down = store.download(DownloadRequest(up.url, str(dest)))
+    down = store.download(DownloadRequest(url, str(dest)))
 
-    assert down.resumed_from <= reusable
+    assert down.resumed_from <= at // unit * unit
     assert down.checksum == sha256_bytes(data)
     assert dest.read_bytes() == data
