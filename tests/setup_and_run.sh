@@ -23,8 +23,10 @@ note() { printf '\n=== %s\n' "$*"; }
 
 # --- system packages: only what is missing, so a prepared machine skips apt entirely --------
 # qemu-utils: qemu-img/qemu-io for the image tests; util-linux: setpriv (EACCES as root);
-# e2fsprogs: chattr (an immutable share). S3/HTTP servers come from PyPI or, later, nginx here.
+# e2fsprogs: chattr (an immutable share); nginx: the HTTP backend's server (Debian's build has
+# WebDAV). The S3 servers come from PyPI below.
 packages=()
+command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || packages+=(nginx)
 command -v qemu-img >/dev/null && command -v qemu-io >/dev/null || packages+=(qemu-utils)
 command -v setpriv >/dev/null || packages+=(util-linux)
 command -v chattr >/dev/null || packages+=(e2fsprogs)
