@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from vmstore import Storage, UploadRequest
+from vmstore import Storage, StorageError, UploadRequest
 
 from tests.support import (
     InterruptAt,
@@ -101,3 +101,34 @@ def test_overwrite_is_atomic_for_a_concurrent_reader(
     assert seen, "the reader never ran"
     assert set(seen) <= allowed, "a reader saw a missing or half-written object"
     assert backend.read_object("disk.img") == v2
+
+
+def test_source_changed_during_upload_never_stores_bytes_that_disagree_with_the_checksum(
+    backend: BackendHarness, store: Storage, workdir: Path
+) -> None:
+    """The source's tail is rewritten at the first progress report, while the upload runs.
+
+    Whether the backend notices (a StorageError, nothing stored) or had already read those
+    bytes (success), the stored object must hash to the checksum stored with it.
+    """
+    size = max(4 * MiB, 3 * backend.upload_unit) + 123
+    source = write_file(workdir / "disk.img", random_bytes(size, seed=67))
+    scribbled: list[int] = []
+
+    def rewrite_tail(done: int, _total: int) -> None:
+        if not scribbled:
+            scribbled.append(done)
+            with open(source, "r+b") as f:
+                f.seek(size - 100)
+                f.write(b"\xee" * 100)
+
+    try:
+        up = store.upload(
+            UploadRequest(str(source), backend.url("disk.img"), progress_callback=rewrite_tail)
+        )
+    except StorageError:
+        assert backend.read_object("disk.img") is None
+        return
+    stored = backend.read_object("disk.img")
+    assert stored is not None
+    assert sha256_bytes(stored) == up.checksum == store.get_metadata(up.url).checksum
