@@ -11,14 +11,15 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from vmstore import Storage
 
-from .harness import BackendHarness, nfs_harness, s3_harness
+from .harness import BackendHarness, http_harness, nfs_harness, s3_harness
 from .servers import ACCESS_KEY, BUCKET, SECRET_KEY, S3Endpoint, run_s3_server
 
-BACKENDS = ["nfs", "s3-rclone", "s3-moto"]
+BACKENDS = ["nfs", "s3-rclone", "s3-moto", "http"]
 
 
 @pytest.fixture(autouse=True)
@@ -37,6 +38,14 @@ def rclone_s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3End
 @pytest.fixture(scope="session")
 def moto_s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Endpoint]:
     yield from run_s3_server("moto", tmp_path_factory.mktemp("moto-s3"))
+
+
+@pytest.fixture(scope="session")
+def nginx_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """nginx with WebDAV on 127.0.0.1 (tests/http_servers.py starts and configures it)."""
+    http_servers = pytest.importorskip("tests.http_servers")
+    with http_servers.running_nginx(tmp_path_factory.mktemp("nginx")) as server:
+        yield server
 
 
 @pytest.fixture
@@ -65,6 +74,13 @@ def s3_rclone_backend(rclone_s3_server: S3Endpoint) -> BackendHarness:
 @pytest.fixture
 def s3_moto_backend(moto_s3_server: S3Endpoint) -> BackendHarness:
     return _s3_backend(moto_s3_server)
+
+
+@pytest.fixture
+def http_backend(nginx_server: Any) -> BackendHarness:
+    pytest.importorskip("vmstore.backends.http", reason="the HTTP backend is not available")
+    return http_harness(nginx_server.http_base, nginx_server.root, nginx_server.area(),
+                        nginx_server.token)  # fmt: skip
 
 
 @pytest.fixture(params=BACKENDS)

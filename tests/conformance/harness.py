@@ -14,8 +14,9 @@ Adding a backend (rclone fstests style) means adding one subclass here and one f
   ``s3://<bucket>/<prefix>/<key>``, the outside view is a plain boto3 client
   (``get_object``, ``list_objects_v2`` plus unfinished multipart uploads), ``tamper``
   re-puts different bytes of the same size with the original ``sha256`` metadata.
-* An ``HttpHarness`` (nginx with WebDAV PUT/DELETE) would look at the served directory
-  directly, like ``NfsHarness``.
+* ``HttpHarness`` (nginx with WebDAV PUT/DELETE): ``url`` gives ``http://127.0.0.1:<port>/
+  <area>/<key>``; the outside view is nginx's document root on disk. A plain WebDAV server
+  keeps no checksum, so the backend stores a ``.vmstore.json`` sidecar beside the object.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -208,4 +210,58 @@ def s3_harness(name: str, endpoint: str, client: Any, bucket: str, prefix: str,
         client=client,
         bucket=bucket,
         prefix=prefix,
+    )
+
+
+@dataclass
+class HttpHarness(BackendHarness):
+    """The HTTP backend against nginx (WebDAV); the document root is the outside view."""
+
+    base: str = ""
+    served: Path = Path()
+    """The directory nginx serves at ``base``."""
+
+    def url(self, key: str) -> str:
+        return f"{self.base}/{key}"
+
+    def read_object(self, key: str) -> bytes | None:
+        path = self.served / key
+        return path.read_bytes() if path.is_file() else None
+
+    def stored_names(self) -> set[str]:
+        if not self.served.exists():
+            return set()
+        return {
+            p.relative_to(self.served).as_posix() for p in self.served.rglob("*") if not p.is_dir()
+        }
+
+    def companion_names(self, key: str) -> set[str]:
+        return {f"{key}.vmstore.json"}  # nginx keeps no checksum or metadata of its own
+
+    def tamper(self, key: str) -> bytes:
+        path = self.served / key
+        before = path.stat()
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        with open(path, "r+b") as f:
+            f.write(data)
+        # nginx's ETag is mtime and size: restoring the mtime keeps the stored checksum
+        # "valid", as silent corruption on the server's disk would.
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        return bytes(data)
+
+
+def http_harness(http_base: str, document_root: Path, area: str, token: str) -> HttpHarness:
+    config = StorageConfig(
+        type="http", endpoint=http_base, token=token, chunk_size=CHUNK, concurrency=2
+    )
+    return HttpHarness(
+        name="http",
+        config=config,
+        # One PUT per upload: nothing to resume, and the upload unit is the whole object.
+        capabilities=frozenset({Capability.TAMPER}),
+        upload_unit=CHUNK,
+        download_unit=CHUNK,
+        base=f"{http_base.rstrip('/')}/{area}",
+        served=document_root / area,
     )
