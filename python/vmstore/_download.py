@@ -68,7 +68,9 @@ class ObjectReader(Protocol):
         ...
 
     def read_stream(self) -> Iterable[bytes]:
-        """The whole object as one stream, for servers without range support."""
+        """The whole object as one stream, for servers without range support; pinned like
+        read_range (it raises if the object changed), so a restarted stream carries the
+        same bytes as the one it replaces."""
         ...
 
 
@@ -216,7 +218,7 @@ def _download(
                 todo, reader, writer, settings, request, reporter, state, done, state_path
             )
         else:
-            _fetch_stream(obj, reader, writer, request, reporter)
+            _fetch_stream(obj, reader, writer, request, reporter, settings)
 
         digest = writer.hexdigest(obj.size)
         if expected is not None and digest != expected:
@@ -336,21 +338,36 @@ def _fetch_stream(
     writer: _native.ChunkWriter,
     request: DownloadRequest,
     reporter: ProgressReporter,
+    settings: DownloadSettings,
 ) -> None:
-    offset = 0
-    for block in reader.read_stream():
-        _check_cancel(request)
-        if offset + len(block) > obj.size:
-            raise NetworkError(
-                f"{obj.url} sent more than the {obj.size} bytes it announced; retry the download"
-            )
-        writer.write_at(offset, block)
-        offset += len(block)
-        reporter.advance(len(block))
-    if offset != obj.size:
-        raise NetworkError(
-            f"{obj.url} ended after {offset} of {obj.size} bytes; retry the download"
-        )
+    """One stream for a server without ranges. A stream that breaks off is requested again
+    from its start (there is no other way) and the bytes already written are skipped, not
+    rewritten: the in-order hasher has seen them, and the pinned stream resends the same."""
+    written = 0
+
+    def attempt() -> None:
+        nonlocal written
+        position = 0
+        for block in reader.read_stream():
+            _check_cancel(request)
+            end = position + len(block)
+            if end > obj.size:
+                raise NetworkError(
+                    f"{obj.url} sent more than the {obj.size} bytes it announced; "
+                    "retry the download"
+                )
+            if end > written:
+                fresh = memoryview(block)[max(0, written - position) :]
+                writer.write_at(end - len(fresh), fresh)
+                written = end
+                reporter.advance(len(fresh))
+            position = end
+        if position != obj.size:
+            raise RetryableError(f"{obj.url} ended after {position} of {obj.size} bytes")
+
+    settings.retry.call(
+        attempt, classify=settings.classify, describe=f"reading {request.source_url}"
+    )
 
 
 __all__ = [
