@@ -1,0 +1,1092 @@
+"""HTTP/HTTPS backend: requests speaks the protocol, the native core touches every byte.
+
+Download: HEAD gives the size, the validators (ETag, Last-Modified) and any SHA-256 the server
+advertises (``X-Checksum-SHA256``, RFC 9530 ``Repr-Digest``, RFC 3230 ``Digest``); the object
+then comes through the shared ranged pipeline (:mod:`vmstore._download`). Every GET is pinned
+to the version HEAD saw (``If-Match`` and ``If-Range`` on a strong ETag, else
+``If-Unmodified-Since`` and ``If-Range`` on Last-Modified), and the answer's own validators
+are compared too: a resource that changes mid-download is fetched again from zero, never
+spliced. A server that answers a Range request with the whole object (200, no Content-Range)
+gets one stream.
+
+Upload: one native pass hashes the source; a PUT then streams it from the native ChunkReader
+with Content-Length, ``X-Checksum-SHA256``, ``Repr-Digest`` and ``X-Metadata-<key>`` headers.
+The sent bytes are hashed again on the way, and the last block is held back unless they hash
+to the announced digest: a source that changed during the upload never completes a PUT.
+A HEAD then confirms the stored size.
+
+Plain WebDAV servers (nginx's dav module, Apache mod_dav, ...) keep neither checksum nor
+metadata. When the HEAD after a PUT does not echo them, a sidecar ``<path>.vmstore.json``
+(the NFS backend's format: sha256, size, content type, metadata, plus the data's ETag) is PUT
+after the data. It is trusted only while its size and ETag match the data's, so a file
+replaced behind vmstore's back reads as "no checksum", not as a wrong one. ``delete`` removes
+it too, and URLs naming a sidecar are refused.
+
+The bearer token goes only to the origin of the URL the caller named: redirects are followed
+here, not by requests, and a hop to another scheme, host or port gets no Authorization header
+(an http to https upgrade on the same host keeps it). ``~/.netrc`` is never consulted: the
+config is the only source of credentials. ``timeout`` is requests' read timeout, which
+applies to each socket operation: an idle timeout, never a cap on a long transfer.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import email.utils
+import http.client
+import json
+import logging
+import mimetypes
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Self, TypeVar
+from urllib.parse import quote, unquote, urljoin, urlsplit, urlunsplit
+
+import requests
+import requests.adapters
+import requests.auth
+import urllib3.exceptions
+
+from vmstore import _native
+from vmstore._download import DownloadSettings, RemoteObject, download_object
+from vmstore._oserrors import storage_error_from_oserror
+from vmstore._retry import RetryableError, RetryPolicy
+from vmstore.config import StorageConfig
+from vmstore.errors import (
+    CancelledError,
+    ChecksumMismatchError,
+    InvalidConfigError,
+    NetworkError,
+    NotFoundError,
+    OperationFailedError,
+    PermissionDeniedError,
+    StorageError,
+)
+from vmstore.models import (
+    DEFAULT_CONTENT_TYPE,
+    SHA256_KEY,
+    DownloadRequest,
+    DownloadResponse,
+    FileMetadata,
+    UploadRequest,
+    UploadResponse,
+    normalize_custom_metadata,
+    parse_sha256_hex,
+)
+from vmstore.progress import ProgressReporter
+from vmstore.urls import normalize_endpoint, parse_http_url
+
+T = TypeVar("T")
+
+log = logging.getLogger("vmstore.http")
+
+DEFAULT_CHUNK_SIZE = 16 << 20
+SIDECAR_SUFFIX = ".vmstore.json"
+CHECKSUM_HEADER = "X-Checksum-SHA256"
+METADATA_PREFIX = "x-metadata-"
+MAX_REDIRECTS = 10
+# A resource that keeps changing while it is downloaded is fetched again at most this often.
+MAX_RESTARTS = 2
+# Largest block a single-stream download hands to the writer at once.
+STREAM_BLOCK = 4 << 20
+
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+# 5xx that retrying cannot fix: the server lacks the feature, or the space.
+_PERMANENT_5XX = frozenset({501, 505, 506, 507, 508, 510, 511})
+# Header names are RFC 9110 tokens; other metadata keys travel only in the sidecar.
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9a-z-]+$")
+# Header values: printable ASCII except "%", which escapes everything else.
+_HEADER_VALUE_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+
+
+class HttpStatusError(Exception):
+    """The server answered with a status that is not success (raised before mapping)."""
+
+    def __init__(
+        self, method: str, status: int, reason: str, *, retry_after: float | None = None
+    ) -> None:
+        super().__init__(f"{method} answered {status} {reason}".strip())
+        self.method = method
+        self.status = status
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class _ResourceChangedError(OperationFailedError):
+    """The object is no longer the version HEAD described; the download starts over."""
+
+
+class _CallbackAbort(BaseException):
+    """Carries a progress callback's exception out through requests and the retry policy
+    (neither touches a BaseException), so the caller gets it back unchanged and unretried."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(repr(error))
+        self.error = error
+
+
+# --- small pure helpers -------------------------------------------------------------------
+
+
+def _display(url: str) -> str:
+    """``url`` without user info, query or fragment: those may carry credentials."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _with_path_suffix(url: str, suffix: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=parts.path + suffix))
+
+
+def _origin(url: str) -> tuple[str, str, int]:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower(), parts.port or (443 if scheme == "https" else 80)
+
+
+def _may_send_token(named_url: str, hop_url: str) -> bool:
+    """The token goes to the origin the caller named, or its https upgrade, nowhere else."""
+    named, hop = _origin(named_url), _origin(hop_url)
+    if named == hop:
+        return True
+    return named == ("http", hop[1], 80) and hop == ("https", named[1], 443)
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _http_date(value: str) -> datetime | None:
+    if not value:
+        return None
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.astimezone(UTC)
+
+
+def _sha256_from_base64(text: str) -> str | None:
+    try:
+        raw = base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return raw.hex() if len(raw) == 32 else None
+
+
+def _sha256_from_hex_or_base64(text: str) -> str | None:
+    text = text.strip()
+    if re.fullmatch(r"[0-9a-fA-F]{64}", text):
+        return text.lower()
+    return _sha256_from_base64(text)
+
+
+def advertised_sha256(headers: Mapping[str, str]) -> str | None:
+    """The SHA-256 a server advertises: ``X-Checksum-SHA256`` (hex, or base64),
+    ``Repr-Digest: sha-256=:<base64>:`` (RFC 9530) or ``Digest: SHA-256=<base64>`` (RFC 3230)."""
+    value = headers.get(CHECKSUM_HEADER)
+    if value:
+        digest = _sha256_from_hex_or_base64(value)
+        if digest:
+            return digest
+    for member in headers.get("Repr-Digest", "").split(","):
+        name, _, encoded = member.strip().partition("=")
+        if name.strip().lower() == "sha-256" and encoded.startswith(":"):
+            digest = _sha256_from_base64(encoded.strip().strip(":"))
+            if digest:
+                return digest
+    for member in headers.get("Digest", "").split(","):
+        name, _, encoded = member.strip().partition("=")
+        if name.strip().lower() == "sha-256":
+            digest = _sha256_from_base64(encoded)
+            if digest:
+                return digest
+    return None
+
+
+def _bare_etag(etag: str) -> str:
+    """The ETag as FileMetadata shows it: quotes removed from a strong one."""
+    return etag if etag.startswith("W/") else etag.strip('"')
+
+
+def _weak_equal(a: str, b: str) -> bool:
+    return a.removeprefix("W/") == b.removeprefix("W/")
+
+
+def _reason(exc: BaseException) -> str:
+    """A short cause for a transport failure; never the URL or its query string."""
+    text = str(exc)
+    if isinstance(exc, HttpStatusError):
+        return f"HTTP {exc.status} {exc.reason}".strip()
+    if isinstance(exc, RetryableError):
+        return text
+    verify = re.search(r"certificate verify failed: ([^(]+?)\s*\(_ssl", text)
+    if verify:
+        return f"certificate verify failed: {verify.group(1)}"
+    errno_text = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
+    if errno_text:
+        return errno_text.group(1).strip().lower()
+    lowered = text.lower()
+    if "timed out" in lowered:
+        return "no data within the idle timeout"
+    if "incompleteread" in lowered or "connection broken" in lowered:
+        return "the response body ended early"
+    if "remotedisconnected" in lowered or "connection aborted" in lowered:
+        return "the server closed the connection"
+    return type(exc).__name__
+
+
+# --- errors: classification for retries and the one mapping onto StorageError -----------
+
+_TRANSIENT: tuple[type[BaseException], ...] = (
+    requests.exceptions.ConnectionError,
+    requests.exceptions.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+    urllib3.exceptions.ProtocolError,
+    urllib3.exceptions.TimeoutError,
+    urllib3.exceptions.DecodeError,
+    http.client.HTTPException,
+    ConnectionError,
+    TimeoutError,
+)
+_TLS: tuple[type[BaseException], ...] = (
+    requests.exceptions.SSLError,
+    urllib3.exceptions.SSLError,
+)
+_BAD_REQUEST_SETUP: tuple[type[BaseException], ...] = (
+    requests.exceptions.InvalidURL,
+    requests.exceptions.InvalidSchema,
+    requests.exceptions.MissingSchema,
+    requests.exceptions.InvalidHeader,
+)
+
+
+def _retryable_status(status: int) -> bool:
+    return status in (408, 429) or (status >= 500 and status not in _PERMANENT_5XX)
+
+
+def classify_retry(exc: BaseException) -> RetryableError | None:
+    """The transient HTTP failures worth another attempt (the request is redone whole)."""
+    if isinstance(exc, StorageError | RetryableError):
+        return exc if isinstance(exc, RetryableError) else None
+    if isinstance(exc, HttpStatusError):
+        if _retryable_status(exc.status):
+            return RetryableError(f"HTTP {exc.status}", retry_after=exc.retry_after)
+        return None
+    if isinstance(exc, _TLS):
+        return None  # a certificate does not become valid by asking again
+    if isinstance(exc, _TRANSIENT):
+        return RetryableError(_reason(exc))
+    return None
+
+
+def _is_transport_failure(exc: BaseException) -> bool:
+    """Failures of the protocol or the network, which storage_error maps. Anything else (a
+    progress callback's own exception, a bug) propagates as it is."""
+    return isinstance(
+        exc,
+        HttpStatusError
+        | RetryableError
+        | requests.exceptions.RequestException
+        | urllib3.exceptions.HTTPError
+        | http.client.HTTPException
+        | OSError,
+    )
+
+
+def storage_error(exc: BaseException, action: str, url: str, *, token: str = "") -> StorageError:
+    """The one mapping from an HTTP/transport failure onto vmstore's error types."""
+    error = _map_error(exc, action, _display(url))
+    if token and token in error.message:
+        # Belt and braces: no message ever carries the token, whatever a server echoed.
+        error = type(error)(error.message.replace(token, "***"), cause=exc)
+    return error
+
+
+def _map_error(exc: BaseException, action: str, where: str) -> StorageError:
+    if isinstance(exc, StorageError):
+        return exc
+    if isinstance(exc, HttpStatusError):
+        status = exc.status
+        what = f"could not {action} {where}"
+        if status in (404, 410):
+            return NotFoundError(f"{what}: no such file on the server ({status})", cause=exc)
+        if status in (401, 403):
+            return PermissionDeniedError(
+                f"{what}: the server refused access ({status} {exc.reason}); check "
+                "StorageConfig.token (VMSTORE_TOKEN) and the server's permissions",
+                cause=exc,
+            )
+        if status in (405, 501):
+            return OperationFailedError(
+                f"{what}: the server refuses {exc.method} ({status} {exc.reason}); enable "
+                f"{exc.method} on it (nginx: dav_methods PUT DELETE) or use another backend",
+                cause=exc,
+            )
+        if status in (412, 416):
+            return OperationFailedError(
+                f"{what}: the file changed on the server during the transfer ({status}); retry",
+                cause=exc,
+            )
+        if status == 413:
+            return OperationFailedError(
+                f"{what}: the file is too large for the server (413); raise its request body "
+                "limit (nginx: client_max_body_size)",
+                cause=exc,
+            )
+        if status == 507:
+            return OperationFailedError(f"{what}: the server is out of space (507)", cause=exc)
+        if _retryable_status(status):
+            return NetworkError(
+                f"{what}: the server kept failing ({status} {exc.reason}) after all retries; "
+                "try again later",
+                cause=exc,
+            )
+        return OperationFailedError(f"{what}: HTTP {status} {exc.reason}".rstrip(), cause=exc)
+    if isinstance(exc, _TLS):
+        reason = _reason(exc)
+        if "certificate verify failed" in reason:
+            return NetworkError(
+                f"could not {action} {where}: TLS {reason}; set StorageConfig.ca_bundle "
+                "(VMSTORE_CA_BUNDLE) to the CA certificate that signed the server's, or "
+                "insecure_skip_verify=True for a test server",
+                cause=exc,
+            )
+        return NetworkError(
+            f"could not {action} {where}: TLS handshake failed ({reason}); check that the "
+            "endpoint speaks HTTPS, or set ca_bundle / insecure_skip_verify",
+            cause=exc,
+        )
+    if isinstance(exc, _BAD_REQUEST_SETUP):
+        return InvalidConfigError(f"could not {action} {where}: {exc}", cause=exc)
+    if isinstance(exc, RetryableError) or classify_retry(exc) is not None:
+        return NetworkError(
+            f"could not {action} {where}: {_reason(exc)} (after all retries); check the "
+            "endpoint and the network, then retry",
+            cause=exc,
+        )
+    if isinstance(exc, OSError) and not isinstance(exc, requests.exceptions.RequestException):
+        return storage_error_from_oserror(exc, action, where)
+    return OperationFailedError(f"could not {action} {where}: {_reason(exc)}", cause=exc)
+
+
+# --- what HEAD says -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Validator:
+    """The version of a resource that every read is pinned to."""
+
+    etag: str
+    last_modified: str
+
+    @property
+    def strong_etag(self) -> bool:
+        return bool(self.etag) and not self.etag.startswith("W/")
+
+    def request_headers(self) -> dict[str, str]:
+        # If-Match makes a server that checks it answer 412; If-Range makes one that does not
+        # send the whole new object (200) instead of a range of it. Weak ETags are useless
+        # for both, so Last-Modified stands in.
+        if self.strong_etag:
+            return {"If-Match": self.etag, "If-Range": self.etag}
+        if self.last_modified:
+            return {"If-Unmodified-Since": self.last_modified, "If-Range": self.last_modified}
+        return {}
+
+    def changed(self, headers: Mapping[str, str]) -> bool:
+        """Whether a response describes another version (for servers ignoring If-Match)."""
+        etag = headers.get("ETag", "")
+        if self.etag and etag:
+            return not _weak_equal(self.etag, etag)
+        modified = headers.get("Last-Modified", "")
+        return bool(self.last_modified and modified and modified != self.last_modified)
+
+
+@dataclass(frozen=True)
+class _Head:
+    size: int | None
+    validator: _Validator
+    content_type: str
+    checksum: str | None
+    metadata: dict[str, str]
+    accept_ranges: str
+
+    @classmethod
+    def parse(cls, headers: Mapping[str, str]) -> _Head:
+        length = headers.get("Content-Length", "")
+        metadata: dict[str, str] = {}
+        for name, value in headers.items():
+            if name.lower().startswith(METADATA_PREFIX):
+                key = name[len(METADATA_PREFIX) :].lower()
+                if key and key != SHA256_KEY:
+                    metadata[key] = unquote(value)
+        content_type = headers.get("Content-Type", "").strip() or DEFAULT_CONTENT_TYPE
+        return cls(
+            size=int(length) if length.isdigit() else None,
+            validator=_Validator(headers.get("ETag", ""), headers.get("Last-Modified", "")),
+            content_type=content_type,
+            checksum=advertised_sha256(headers),
+            metadata=metadata,
+            accept_ranges=headers.get("Accept-Ranges", "").strip().lower(),
+        )
+
+
+@dataclass(frozen=True)
+class _Sidecar:
+    """``<path>.vmstore.json``: what a plain server cannot keep about the file beside it."""
+
+    sha256: str
+    size: int
+    etag: str = ""
+    content_type: str = DEFAULT_CONTENT_TYPE
+    metadata: dict[str, str] = field(default_factory=dict)
+    uploaded_at: str = ""
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "sha256": self.sha256,
+                "size": self.size,
+                "etag": self.etag,
+                "content_type": self.content_type,
+                "metadata": self.metadata,
+                "uploaded_at": self.uploaded_at,
+            },
+            indent=2,
+            sort_keys=True,
+        ).encode()
+
+    @classmethod
+    def from_json(cls, text: bytes) -> _Sidecar:
+        """Parse a sidecar (the NFS backend's too); ValueError for anything else."""
+        data: Any = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        metadata = data.get("metadata") or {}
+        if not isinstance(metadata, dict) or not all(
+            isinstance(key, str) and isinstance(value, str) for key, value in metadata.items()
+        ):
+            raise ValueError("metadata is not an object of strings")
+        size = data.get("size")
+        if not isinstance(size, int):
+            raise ValueError("size is not an integer")
+        try:
+            sha256 = parse_sha256_hex(str(data.get("sha256", "")), "sidecar sha256")
+        except InvalidConfigError as exc:
+            raise ValueError(str(exc)) from exc
+        return cls(
+            sha256=sha256,
+            size=size,
+            etag=str(data.get("etag") or ""),
+            content_type=str(data.get("content_type") or DEFAULT_CONTENT_TYPE),
+            metadata={key.lower(): value for key, value in metadata.items()},
+            uploaded_at=str(data.get("uploaded_at") or ""),
+        )
+
+    def describes(self, head: _Head) -> bool:
+        """Trusted only for the data it was written for: same size, and same ETag when
+        both have one (a file replaced by another tool keeps no stale checksum)."""
+        if head.size is not None and self.size != head.size:
+            return False
+        etag = head.validator.etag
+        return not (self.etag and etag and not _weak_equal(self.etag, etag))
+
+
+# --- transport ----------------------------------------------------------------------------
+
+
+class _BearerAuth(requests.auth.AuthBase):
+    """Sets (or, for a foreign hop, removes) the Authorization header. Passing an auth object
+    on every request also keeps requests from filling one in from ~/.netrc."""
+
+    def __init__(self, token: str | None) -> None:
+        self._token = token
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        if self._token:
+            request.headers["Authorization"] = f"Bearer {self._token}"
+        else:
+            request.headers.pop("Authorization", None)
+        return request
+
+
+BodyFactory = Callable[[], Any]
+
+
+class _Transport:
+    """One requests.Session, redirects followed by hand so the token never leaves its host."""
+
+    def __init__(self, config: StorageConfig) -> None:
+        self.token = config.token
+        self._timeout = (config.timeout, config.timeout)
+        self._verify: bool | str = True
+        if config.insecure_skip_verify:
+            self._verify = False
+        elif config.ca_bundle:
+            if not os.path.isfile(config.ca_bundle):
+                raise InvalidConfigError(
+                    f"invalid StorageConfig.ca_bundle: {config.ca_bundle} is not a file; give "
+                    "the path of a PEM file holding the CA certificate(s) to trust"
+                )
+            self._verify = config.ca_bundle
+        session = requests.Session()
+        # Byte ranges must be ranges of the file itself, not of a compressed rendition.
+        session.headers.update({"Accept-Encoding": "identity", "User-Agent": _user_agent()})
+        # Retries are vmstore's (RetryPolicy), so max_retries means one thing everywhere.
+        adapter = requests.adapters.HTTPAdapter(
+            pool_connections=4, pool_maxsize=config.concurrency + 4, max_retries=0
+        )
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        self._session = session
+        self._warned_plain_http = False
+
+    def close(self) -> None:
+        self._session.close()
+
+    def send(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        body: BodyFactory | None = None,
+        stream: bool = False,
+    ) -> requests.Response:
+        """One request, redirects followed; the response is returned whatever its status."""
+        hop = url
+        for _ in range(MAX_REDIRECTS + 1):
+            with_token = bool(self.token) and _may_send_token(url, hop)
+            if with_token and hop.startswith("http://") and not self._warned_plain_http:
+                self._warned_plain_http = True
+                log.warning("sending the bearer token over plain http to %s", _display(hop))
+            response = self._session.request(
+                method,
+                hop,
+                headers=dict(headers or {}),
+                # A fresh body per hop: a redirected PUT re-reads the source, never a spent one.
+                data=body() if body is not None else None,
+                stream=stream,
+                allow_redirects=False,
+                timeout=self._timeout,
+                verify=self._verify,
+                auth=_BearerAuth(self.token if with_token else None),
+            )
+            location = response.headers.get("Location")
+            if response.status_code not in _REDIRECTS or not location:
+                return response
+            if response.status_code == 303 and method not in ("GET", "HEAD"):
+                return response
+            response.close()
+            hop = urljoin(hop, location)
+            log.debug("%s %s redirected to %s", method, _display(url), _display(hop))
+        raise HttpStatusError(method, 310, f"more than {MAX_REDIRECTS} redirects")
+
+
+def _user_agent() -> str:
+    from vmstore import __version__
+
+    return f"vmstore/{__version__} python-requests/{requests.__version__}"
+
+
+def _check(response: requests.Response, method: str) -> requests.Response:
+    """Raise HttpStatusError unless the response is a success."""
+    if 200 <= response.status_code < 300:
+        return response
+    retry_after = _retry_after(response.headers.get("Retry-After"))
+    response.close()
+    raise HttpStatusError(
+        method, response.status_code, response.reason or "", retry_after=retry_after
+    )
+
+
+def _read_exactly(response: requests.Response, length: int) -> bytes:
+    # raw.read(n) loops in C until n bytes or the end: one call per chunk, not per 10 KiB
+    # as iter_content would do.
+    data: bytes = response.raw.read(length, decode_content=False)
+    if len(data) != length:
+        raise RetryableError(f"the response body ended after {len(data)} of {length} bytes")
+    return data
+
+
+class _ObjectReader:
+    """The ObjectReader of the shared pipeline: GETs pinned to one version of the resource."""
+
+    def __init__(self, transport: _Transport, url: str, size: int, validator: _Validator):
+        self._transport = transport
+        self._url = url
+        self._size = size
+        self._validator = validator
+
+    def _get(self, headers: dict[str, str]) -> requests.Response:
+        response = self._transport.send(
+            "GET", self._url, headers={**headers, **self._validator.request_headers()}, stream=True
+        )
+        if response.status_code in (412, 416):
+            response.close()
+            raise _ResourceChangedError(f"{_display(self._url)} changed during the download")
+        _check(response, "GET")
+        if self._validator.changed(response.headers):
+            response.close()
+            raise _ResourceChangedError(f"{_display(self._url)} changed during the download")
+        encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            response.close()
+            raise OperationFailedError(
+                f"{_display(self._url)} was sent {encoding}-encoded although identity was "
+                "asked for; its bytes cannot be ranges of the file"
+            )
+        return response
+
+    def read_range(self, start: int, end: int) -> bytes:
+        response = self._get({"Range": f"bytes={start}-{end - 1}"})
+        with contextlib.closing(response):
+            if response.status_code == 206:
+                expected = f"bytes {start}-{end - 1}/"
+                content_range = response.headers.get("Content-Range", "")
+                total = content_range.rpartition("/")[2]
+                if not content_range.startswith(expected):
+                    raise RetryableError(f"asked for {expected}*, got {content_range!r}")
+                if total not in ("*", str(self._size)):
+                    raise _ResourceChangedError(
+                        f"{_display(self._url)} is now {total} bytes, not {self._size}"
+                    )
+            elif not (start == 0 and end == self._size):
+                # The whole object for a part of it: fine only when the part is the whole.
+                raise RetryableError(f"the server ignored Range bytes={start}-{end - 1}")
+            return _read_exactly(response, end - start)
+
+    def read_stream(self) -> Iterable[bytes]:
+        response = self._get({})
+        with contextlib.closing(response):
+            while True:
+                block: bytes = response.raw.read(STREAM_BLOCK, decode_content=False)
+                if not block:
+                    return
+                yield block
+
+
+class _SourceBody:
+    """A PUT body read block by block from the source through the native ChunkReader.
+
+    ``len()`` gives requests the Content-Length (no chunked encoding); every iteration reads
+    the file again from its start, so a retried or redirected PUT re-sends the source's bytes,
+    never a consumed stream. Progress is reported before a block goes out, so a callback that
+    raises (or a cancel) stops the PUT with its body incomplete and nothing is stored.
+    """
+
+    def __init__(
+        self,
+        reader: _native.ChunkReader,
+        size: int,
+        block: int,
+        digest: str,
+        report: Callable[[int], None],
+        cancelled: Callable[[], bool],
+    ) -> None:
+        self._reader = reader
+        self._size = size
+        self._block = block
+        self._digest = digest
+        self._report = report
+        self._cancelled = cancelled
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __iter__(self) -> Iterator[bytes]:
+        source = self._reader.path
+        hasher = _native.Sha256()
+        offset = 0
+        while offset < self._size:
+            if self._cancelled():
+                raise CancelledError(f"upload of {source} cancelled; nothing was stored")
+            length = min(self._block, self._size - offset)
+            data = self._reader.read(offset, length)
+            if len(data) != length:
+                raise ChecksumMismatchError(
+                    f"{source} shrank during the upload; nothing was stored, upload it again"
+                )
+            hasher.update(data)
+            offset += length
+            if offset == self._size and hasher.hexdigest() != self._digest:
+                # Held back: without its last block the server never stores the object.
+                raise ChecksumMismatchError(
+                    f"{source} changed during the upload (its bytes no longer hash to "
+                    f"{self._digest}); nothing was stored, upload it again"
+                )
+            try:
+                self._report(offset)
+            except Exception as exc:  # noqa: BLE001 - the caller's own exception, carried out
+                raise _CallbackAbort(exc) from None
+            yield data
+
+
+# --- the backend --------------------------------------------------------------------------
+
+
+class HttpStorage:
+    """Storage on an HTTP(S) file server: nginx or Apache with WebDAV PUT/DELETE, an object
+    store gateway, or (for downloads) any server, ``python -m http.server`` included."""
+
+    def __init__(self, config: StorageConfig) -> None:
+        self._config = config
+        self._chunk_size = config.chunk_size or DEFAULT_CHUNK_SIZE
+        self._retry = RetryPolicy(max_retries=config.max_retries)
+        # A scheme-less endpoint takes the scheme the type names; use_ssl=False forces http.
+        self._use_ssl = config.type == "https" and config.use_ssl
+        normalize_endpoint(config.endpoint, use_ssl=self._use_ssl)  # InvalidConfigError early
+        self._transport = _Transport(config)
+        self._closed = False
+
+    # -- context --------------------------------------------------------------------------
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._transport.close()
+
+    def __repr__(self) -> str:
+        return f"HttpStorage(endpoint={self._config.endpoint!r})"
+
+    # -- URLs and calls -------------------------------------------------------------------
+
+    def _url(self, url: str) -> str:
+        resolved = parse_http_url(url, endpoint=self._config.endpoint, use_ssl=self._use_ssl)
+        if unquote(urlsplit(resolved).path).endswith(SIDECAR_SUFFIX):
+            raise InvalidConfigError(
+                f"{url!r} names a vmstore metadata sidecar ({SIDECAR_SUFFIX}); choose another name"
+            )
+        return resolved
+
+    def validate_url(self, url: str) -> None:
+        self._url(url)
+
+    def _error(self, exc: BaseException, action: str, url: str) -> StorageError:
+        return storage_error(exc, action, url, token=self._transport.token)
+
+    def _call(self, action: str, url: str, operation: Callable[[], T]) -> T:
+        """One request with retries; transport failures become StorageErrors."""
+        try:
+            return self._retry.call(
+                operation, classify=classify_retry, describe=f"{action} {_display(url)}"
+            )
+        except StorageError:
+            raise
+        except Exception as exc:
+            if not _is_transport_failure(exc):
+                raise
+            raise self._error(exc, action, url) from exc
+
+    def _head(self, url: str, action: str = "read metadata of") -> _Head:
+        def head() -> _Head:
+            response = _check(self._transport.send("HEAD", url), "HEAD")
+            response.close()
+            return _Head.parse(response.headers)
+
+        return self._call(action, url, head)
+
+    # -- sidecar --------------------------------------------------------------------------
+
+    def _read_sidecar(self, url: str, head: _Head) -> _Sidecar | None:
+        sidecar_url = _with_path_suffix(url, SIDECAR_SUFFIX)
+
+        def get() -> bytes:
+            response = _check(self._transport.send("GET", sidecar_url), "GET")
+            return response.content
+
+        try:
+            text = self._call("read the metadata sidecar of", url, get)
+        except NotFoundError:
+            return None
+        try:
+            sidecar = _Sidecar.from_json(text)
+        except ValueError as exc:
+            log.warning("ignoring unreadable sidecar %s: %s", _display(sidecar_url), exc)
+            return None
+        if not sidecar.describes(head):
+            log.warning(
+                "ignoring stale sidecar %s: it describes another version of the file",
+                _display(sidecar_url),
+            )
+            return None
+        return sidecar
+
+    def _write_sidecar(self, url: str, sidecar: _Sidecar) -> None:
+        body = sidecar.to_json()
+        sidecar_url = _with_path_suffix(url, SIDECAR_SUFFIX)
+        headers = {"Content-Type": "application/json"}
+
+        def put() -> None:
+            _check(
+                self._transport.send("PUT", sidecar_url, headers=headers, body=lambda: body), "PUT"
+            ).close()
+
+        self._call("store the checksum sidecar of", url, put)
+
+    # -- metadata / delete ----------------------------------------------------------------
+
+    def get_metadata(self, url: str) -> FileMetadata:
+        url = self._url(url)
+        head = self._head(url)
+        sidecar = None if head.checksum else self._read_sidecar(url, head)
+        custom = dict(head.metadata)
+        if sidecar is not None:
+            custom.update(sidecar.metadata)
+        custom.pop(SHA256_KEY, None)
+        last_modified = _http_date(head.validator.last_modified)
+        if last_modified is None and sidecar is not None:
+            with contextlib.suppress(ValueError):
+                last_modified = datetime.fromisoformat(sidecar.uploaded_at).astimezone(UTC)
+        return FileMetadata(
+            url=url,
+            size=head.size if head.size is not None else (sidecar.size if sidecar else 0),
+            checksum=head.checksum or (sidecar.sha256 if sidecar else None),
+            etag=_bare_etag(head.validator.etag),
+            last_modified=last_modified or datetime.now(UTC),
+            # The uploader's declared type beats the server's guess from the file name.
+            content_type=sidecar.content_type if sidecar else head.content_type,
+            custom_metadata=custom,
+        )
+
+    def _delete_one(self, url: str, action: str) -> None:
+        def delete() -> None:
+            response = self._transport.send("DELETE", url)
+            response.close()
+            if response.status_code in (404, 410):
+                return  # cleanup is idempotent: a missing file is already deleted
+            _check(response, "DELETE")
+
+        self._call(action, url, delete)
+
+    def delete(self, url: str) -> None:
+        url = self._url(url)
+        self._delete_one(url, "delete")
+        self._delete_one(_with_path_suffix(url, SIDECAR_SUFFIX), "delete the sidecar of")
+
+    # -- download -------------------------------------------------------------------------
+
+    def download(self, request: DownloadRequest) -> DownloadResponse:
+        url = self._url(request.source_url)
+        settings = DownloadSettings(
+            chunk_size=self._chunk_size,
+            concurrency=self._config.concurrency,
+            retry=self._retry,
+            classify=classify_retry,
+        )
+        for restart in range(MAX_RESTARTS + 1):
+            try:
+                obj, reader = self._prepare_download(url)
+                return download_object(obj, reader, request, settings)
+            except _ResourceChangedError as exc:
+                if restart == MAX_RESTARTS:
+                    raise OperationFailedError(
+                        f"could not download {_display(url)}: it kept changing on the server "
+                        f"({MAX_RESTARTS + 1} attempts); retry when it is no longer written to",
+                        cause=exc,
+                    ) from exc
+                log.warning("%s; starting over from zero", exc)
+            except StorageError:
+                raise
+            except Exception as exc:
+                if not _is_transport_failure(exc):
+                    raise
+                raise self._error(exc, "download", url) from exc
+        raise AssertionError("unreachable")
+
+    def _prepare_download(self, url: str) -> tuple[RemoteObject, _ObjectReader]:
+        head = self._head(url)
+        checksum = head.checksum
+        if checksum is None:
+            sidecar = self._read_sidecar(url, head)
+            checksum = sidecar.sha256 if sidecar else None
+        size = head.size
+        supports_ranges = head.accept_ranges != "none"
+        if size is None or (supports_ranges and size > self._chunk_size):
+            # Decided by the answer, not by Accept-Ranges: some servers claim ranges and send
+            # 200, others send 206 without the header.
+            supports_ranges, total = self._probe_ranges(url, head.validator)
+            size = size if size is not None else total
+        if size is None:
+            raise OperationFailedError(
+                f"could not download {_display(url)}: the server tells neither its size "
+                "(Content-Length) nor supports ranges"
+            )
+        validator = head.validator
+        # Resume identity: the version (ETag, else Last-Modified) and the stored checksum, so
+        # a same-size replacement within one second (nginx ETags are mtime-size) still shows.
+        version = validator.etag or validator.last_modified
+        identity = f"{version}|{checksum or ''}" if version else ""
+        obj = RemoteObject(
+            url=url,
+            size=size,
+            etag=identity,
+            checksum=checksum,
+            supports_ranges=supports_ranges,
+        )
+        return obj, _ObjectReader(self._transport, url, size, validator)
+
+    def _probe_ranges(self, url: str, validator: _Validator) -> tuple[bool, int | None]:
+        """(whether the server honours Range, the total size its Content-Range gives)."""
+
+        def probe() -> tuple[bool, int | None]:
+            headers = {"Range": "bytes=0-0", **validator.request_headers()}
+            response = self._transport.send("GET", url, headers=headers, stream=True)
+            # Not read: closing drops the connection, cheaper than draining a 200's body.
+            response.close()
+            if response.status_code in (412, 416):
+                raise _ResourceChangedError(f"{_display(url)} changed during the download")
+            _check(response, "GET")
+            total = response.headers.get("Content-Range", "").rpartition("/")[2]
+            ranged = response.status_code == 206 and bool(response.headers.get("Content-Range"))
+            return ranged, int(total) if total.isdigit() else None
+
+        return self._call("download", url, probe)
+
+    # -- upload ---------------------------------------------------------------------------
+
+    def upload(self, request: UploadRequest) -> UploadResponse:
+        """PUT the file (HTTP has no partial PUT: ``request.resume`` has nothing to resume)."""
+        url = self._url(request.destination_url)
+        source = os.path.abspath(request.source_path)
+        try:
+            if not os.path.isfile(source):
+                os.stat(source)  # raises for a missing file, with the right errno
+                raise OperationFailedError(f"could not read {source}: not a regular file")
+        except OSError as exc:
+            raise storage_error_from_oserror(exc, "read", source) from exc
+        metadata = normalize_custom_metadata(request.metadata)
+        content_type = (
+            request.content_type or mimetypes.guess_type(source)[0] or DEFAULT_CONTENT_TYPE
+        )
+        cancel = request.cancel
+
+        def cancelled() -> bool:
+            return cancel is not None and cancel.is_cancelled
+
+        if cancelled():
+            raise CancelledError(f"upload of {source} cancelled; nothing was stored")
+        self._check_write_access(url)
+        with _native.ChunkReader(source) as reader:
+            size = reader.size
+            log.info("hashing %s (%d bytes)", source, size)
+            digest = _native.sha256_file(source, cancel=cancel)
+            reporter = ProgressReporter(request.progress_callback, size)
+            body = _SourceBody(
+                reader,
+                size,
+                self._chunk_size,
+                digest,
+                report=lambda sent: reporter(sent, size),
+                cancelled=cancelled,
+            )
+            if size == 0:
+                reporter.finish(0)  # before the PUT, as every final report precedes the commit
+            headers = _upload_headers(size, digest, content_type, metadata)
+
+            def put() -> None:
+                response = self._transport.send(
+                    "PUT", url, headers=headers, body=lambda: body if size else b""
+                )
+                _check(response, "PUT").close()
+
+            try:
+                self._call("upload to", url, put)
+            except _CallbackAbort as abort:
+                raise abort.error from None
+        head = self._head(url, "confirm the upload to")
+        if head.size is not None and head.size != size:
+            raise ChecksumMismatchError(
+                f"{_display(url)} holds {head.size} bytes after the upload, expected {size}"
+            )
+        if not _stores_natively(head, digest, metadata):
+            self._write_sidecar(
+                url,
+                _Sidecar(
+                    sha256=digest,
+                    size=size,
+                    etag=head.validator.etag,
+                    content_type=content_type,
+                    metadata=metadata,
+                    uploaded_at=datetime.now(UTC).isoformat(),
+                ),
+            )
+        reporter.finish(size)
+        return UploadResponse(
+            url=url,
+            checksum=digest,
+            bytes_transferred=size,
+            etag=_bare_etag(head.validator.etag),
+            size=size,
+        )
+
+    def _check_write_access(self, url: str) -> None:
+        """Fail on refused credentials before hashing what may be a 100 GiB file."""
+
+        def head() -> int:
+            response = self._transport.send("HEAD", url)
+            response.close()
+            if response.status_code in (401, 403) or _retryable_status(response.status_code):
+                _check(response, "HEAD")
+            return response.status_code
+
+        self._call("upload to", url, head)
+
+
+def _upload_headers(
+    size: int, digest: str, content_type: str, metadata: dict[str, str]
+) -> dict[str, str]:
+    headers = {
+        "Content-Length": str(size),
+        "Content-Type": content_type,
+        CHECKSUM_HEADER: digest,
+        "Repr-Digest": f"sha-256=:{base64.b64encode(bytes.fromhex(digest)).decode()}:",
+    }
+    for key, value in metadata.items():
+        if _TOKEN.match(key):
+            headers[f"X-Metadata-{key}"] = quote(value, safe=_HEADER_VALUE_SAFE)
+    return headers
+
+
+def _stores_natively(head: _Head, digest: str, metadata: dict[str, str]) -> bool:
+    """Whether the server itself kept the checksum and every metadata key (then no sidecar)."""
+    return head.checksum == digest and all(head.metadata.get(k) == v for k, v in metadata.items())
+
+
+__all__ = ["HttpStatusError", "HttpStorage", "advertised_sha256", "classify_retry", "storage_error"]
