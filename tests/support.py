@@ -61,6 +61,17 @@ def allocated_bytes(path: Path) -> int:
     return os.stat(path).st_blocks * 512
 
 
+EXTENT_METADATA_SLACK = 64 * KiB
+"""What a file system may add for bookkeeping alone: ext4 counts an extent-tree block in
+st_blocks once a file has more than four extents, which chunks written by parallel threads
+can produce. A copy that filled a hole would exceed this by at least a chunk."""
+
+
+def stays_as_sparse_as(copy: Path, source: Path) -> bool:
+    """The copy occupies no more disk than the source, give or take file-system bookkeeping."""
+    return allocated_bytes(copy) <= allocated_bytes(source) + EXTENT_METADATA_SLACK
+
+
 class Interrupted(Exception):
     """Raised by a progress callback to break a transfer off the way a caller would."""
 
