@@ -35,8 +35,20 @@ if ((${#packages[@]})); then
     note "apt-get install ${packages[*]}"
     sudo=""
     if [[ $(id -u) != 0 ]]; then sudo="sudo"; fi
+    # Installing a server package must not start it as a system service (nginx on port 80):
+    # the tests start their own instances. policy-rc.d answering 101 forbids the start.
+    policy=/usr/sbin/policy-rc.d
+    if [[ ! -e $policy ]]; then
+        printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
+        $sudo chmod +x "$policy"
+        trap '$sudo rm -f "$policy"' EXIT
+    fi
     $sudo apt-get update -qq
     $sudo apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+    if [[ $(trap -p EXIT) ]]; then
+        $sudo rm -f "$policy"
+        trap - EXIT
+    fi
 fi
 
 # --- the package itself, with every optional backend and the test tools ---------------------
