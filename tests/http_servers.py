@@ -2,7 +2,8 @@
 
 * nginx from Debian (its ``nginx`` package has the WebDAV module built in), run as a child
   process with a generated config: WebDAV PUT/DELETE, the bearer token checked in the config,
-  a TLS listener with a self-signed certificate, a read-only ``/readonly/`` area, a same-host
+  a TLS listener with a self-signed certificate, a read-only ``/readonly/`` area,
+  ``/nocreate/`` where PUT does not create missing directories (as Apache's mod_dav), a same-host
   redirect ``/same/`` and a redirect ``/elsewhere/`` to another host (127.0.0.2), whose
   server records every header it gets.
 * :class:`PlainServer`: a small ``http.server`` that can do what no real server does on
@@ -516,6 +517,9 @@ http {{
         }}
         location /readonly/ {{
         }}
+        location /nocreate/ {{
+            dav_methods PUT DELETE MKCOL;
+        }}
         location /same/ {{
             rewrite ^/same/(.*)$ /$1 redirect;
         }}
@@ -532,7 +536,7 @@ def running_nginx(base: Path, token: str = TOKEN) -> Iterator[Nginx]:
     binary = nginx_binary()
     prefix = base / "nginx"
     root = base / "www"
-    for directory in (prefix, root, root / "readonly"):
+    for directory in (prefix, root, root / "readonly", root / "nocreate"):
         directory.mkdir(parents=True, exist_ok=True)
     cert, key = make_self_signed_certificate(prefix / "tls")
     recorder = PlainServer(host="127.0.0.2").start()

@@ -292,6 +292,21 @@ def test_server_refusing_put_and_delete_is_operation_failed(nginx: Nginx, tmp_pa
     assert "refuses DELETE" in str(delete.value)
 
 
+def test_missing_parent_directories_are_created_with_mkcol(
+    nginx: Nginx, area: str, tmp_path: Path
+) -> None:
+    data = random_bytes(CHUNK + 1, seed=25)
+    source = write_file(tmp_path / "disk.img", data)
+    with new_storage(nginx_config(nginx)) as store:
+        up = store.upload(UploadRequest(str(source), f"/nocreate/{area}/vm-01/disk.img"))
+        md = store.get_metadata(up.url)
+
+    assert (nginx.root / "nocreate" / area / "vm-01" / "disk.img").read_bytes() == data
+    assert md.checksum == sha256_bytes(data)
+    mkcols = [row for row in access_log(nginx) if row[1] == "MKCOL" and area in row[2]]
+    assert [row[3] for row in mkcols] == ["201", "201"]
+
+
 # --- auth, TLS, redirects -----------------------------------------------------------------
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import concurrent.futures as cf
 import contextlib
 import email.utils
 import http.client
@@ -350,6 +351,12 @@ def _map_error(exc: BaseException, action: str, where: str) -> StorageError:
         if status in (412, 416):
             return OperationFailedError(
                 f"{what}: the file changed on the server during the transfer ({status}); retry",
+                cause=exc,
+            )
+        if status == 409:
+            return OperationFailedError(
+                f"{what}: the server refused it as a conflict (409); does the parent directory "
+                "exist, and may it be created (WebDAV MKCOL)?",
                 cause=exc,
             )
         if status == 413:
@@ -719,32 +726,45 @@ class _SourceBody:
     def __len__(self) -> int:
         return self._size
 
+    def _read(self, offset: int, hasher: _native.Sha256) -> bytes:
+        length = min(self._block, self._size - offset)
+        data = self._reader.read(offset, length)
+        if len(data) != length:
+            raise ChecksumMismatchError(
+                f"{self._reader.path} shrank during the upload; nothing was stored, upload it again"
+            )
+        hasher.update(data)
+        return data
+
     def __iter__(self) -> Iterator[bytes]:
-        source = self._reader.path
         hasher = _native.Sha256()
-        offset = 0
-        while offset < self._size:
-            if self._cancelled():
-                raise CancelledError(f"upload of {source} cancelled; nothing was stored")
-            length = min(self._block, self._size - offset)
-            data = self._reader.read(offset, length)
-            if len(data) != length:
-                raise ChecksumMismatchError(
-                    f"{source} shrank during the upload; nothing was stored, upload it again"
-                )
-            hasher.update(data)
-            offset += length
-            if offset == self._size and hasher.hexdigest() != self._digest:
-                # Held back: without its last block the server never stores the object.
-                raise ChecksumMismatchError(
-                    f"{source} changed during the upload (its bytes no longer hash to "
-                    f"{self._digest}); nothing was stored, upload it again"
-                )
-            try:
-                self._report(offset)
-            except Exception as exc:  # noqa: BLE001 - the caller's own exception, carried out
-                raise _CallbackAbort(exc) from None
-            yield data
+        # One block is read and hashed ahead on a helper thread while the previous one is on
+        # the wire (both release the GIL): the re-hash costs no time, two blocks of memory.
+        with cf.ThreadPoolExecutor(1, thread_name_prefix="vmstore-put-read") as ahead:
+            offset = 0
+            upcoming = ahead.submit(self._read, 0, hasher) if self._size else None
+            while upcoming is not None:
+                if self._cancelled():
+                    upcoming.cancel()
+                    raise CancelledError(
+                        f"upload of {self._reader.path} cancelled; nothing was stored"
+                    )
+                data = upcoming.result()
+                offset += len(data)
+                upcoming = ahead.submit(self._read, offset, hasher) if offset < self._size else None
+                # Blocks are hashed in order on the one helper thread: after the last, the
+                # digest covers every byte about to be sent.
+                if upcoming is None and hasher.hexdigest() != self._digest:
+                    # Held back: without its last block the server never stores the object.
+                    raise ChecksumMismatchError(
+                        f"{self._reader.path} changed during the upload (its bytes no longer "
+                        f"hash to {self._digest}); nothing was stored, upload it again"
+                    )
+                try:
+                    self._report(offset)
+                except Exception as exc:  # noqa: BLE001 - the caller's own exception, carried out
+                    raise _CallbackAbort(exc) from None
+                yield data
 
 
 # --- the backend --------------------------------------------------------------------------
@@ -858,7 +878,14 @@ class HttpStorage:
                 self._transport.send("PUT", sidecar_url, headers=headers, body=lambda: body), "PUT"
             ).close()
 
-        self._call("store the checksum sidecar of", url, put)
+        try:
+            self._call("store the checksum sidecar of", url, put)
+        except StorageError as exc:
+            raise type(exc)(
+                f"{_display(url)} was stored, but its checksum sidecar could not be, so the "
+                f"server holds no checksum for it: {exc.message}",
+                cause=exc,
+            ) from exc
 
     # -- metadata / delete ----------------------------------------------------------------
 
@@ -1002,7 +1029,12 @@ class HttpStorage:
 
         if cancelled():
             raise CancelledError(f"upload of {source} cancelled; nothing was stored")
-        self._check_write_access(url)
+        is_new = self._check_write_access(url) == 404
+        if is_new:
+            # Before the body goes out: a WebDAV server that does not create missing
+            # directories (Apache mod_dav, nginx without create_full_put_path) would refuse
+            # the PUT only after receiving all of it (409, or 500 from nginx).
+            self._make_parent_collections(url)
         with _native.ChunkReader(source) as reader:
             size = reader.size
             log.info("hashing %s (%d bytes)", source, size)
@@ -1020,10 +1052,21 @@ class HttpStorage:
                 reporter.finish(0)  # before the PUT, as every final report precedes the commit
             headers = _upload_headers(size, digest, content_type, metadata)
 
+            made_parents = is_new
+
             def put() -> None:
+                nonlocal made_parents
                 response = self._transport.send(
                     "PUT", url, headers=headers, body=lambda: body if size else b""
                 )
+                if response.status_code == 409 and not made_parents:
+                    # WebDAV's answer when the parent collection is missing.
+                    response.close()
+                    made_parents = True
+                    self._make_parent_collections(url)
+                    response = self._transport.send(
+                        "PUT", url, headers=headers, body=lambda: body if size else b""
+                    )
                 _check(response, "PUT").close()
 
             try:
@@ -1056,8 +1099,20 @@ class HttpStorage:
             size=size,
         )
 
-    def _check_write_access(self, url: str) -> None:
-        """Fail on refused credentials before hashing what may be a 100 GiB file."""
+    def _make_parent_collections(self, url: str) -> None:
+        """MKCOL every directory above ``url``, top down; existing ones answer 405, and any
+        refusal shows in the PUT that follows, so answers here are not errors."""
+        parts = urlsplit(url)
+        segments = parts.path.split("/")[1:-1]
+        for depth in range(1, len(segments) + 1):
+            directory = urlunsplit(parts._replace(path="/" + "/".join(segments[:depth]) + "/"))
+            response = self._transport.send("MKCOL", directory)
+            response.close()
+            log.debug("MKCOL %s: %d", _display(directory), response.status_code)
+
+    def _check_write_access(self, url: str) -> int:
+        """Fail on refused credentials before hashing what may be a 100 GiB file; the HEAD's
+        status (404: a new file)."""
 
         def head() -> int:
             response = self._transport.send("HEAD", url)
@@ -1066,7 +1121,7 @@ class HttpStorage:
                 _check(response, "HEAD")
             return response.status_code
 
-        self._call("upload to", url, head)
+        return self._call("upload to", url, head)
 
 
 def _upload_headers(
