@@ -37,6 +37,7 @@ import concurrent.futures as cf
 import contextlib
 import email.utils
 import http.client
+import ipaddress
 import json
 import logging
 import mimetypes
@@ -162,6 +163,16 @@ def _may_send_token(named_url: str, hop_url: str) -> bool:
     if named == hop:
         return True
     return named == ("http", hop[1], 80) and hop == ("https", named[1], 443)
+
+
+def _is_loopback(url: str) -> bool:
+    host = (urlsplit(url).hostname or "").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -589,7 +600,12 @@ class _Transport:
         hop = url
         for _ in range(MAX_REDIRECTS + 1):
             with_token = bool(self.token) and _may_send_token(url, hop)
-            if with_token and hop.startswith("http://") and not self._warned_plain_http:
+            if (
+                with_token
+                and hop.startswith("http://")
+                and not _is_loopback(hop)
+                and not self._warned_plain_http
+            ):
                 self._warned_plain_http = True
                 log.warning("sending the bearer token over plain http to %s", _display(hop))
             response = self._session.request(
