@@ -609,6 +609,21 @@ def test_persistent_5xx_is_network_error_after_max_retries(plain: PlainServer) -
     assert len(plain.requests("HEAD")) == 3
 
 
+@pytest.mark.parametrize("ranges", [True, False], ids=["ranges", "no-ranges"])
+def test_server_without_head_is_described_by_a_one_byte_get(tmp_path: Path, ranges: bool) -> None:
+    data = random_bytes(MiB + 1, seed=26)
+    with PlainServer(allowed=frozenset({"GET"}), ranges=ranges) as server:
+        server.put_file("/disk.img", data)
+        with new_storage(plain_config(server)) as store:
+            md = store.get_metadata("/disk.img")
+            down = store.download(DownloadRequest("/disk.img", str(tmp_path / "back.img")))
+
+    assert md.size == len(data)
+    assert md.etag
+    assert down.checksum == sha256_bytes(data)
+    assert (tmp_path / "back.img").read_bytes() == data
+
+
 def test_unreachable_server_is_network_error(tmp_path: Path) -> None:
     from tests.http_servers import free_port
 

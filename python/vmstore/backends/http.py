@@ -455,8 +455,13 @@ class _Head:
     accept_ranges: str
 
     @classmethod
-    def parse(cls, headers: Mapping[str, str]) -> _Head:
-        length = headers.get("Content-Length", "")
+    def parse(cls, headers: Mapping[str, str], *, ranged: bool = False) -> _Head:
+        """From a HEAD's headers, or (``ranged``) from a 206's, whose size is in
+        Content-Range."""
+        if ranged:
+            length = headers.get("Content-Range", "").rpartition("/")[2]
+        else:
+            length = headers.get("Content-Length", "")
         metadata: dict[str, str] = {}
         for name, value in headers.items():
             if name.lower().startswith(METADATA_PREFIX):
@@ -852,11 +857,27 @@ class HttpStorage:
 
     def _head(self, url: str, action: str = "read metadata of") -> _Head:
         def head() -> _Head:
-            response = _check(self._transport.send("HEAD", url), "HEAD")
+            response = self._transport.send("HEAD", url)
             response.close()
+            if response.status_code in (403, 405, 501):
+                # Some servers allow GET only: a presigned S3 GET URL's signature does not
+                # cover HEAD (403), minimal servers lack it (405/501). One byte tells the same.
+                fallback = self._head_by_get(url)
+                if fallback is not None:
+                    return fallback
+            _check(response, "HEAD")
             return _Head.parse(response.headers)
 
         return self._call(action, url, head)
+
+    def _head_by_get(self, url: str) -> _Head | None:
+        response = self._transport.send("GET", url, headers={"Range": "bytes=0-0"}, stream=True)
+        response.close()  # unread: a server ignoring Range would send the whole file
+        if response.status_code == 206:
+            return _Head.parse(response.headers, ranged=True)
+        if response.status_code == 200:
+            return _Head.parse(response.headers)
+        return None
 
     # -- sidecar --------------------------------------------------------------------------
 
