@@ -122,6 +122,17 @@ def classify_retry(exc: BaseException) -> RetryableError | None:
     return None
 
 
+def is_backend_error(exc: BaseException) -> bool:
+    """Whether exc came from talking to S3 (and so is ours to translate)."""
+    return (
+        isinstance(
+            exc,
+            botocore.exceptions.BotoCoreError | botocore.exceptions.ClientError | RetryableError,
+        )
+        or classify_retry(exc) is not None
+    )
+
+
 def storage_error(exc: BaseException, action: str, location: S3Location) -> StorageError:
     """The one mapping from a boto3/botocore failure onto vmstore's error types."""
     where = s3_url(location)
@@ -480,9 +491,11 @@ class S3Storage:
             return download_object(
                 obj, _S3ObjectReader(self._client, location, etag), request, settings
             )
-        except StorageError:
-            raise
         except Exception as exc:
+            # Only S3 and network failures are translated; anything else (a progress
+            # callback's own exception) propagates unchanged.
+            if not is_backend_error(exc):
+                raise
             raise storage_error(exc, "download", location) from exc
 
     # -- upload ---------------------------------------------------------------------------
@@ -637,7 +650,12 @@ class _MultipartUpload:
         )
 
     def _resume_or_create(self, whole: str, part_hashes: list[str]) -> _UploadState:
-        previous = self.state_file.load() if self.request.resume else None
+        previous = self.state_file.load()
+        if previous is not None and not self.request.resume:
+            # Not resuming: the earlier unfinished upload would only cost storage.
+            self._abort(previous.upload_id)
+            self.state_file.remove()
+            previous = None
         if previous is not None:
             same = (
                 previous.bucket == self.location.bucket
