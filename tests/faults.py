@@ -23,6 +23,9 @@ class DroppingProxy:
     after_bytes: int = 1 << 62
     drops: int = 0
     rate: float | None = None
+    stall: bool = False
+    """At ``after_bytes``, stop forwarding (the peer sees a silent connection) instead of
+    cutting it; ``drops`` still counts how many connections this happens to."""
     direction: str = "upload"  # "upload": client->server bytes count; "download": server->client
     port: int = 0
     dropped: int = 0
@@ -95,6 +98,12 @@ class DroppingProxy:
                         if counts:
                             counted[0] += len(data)
                             if counted[0] > self.after_bytes and self._take_drop():
+                                if self.stall:
+                                    # Silence: hold the connection open, forward nothing.
+                                    while not self._stop.wait(0.2) and not broken.is_set():
+                                        pass
+                                    close_both()  # type: ignore[operator]
+                                    return
                                 broken.set()
                                 # Deliver part of the bytes, then cut: a truncated request
                                 # or body, exactly as a dying connection leaves it.

@@ -315,6 +315,37 @@ def test_ranged_get_is_retried_when_the_connection_drops_mid_body(
     assert (tmp_path / "d.img").read_bytes() == data
 
 
+def test_timeout_is_idle_time_so_a_slow_transfer_that_keeps_moving_succeeds(
+    config: StorageConfig, s3_server: S3Server, tmp_path: Path, prefix: str
+) -> None:
+    # The earlier Go implementation capped the whole request, killing long transfers.
+    data = random_bytes(PART + 3 * MiB, seed=11)
+    source = write_file(tmp_path / "slow.img", data)
+    with DroppingProxy(_port(s3_server), rate=3 * MiB) as proxy:  # ~3 s for the upload
+        slow = StorageConfig(**{**json.loads(_config_json(config, proxy.port)), "timeout": 1.0})
+        with new_storage(slow) as store:
+            up = store.upload(UploadRequest(str(source), f"/{prefix}/slow.img"))
+            down = store.download(DownloadRequest(up.url, str(tmp_path / "back.img")))
+    assert down.checksum == up.checksum == sha256_bytes(data)
+
+
+def test_a_silent_server_fails_with_network_error_after_the_idle_timeout(
+    config: StorageConfig, s3_server: S3Server, tmp_path: Path, prefix: str
+) -> None:
+    data = random_bytes(2 * MiB, seed=12)
+    s3_server.client().put_object(Bucket=s3_server.bucket, Key=f"{prefix}/s.img", Body=data)  # type: ignore[attr-defined]
+    with DroppingProxy(
+        _port(s3_server), after_bytes=MiB // 2, drops=1000, stall=True, direction="download"
+    ) as proxy:
+        silent = StorageConfig(
+            **{**json.loads(_config_json(config, proxy.port)), "timeout": 0.5, "max_retries": 1}
+        )
+        with new_storage(silent) as store, pytest.raises(StorageError) as raised:
+            store.download(DownloadRequest(f"/{prefix}/s.img", str(tmp_path / "s.img")))
+    assert raised.value.type is ErrorType.NETWORK_ERROR
+    assert not (tmp_path / "s.img").exists()
+
+
 def test_connection_refused_after_retries_is_a_network_error(
     tmp_path: Path, state_dir: Path
 ) -> None:
