@@ -340,7 +340,13 @@ class S3Storage:
         client_config = botocore.config.Config(
             signature_version="s3v4",
             # Custom endpoints rarely have wildcard DNS for virtual-hosted buckets.
-            s3={"addressing_style": "path" if self._endpoint else "auto"},
+            s3={
+                "addressing_style": "path" if self._endpoint else "auto",
+                # Every body carries vmstore's own x-amz-checksum-sha256, so botocore need
+                # not hash it a third time for the signature (it already skips that on
+                # HTTPS when a checksum header is present; this does the same on HTTP).
+                "payload_signing_enabled": False,
+            },
             # One retry policy for everything (vmstore's), so max_retries means what it says.
             retries={"total_max_attempts": 1, "mode": "standard"},
             connect_timeout=config.timeout,
