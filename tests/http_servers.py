@@ -129,10 +129,12 @@ class StoredFile:
     """Headers kept from the PUT (only when the server keeps metadata)."""
     version: int = 0
     mtime: float = field(default_factory=time.time)
+    etag: str = ""
+    """Fixed when stored, so bytes changed behind the server's back keep it (see tamper)."""
 
-    @property
-    def etag(self) -> str:
-        return f'"{hashlib.md5(self.data).hexdigest()}-{self.version}"'
+    def __post_init__(self) -> None:
+        if not self.etag:
+            self.etag = f'"{hashlib.md5(self.data).hexdigest()}-{self.version}"'
 
 
 @dataclass
@@ -206,6 +208,16 @@ class PlainServer:
             stored = StoredFile(data, version=len(self.log))
             self.files["/" + path.lstrip("/")] = stored
             return stored
+
+    def tamper(self, path: str) -> bytes:
+        """Flip one byte of a stored file, keeping its size, ETag, date and kept headers, as
+        silent corruption on the server's disk would."""
+        with self.lock:
+            stored = self.files["/" + path.lstrip("/")]
+            data = bytearray(stored.data)
+            data[len(data) // 2] ^= 0xFF
+            stored.data = bytes(data)
+            return stored.data
 
     def requests(self, method: str | None = None) -> list[Recorded]:
         with self.lock:

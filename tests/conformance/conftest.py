@@ -16,10 +16,16 @@ from typing import Any
 import pytest
 from vmstore import Storage
 
-from .harness import BackendHarness, http_harness, nfs_harness, s3_harness
+from .harness import (
+    BackendHarness,
+    http_harness,
+    nfs_harness,
+    plain_http_harness,
+    s3_harness,
+)
 from .servers import ACCESS_KEY, BUCKET, SECRET_KEY, S3Endpoint, run_s3_server
 
-BACKENDS = ["nfs", "s3-rclone", "s3-moto", "http"]
+BACKENDS = ["nfs", "s3-rclone", "s3-moto", "http", "https", "http-noranges"]
 
 
 @pytest.fixture(autouse=True)
@@ -81,6 +87,27 @@ def http_backend(nginx_server: Any) -> BackendHarness:
     pytest.importorskip("vmstore.backends.http", reason="the HTTP backend is not available")
     return http_harness(nginx_server.http_base, nginx_server.root, nginx_server.area(),
                         nginx_server.token)  # fmt: skip
+
+
+@pytest.fixture
+def https_backend(nginx_server: Any) -> BackendHarness:
+    pytest.importorskip("vmstore.backends.http", reason="the HTTP backend is not available")
+    return http_harness(nginx_server.https_base, nginx_server.root, nginx_server.area(),
+                        nginx_server.token, ca_bundle=str(nginx_server.ca_cert))  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def plain_http_server() -> Iterator[Any]:
+    """A server without Range support (tests/http_servers.py), with PUT and DELETE."""
+    http_servers = pytest.importorskip("tests.http_servers")
+    with http_servers.PlainServer(ranges=False, claims_ranges=False) as server:
+        yield server
+
+
+@pytest.fixture
+def http_noranges_backend(plain_http_server: Any) -> BackendHarness:
+    pytest.importorskip("vmstore.backends.http", reason="the HTTP backend is not available")
+    return plain_http_harness(plain_http_server, f"t-{uuid.uuid4().hex[:12]}")
 
 
 @pytest.fixture(params=BACKENDS)

@@ -17,6 +17,9 @@ Adding a backend (rclone fstests style) means adding one subclass here and one f
 * ``HttpHarness`` (nginx with WebDAV PUT/DELETE): ``url`` gives ``http://127.0.0.1:<port>/
   <area>/<key>``; the outside view is nginx's document root on disk. A plain WebDAV server
   keeps no checksum, so the backend stores a ``.vmstore.json`` sidecar beside the object.
+  The same over https (nginx's TLS listener, its self-signed certificate as ``ca_bundle``).
+* ``PlainHttpHarness`` (``http-noranges``): a minimal server that ignores Range, so every
+  download is one stream and none can be resumed; the outside view is its in-memory files.
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ class Capability:
 
     UPLOAD_RESUME = "upload-resume"
     """An interrupted upload can be continued (NFS partial file, S3 multipart + ListParts)."""
+
+    DOWNLOAD_RESUME = "download-resume"
+    """An interrupted download can be continued (the store serves byte ranges)."""
 
     TAMPER = "tamper"
     """The test can change stored bytes behind vmstore's back, keeping the stored checksum."""
@@ -130,7 +136,9 @@ def nfs_harness(mount: Path) -> NfsHarness:
     return NfsHarness(
         name="nfs",
         config=StorageConfig(type="nfs", endpoint=str(mount), chunk_size=CHUNK),
-        capabilities=frozenset({Capability.UPLOAD_RESUME, Capability.TAMPER}),
+        capabilities=frozenset(
+            {Capability.UPLOAD_RESUME, Capability.DOWNLOAD_RESUME, Capability.TAMPER}
+        ),
         upload_unit=CHUNK,
         download_unit=CHUNK,
         mount=mount,
@@ -204,7 +212,9 @@ def s3_harness(name: str, endpoint: str, client: Any, bucket: str, prefix: str,
     return S3Harness(
         name=name,
         config=config,
-        capabilities=frozenset({Capability.UPLOAD_RESUME, Capability.TAMPER}),
+        capabilities=frozenset(
+            {Capability.UPLOAD_RESUME, Capability.DOWNLOAD_RESUME, Capability.TAMPER}
+        ),
         upload_unit=max(CHUNK, S3_MIN_PART),
         download_unit=CHUNK,
         client=client,
@@ -251,17 +261,72 @@ class HttpHarness(BackendHarness):
         return bytes(data)
 
 
-def http_harness(http_base: str, document_root: Path, area: str, token: str) -> HttpHarness:
+def http_harness(
+    http_base: str, document_root: Path, area: str, token: str, ca_bundle: str = ""
+) -> HttpHarness:
+    """nginx over http, or over https (``http_base`` https://, trusting ``ca_bundle``)."""
+    https = http_base.startswith("https://")
     config = StorageConfig(
-        type="http", endpoint=http_base, token=token, chunk_size=CHUNK, concurrency=2
+        type="https" if https else "http",
+        endpoint=http_base,
+        token=token,
+        ca_bundle=ca_bundle,
+        chunk_size=CHUNK,
+        concurrency=2,
     )
     return HttpHarness(
-        name="http",
+        name="https" if https else "http",
         config=config,
         # One PUT per upload: nothing to resume, and the upload unit is the whole object.
-        capabilities=frozenset({Capability.TAMPER}),
+        capabilities=frozenset({Capability.TAMPER, Capability.DOWNLOAD_RESUME}),
         upload_unit=CHUNK,
         download_unit=CHUNK,
         base=f"{http_base.rstrip('/')}/{area}",
         served=document_root / area,
+    )
+
+
+@dataclass
+class PlainHttpHarness(BackendHarness):
+    """The HTTP backend against a minimal server that ignores Range (tests/http_servers.py's
+    PlainServer with ranges off): every download is one stream. The outside view is the
+    server's in-memory files."""
+
+    server: Any = None
+    area: str = ""
+
+    def _path(self, key: str) -> str:
+        return f"/{self.area}/{key}"
+
+    def url(self, key: str) -> str:
+        return f"{self.server.base}{self._path(key)}"
+
+    def read_object(self, key: str) -> bytes | None:
+        with self.server.lock:
+            stored = self.server.files.get(self._path(key))
+            return None if stored is None else bytes(stored.data)
+
+    def stored_names(self) -> set[str]:
+        prefix = f"/{self.area}/"
+        with self.server.lock:
+            return {path[len(prefix) :] for path in self.server.files if path.startswith(prefix)}
+
+    def companion_names(self, key: str) -> set[str]:
+        return {f"{key}.vmstore.json"}  # it keeps no checksum or metadata of its own
+
+    def tamper(self, key: str) -> bytes:
+        return bytes(self.server.tamper(self._path(key)))
+
+
+def plain_http_harness(server: Any, area: str) -> PlainHttpHarness:
+    config = StorageConfig(type="http", endpoint=server.base, chunk_size=CHUNK, concurrency=2)
+    return PlainHttpHarness(
+        name="http-noranges",
+        config=config,
+        # Without ranges a download is one stream, which cannot be continued.
+        capabilities=frozenset({Capability.TAMPER}),
+        upload_unit=CHUNK,
+        download_unit=CHUNK,
+        server=server,
+        area=area,
     )

@@ -147,6 +147,7 @@ def test_upload_resumes_after_an_interrupted_attempt(
 def test_download_resumes_after_an_interrupted_attempt(
     backend: BackendHarness, store: Storage, workdir: Path
 ) -> None:
+    backend.require(Capability.DOWNLOAD_RESUME)
     data = random_bytes(download_size(backend), seed=52)
     up = store.upload(UploadRequest(str(write_file(workdir / "disk.img", data)), backend.url("d")))
     dest = workdir / "imported.img"
@@ -174,6 +175,7 @@ def test_upload_resumes_after_the_uploading_process_is_killed(
 def test_download_resumes_after_the_downloading_process_is_killed(
     backend: BackendHarness, store: Storage, workdir: Path
 ) -> None:
+    backend.require(Capability.DOWNLOAD_RESUME)
     data = random_bytes(download_size(backend), seed=54)
     up = store.upload(UploadRequest(str(write_file(workdir / "disk.img", data)), backend.url("d")))
     dest = workdir / "imported.img"
@@ -289,6 +291,7 @@ def interrupted_download_partial(
 def test_download_resume_after_a_lost_tail_reuses_the_prefix_that_survived(
     backend: BackendHarness, store: Storage, workdir: Path
 ) -> None:
+    backend.require(Capability.DOWNLOAD_RESUME)
     data = random_bytes(download_size(backend), seed=60)
     url, dest, partial = interrupted_download_partial(backend, store, workdir, data)
     survived = 2 * backend.download_unit + 1000
@@ -305,6 +308,7 @@ def test_download_resume_after_a_lost_tail_reuses_the_prefix_that_survived(
 def test_download_resume_never_reuses_bytes_that_differ_from_the_source(
     backend: BackendHarness, store: Storage, workdir: Path, how: str
 ) -> None:
+    backend.require(Capability.DOWNLOAD_RESUME)
     data = random_bytes(download_size(backend), seed=61)
     url, dest, partial = interrupted_download_partial(backend, store, workdir, data)
     unit = backend.download_unit
