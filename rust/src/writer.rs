@@ -451,7 +451,15 @@ impl ChunkWriter {
     }
 
     fn write_at(&self, py: Python<'_>, offset: u64, data: &Bound<'_, PyAny>) -> PyResult<()> {
-        with_bytes(py, data, |bytes| self.core.write_at(offset, bytes))??;
+        with_bytes(py, data, |bytes| {
+            let stored = self.core.write_at(offset, bytes)?;
+            if stored {
+                // Start writeback now, so the disk works while the network does and the
+                // fsync in commit() has little left to flush.
+                self.core.start_writeback(offset, bytes.len() as u64);
+            }
+            Ok::<(), CoreError>(())
+        })??;
         Ok(())
     }
 
