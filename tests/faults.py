@@ -35,6 +35,15 @@ class DroppingProxy:
 
     def start(self) -> DroppingProxy:
         listener = socket.socket()
+        if self.rate:
+            # A slow link holds little in flight; loopback holds seconds of it at this rate.
+            # Its 64 KiB segments make the client's send buffer autotune to MiBs, and the
+            # receive buffer grows towards tcp_rmem's max, so the client would finish
+            # "sending" long before the bytes cross the throttle and then wait that long for
+            # an answer: an idle wait no real link has. An Ethernet-sized MSS and a small
+            # receive buffer (both inherited by accepted sockets) keep the buffering small.
+            listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 1460)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
         listener.bind(("127.0.0.1", 0))
         listener.listen(32)
         listener.settimeout(0.2)
