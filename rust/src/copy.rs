@@ -337,14 +337,13 @@ fn write_stage(
         let result = match block {
             Block::Data { offset, buf, len } => {
                 let outcome = sink.write_at(offset, &buf[..len]).map(|stored| {
-                    if stored {
+                    if stored > 0 {
                         sink.start_writeback(offset, len as u64);
                         if offset >= WRITEBACK_LAG * chunk {
                             sink.wait_writeback(offset - WRITEBACK_LAG * chunk, chunk);
                         }
-                    } else {
-                        holes.fetch_add(len as u64, Ordering::Relaxed);
                     }
+                    holes.fetch_add(len as u64 - stored, Ordering::Relaxed);
                     len as u64
                 });
                 let _ = pool.send(buf);

@@ -32,8 +32,33 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 pub fn is_all_zero(data: &[u8]) -> bool {
+    // SAFETY: every bit pattern is a valid u128; align_to only splits the slice.
     let (prefix, words, suffix) = unsafe { data.align_to::<u128>() };
     prefix.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && suffix.iter().all(|&b| b == 0)
+}
+
+/// The filesystem's allocation unit on ext4/xfs: the finest hole a skipped block can leave.
+const ZERO_BLOCK: u64 = 4096;
+
+/// (start, end) index ranges of `data` (which lands at file offset `offset`) that hold a
+/// non-zero byte, in whole `ZERO_BLOCK`s aligned to the file, adjacent blocks merged. For
+/// dense data each block's first word is non-zero, so the scan costs next to nothing and
+/// yields one run: one pwrite, as before.
+fn nonzero_runs(data: &[u8], offset: u64) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    let mut start = 0usize;
+    while start < data.len() {
+        let to_boundary = (ZERO_BLOCK - (offset + start as u64) % ZERO_BLOCK) as usize;
+        let end = (start + to_boundary).min(data.len());
+        if !is_all_zero(&data[start..end]) {
+            match runs.last_mut() {
+                Some(last) if last.1 == start => last.1 = end,
+                _ => runs.push((start, end)),
+            }
+        }
+        start = end;
+    }
+    runs
 }
 
 /// Open (creating if needed) and exclusively lock the temp file. The inode check guards
@@ -259,19 +284,33 @@ impl WriterCore {
             .ok_or_else(|| CoreError::InvalidArgument(format!("writer for {} is closed", self.final_path.display())))
     }
 
-    /// Returns true if the bytes were written, false if skipped as an all-zero chunk.
-    pub fn write_at(&self, offset: u64, data: &[u8]) -> CoreResult<bool> {
+    /// Write `data` at `offset`; returns how many of its bytes were stored. Where the file
+    /// is known to hold zeros (past `zero_skip_from`), all-zero blocks are left as holes,
+    /// so a sparse image stays sparse even when its data does not start on a chunk
+    /// boundary: only the non-zero runs are written.
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> CoreResult<u64> {
         let file = self.file()?;
-        let skip = offset >= self.zero_skip_from.load(Ordering::Acquire) && is_all_zero(data);
-        if !skip {
-            file.write_all_at(data, offset)
-                .context(|| format!("writing {} at offset {offset}", self.temp_path.display()))?;
+        let write = |start: usize, end: usize| {
+            let at = offset + start as u64;
+            file.write_all_at(&data[start..end], at)
+                .context(|| format!("writing {} at offset {at}", self.temp_path.display()))
+        };
+        let zeros_from = self.zero_skip_from.load(Ordering::Acquire);
+        // Below zeros_from the file may hold stale bytes: everything there is written.
+        let dense = (zeros_from.saturating_sub(offset) as usize).min(data.len());
+        let mut stored = dense as u64;
+        if dense > 0 {
+            write(0, dense)?;
+        }
+        for (start, end) in nonzero_runs(&data[dense..], offset + dense as u64) {
+            write(dense + start, dense + end)?;
+            stored += (end - start) as u64;
         }
         self.bytes_written.fetch_add(data.len() as u64, Ordering::Relaxed);
         if let Some(hasher) = &self.hasher {
             hasher.mark(offset, data.len() as u64);
         }
-        Ok(!skip)
+        Ok(stored)
     }
 
     pub fn mark_done(&self, offset: u64, len: u64) {
@@ -453,7 +492,7 @@ impl ChunkWriter {
     fn write_at(&self, py: Python<'_>, offset: u64, data: &Bound<'_, PyAny>) -> PyResult<()> {
         with_bytes(py, data, |bytes| {
             let stored = self.core.write_at(offset, bytes)?;
-            if stored {
+            if stored > 0 {
                 // Start writeback now, so the disk works while the network does and the
                 // fsync in commit() has little left to flush.
                 self.core.start_writeback(offset, bytes.len() as u64);
@@ -516,9 +555,9 @@ mod tests {
         let writer = WriterCore::open(&final_path, &temp_path, false, true).expect("open");
         let zeros = vec![0u8; 1 << 20];
         let data = vec![0xabu8; 1 << 20];
-        assert!(!writer.write_at(1 << 20, &zeros).expect("write zeros"));
-        assert!(writer.write_at(2 << 20, &data).expect("write data"));
-        assert!(writer.write_at(0, &data).expect("write data"));
+        assert_eq!(writer.write_at(1 << 20, &zeros).expect("write zeros"), 0);
+        assert!(writer.write_at(2 << 20, &data).expect("write data") > 0);
+        assert!(writer.write_at(0, &data).expect("write data") > 0);
         writer.set_len(4 << 20).expect("len");
         assert!(writer.write_at(3 << 20, &zeros).is_ok());
         let mut expected = Sha256::new();
@@ -533,6 +572,40 @@ mod tests {
         let meta = std::fs::metadata(&final_path).expect("final");
         assert_eq!(meta.len(), 4 << 20);
         assert!(meta.blocks() * 512 <= (2 << 20) + 65536, "blocks {}", meta.blocks());
+    }
+
+    #[test]
+    fn nonzero_runs_follow_file_blocks_and_merge() {
+        let mut data = vec![0u8; 5 * 4096];
+        data[10] = 1; // block 0
+        data[4096 + 5] = 1; // block 1, merged with block 0
+        data[4 * 4096 + 1] = 1; // block 4
+        assert_eq!(nonzero_runs(&data, 0), vec![(0, 2 * 4096), (4 * 4096, 5 * 4096)]);
+        // The same bytes landing 100 bytes into a file block: runs end on file boundaries.
+        // The first 4096 bytes landing at file offset 100: blocks are [0, 3996) and
+        // [3996, 4096); only the first holds a non-zero byte.
+        assert_eq!(nonzero_runs(&data[..4096], 100), vec![(0, 3996)]);
+        assert!(nonzero_runs(&[0u8; 10_000], 7).is_empty());
+        let dense = vec![7u8; 1 << 20];
+        assert_eq!(nonzero_runs(&dense, 123), vec![(0, 1 << 20)]);
+    }
+
+    #[test]
+    fn a_chunk_that_is_partly_hole_stores_only_its_data() {
+        // 8 MiB chunk: 1 MiB of data at 3 MiB, zeros around it (an extent that does not
+        // start on a chunk boundary, as in a real image).
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (final_path, temp_path) = paths(dir.path());
+        let writer = WriterCore::open(&final_path, &temp_path, false, true).expect("open");
+        let mut chunk = vec![0u8; 8 << 20];
+        chunk[3 << 20..4 << 20].fill(0x5a);
+        writer.set_len(8 << 20).expect("len");
+        assert_eq!(writer.write_at(0, &chunk).expect("write"), 1 << 20);
+        assert_eq!(writer.hexdigest(8 << 20).expect("digest"), crate::hash::to_hex(&Sha256::digest(&chunk)));
+        writer.commit().expect("commit");
+        assert_eq!(std::fs::read(&final_path).expect("read"), chunk);
+        let blocks = std::fs::metadata(&final_path).expect("final").blocks() * 512;
+        assert!(blocks <= (1 << 20) + 65536, "allocated {blocks} bytes for 1 MiB of data");
     }
 
     #[test]
@@ -566,7 +639,7 @@ mod tests {
         let writer = WriterCore::open(&final_path, &temp_path, true, false).expect("open");
         assert_eq!(writer.existing_length(), 1000);
         // Zeros inside the old content must be written, or stale bytes would survive.
-        assert!(writer.write_at(0, &[0u8; 100]).expect("write"));
+        assert_eq!(writer.write_at(0, &[0u8; 100]).expect("write"), 100);
         writer.commit().expect("commit");
         let bytes = std::fs::read(&final_path).expect("read");
         assert!(bytes[..100].iter().all(|&b| b == 0));
