@@ -55,8 +55,9 @@ def hash_parts(
     """One pass over the file: (whole-file SHA-256 hex, [SHA-256 hex of each part]).
 
     The whole-file digest runs on one thread while the per-part digests run on ``threads``
-    workers over the same mapped pages; the number of parts is ceil(size / part_size)
-    (one empty part for an empty file).
+    workers, each reading through its own 8 MiB buffer (memory does not grow with the
+    file; holes are hashed as zeros, never read); the number of parts is
+    ceil(size / part_size) (one empty part for an empty file).
     """
 
 @final
