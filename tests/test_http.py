@@ -702,3 +702,27 @@ def test_config_repr_and_storage_repr_hide_the_token(nginx: Nginx) -> None:
         assert nginx.token not in repr(store)
     finally:
         store.close()
+
+
+def test_a_presigned_style_query_never_appears_in_errors_or_logs(
+    nginx: Nginx, area: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A presigned URL carries its signature in the query: a credential for that file.
+    data = random_bytes(2 * MiB, seed=41)
+    (nginx.root / area).mkdir()
+    (nginx.root / area / "disk.raw").write_bytes(data)
+    signature = "X-Amz-Signature=0123456789abcdef-secret-part"
+    url = f"{nginx.http_base}/{area}/disk.raw?{signature}"
+    destination = tmp_path / "disk.raw"
+    caplog.set_level("DEBUG", logger="vmstore")
+    with new_storage(nginx_config(nginx)) as store, pytest.raises(ChecksumMismatchError) as err:
+        store.download(DownloadRequest(url, str(destination), expected_checksum="0" * 64))
+    assert "secret-part" not in str(err.value)
+    assert f"/{area}/disk.raw" in str(err.value)
+    assert "secret-part" not in caplog.text
+    assert not destination.exists()
+    # A download with nothing to check against says so instead of passing silently.
+    with new_storage(nginx_config(nginx)) as store:
+        down = store.download(DownloadRequest(url, str(destination)))
+    assert down.checksum == sha256_bytes(data)
+    assert "unverified" in caplog.text and "secret-part" not in caplog.text

@@ -26,7 +26,7 @@ from typing import Protocol
 
 from vmstore import _native
 from vmstore._oserrors import storage_error_from_oserror
-from vmstore._parts import Chunk, split
+from vmstore._parts import Chunk, ChunkSet, split
 from vmstore._retry import RetryableError, RetryPolicy
 from vmstore.errors import (
     CancelledError,
@@ -43,7 +43,7 @@ log = logging.getLogger("vmstore.download")
 
 PARTIAL_SUFFIX = ".vmstore-partial"
 STATE_SUFFIX = ".vmstore-partial.state"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: "done" holds runs [[first, last], ...] of chunk numbers
 
 
 @dataclass(frozen=True)
@@ -144,6 +144,14 @@ def _download(
         expected = parse_sha256_hex(request.expected_checksum)
     elif request.verify_checksum and obj.checksum:
         expected = obj.checksum
+    elif request.verify_checksum:
+        # Stored by another tool: nothing to compare with. The digest is still computed
+        # and returned, so the caller can check it against a checksum of their own.
+        log.warning(
+            "%s has no stored SHA-256 and no expected_checksum was given: downloading it "
+            "unverified",
+            obj.url,
+        )
 
     destination = os.path.abspath(request.destination_path)
     if os.path.isdir(destination):
@@ -168,7 +176,7 @@ def _download(
 
     chunk_size = settings.chunk_size if obj.supports_ranges else max(obj.size, 1)
     chunks = split(obj.size, chunk_size)
-    done: set[int] = set()
+    done = ChunkSet()
     state: dict[str, object] = {
         "version": STATE_VERSION,
         "url": obj.url,
@@ -184,15 +192,10 @@ def _download(
             for key in ("version", "url", "etag", "size", "chunk_size")
         )
         if previous is not None and same:
-            listed = previous.get("done")
-            if isinstance(listed, list):
-                # A chunk past the partial's end was lost (e.g. truncated by a crash).
-                on_disk = writer.existing_length
-                done = {
-                    n
-                    for n in listed
-                    if isinstance(n, int) and 1 <= n <= len(chunks) and chunks[n - 1].end <= on_disk
-                }
+            # A chunk past the partial's end was lost (e.g. truncated by a crash).
+            on_disk = writer.existing_length
+            whole = sum(1 for chunk in chunks if chunk.end <= on_disk)
+            done = ChunkSet.from_runs(previous.get("done"), whole)
         elif previous is not None:
             log.info("partial download of %s is from another version; starting over", obj.url)
     resumed_bytes = 0
@@ -207,7 +210,7 @@ def _download(
                 resumed_bytes += chunk.length
         if resumed_bytes:
             log.info("resuming %s at %d of %d bytes", obj.url, resumed_bytes, obj.size)
-        state["done"] = sorted(done)
+        state["done"] = done.runs()
         _save_state(state_path, state)
 
         reporter = ProgressReporter(request.progress_callback, obj.size)
@@ -244,7 +247,7 @@ def _download(
             writer.abort(keep=keep)
         if keep:
             with contextlib.suppress(OSError):
-                _save_state(state_path, {**state, "done": sorted(done)})
+                _save_state(state_path, {**state, "done": done.runs()})
             log.info("kept %s for a later resume", partial)
         else:
             _remove(state_path)
@@ -271,7 +274,7 @@ def _fetch_ranges(
     request: DownloadRequest,
     reporter: ProgressReporter,
     state: dict[str, object],
-    done: set[int],
+    done: ChunkSet,
     state_path: str,
 ) -> None:
     stop = threading.Event()
@@ -315,7 +318,7 @@ def _fetch_ranges(
                 # Record landed chunks before telling anyone: a process killed from its
                 # progress callback must still find them on resume.
                 if landed:
-                    state["done"] = sorted(done)
+                    state["done"] = done.runs()
                     with contextlib.suppress(OSError):
                         _save_state(state_path, state)
                 for chunk in landed:

@@ -642,6 +642,18 @@ def _user_agent() -> str:
     return f"vmstore/{__version__} python-requests/{requests.__version__}"
 
 
+
+def _close_probe(response: requests.Response) -> None:
+    """Finish a one-byte ``Range: bytes=0-0`` probe. A 206 carries that byte: reading it
+    returns the connection to the pool for the ranged GETs that follow. Any other answer is
+    closed unread, dropping the connection: a server ignoring Range sends the whole file."""
+    if response.status_code == 206:
+        # .content, not raw.read: requests pools the connection only once it saw the body.
+        with contextlib.suppress(requests.RequestException, OSError):
+            _ = response.content
+    response.close()
+
+
 def _check(response: requests.Response, method: str) -> requests.Response:
     """Raise HttpStatusError unless the response is a success."""
     if 200 <= response.status_code < 300:
@@ -872,7 +884,7 @@ class HttpStorage:
 
     def _head_by_get(self, url: str) -> _Head | None:
         response = self._transport.send("GET", url, headers={"Range": "bytes=0-0"}, stream=True)
-        response.close()  # unread: a server ignoring Range would send the whole file
+        _close_probe(response)
         if response.status_code == 206:
             return _Head.parse(response.headers, ranged=True)
         if response.status_code == 200:
@@ -1018,7 +1030,9 @@ class HttpStorage:
         version = validator.etag or validator.last_modified
         identity = f"{version}|{checksum or ''}" if version else ""
         obj = RemoteObject(
-            url=url,
+            # Named in messages, logs and the resume state: never the query (a presigned
+            # URL's signature), and a re-signed URL of the same file still resumes.
+            url=_display(url),
             size=size,
             etag=identity,
             checksum=checksum,
@@ -1032,8 +1046,7 @@ class HttpStorage:
         def probe() -> tuple[bool, int | None]:
             headers = {"Range": "bytes=0-0", **validator.request_headers()}
             response = self._transport.send("GET", url, headers=headers, stream=True)
-            # Not read: closing drops the connection, cheaper than draining a 200's body.
-            response.close()
+            _close_probe(response)
             if response.status_code in (412, 416):
                 raise _ResourceChangedError(f"{_display(url)} changed during the download")
             _check(response, "GET")
