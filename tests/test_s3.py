@@ -490,3 +490,28 @@ def test_progress_of_a_multipart_upload_is_monotonic_and_ends_at_total(
     assert calls[-1] == (size, size)
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
     assert hashlib.sha256(big_source.read_bytes()).hexdigest()
+
+
+def test_upload_state_is_a_journal_whose_torn_last_line_is_ignored(state_dir: Path) -> None:
+    # No server: this is the state file's own format (a crash mid-append is the fault).
+    from vmstore.backends.s3 import _StateFile, _UploadState
+    from vmstore.urls import S3Location
+
+    location = S3Location(bucket="b", key="disk.img")
+    journal = _StateFile("/src/disk.img", location)
+    state = _UploadState("b", "disk.img", "upload-1", "/src/disk.img", 30, 7, 10, "ab" * 32)
+    state.parts[1] = ("etag-1", "11" * 32)
+    journal.save(state)
+    first = Path(journal.path).stat().st_size
+    for number in (3, 2):
+        state.parts[number] = (f"etag-{number}", f"{number}{number}" * 32)
+        journal.save(state)
+    journal.save(state)  # nothing new: nothing appended
+    lines = Path(journal.path).read_text().splitlines()
+    assert len(lines) == 4 and Path(journal.path).stat().st_size > first
+    with open(journal.path, "a") as handle:
+        handle.write('[4, "etag-4", "44')  # killed in the middle of an append
+    loaded = _StateFile("/src/disk.img", location).load()
+    assert loaded is not None
+    assert loaded.upload_id == "upload-1" and loaded.sha256 == "ab" * 32
+    assert loaded.parts == {n: (f"etag-{n}", f"{n}{n}" * 32) for n in (1, 2, 3)}
