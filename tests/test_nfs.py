@@ -627,6 +627,27 @@ def test_sparse_file_stays_sparse_through_upload_and_download(
     assert stays_as_sparse_as(dest, source)
 
 
+def test_extents_that_straddle_chunk_boundaries_stay_as_sparse_as_the_source(
+    share: Path, host: Path
+) -> None:
+    # Data in real images is aligned to 4 KiB or 1 MiB, not to vmstore's chunk: every chunk
+    # holding an extent's edge is part data, part hole, and only the data may be written.
+    chunk = 4 * MiB
+    source = make_sparse_image(
+        host / "straddle.raw",
+        64 * MiB,
+        [(5 * MiB + 4 * KiB, 6 * MiB), (31 * MiB, 2 * MiB), (60 * MiB + 12 * KiB, 8 * KiB)],
+    )
+    config = StorageConfig(type="nfs", endpoint=str(share), chunk_size=chunk)
+    with new_storage(config) as store:
+        up = store.upload(UploadRequest(str(source), "nfs://straddle.raw"))
+        dest = host / "straddle-back.raw"
+        store.download(DownloadRequest(up.url, str(dest)))
+    assert up.checksum == sha256_path(source) == sha256_path(dest)
+    assert stays_as_sparse_as(share / "straddle.raw", source)
+    assert stays_as_sparse_as(dest, source)
+
+
 def test_zeros_written_in_the_source_become_holes_in_the_copy(
     nfs_store: Storage, share: Path, host: Path
 ) -> None:
