@@ -688,66 +688,30 @@ def main() -> None:
         default=MiB,
         help="iter_content block of the requests download baseline (default 1M)",
     )
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument(
-        "--settle", type=float, default=1.0, help="seconds to idle after sync before each run"
-    )
-    ap.add_argument(
-        "--prefault-mib",
-        type=int,
-        default=3072,
-        help="MiB of memory touched (then freed) right before each run; 0: never",
-    )
-    ap.add_argument("--seed", type=int, default=1, help="seed of the per-repetition order")
-    ap.add_argument(
-        "--workdir",
-        default="/tmp/vmstore-bench-http",
-        help="nginx's root and config, sources and outputs live here",
-    )
-    ap.add_argument(
-        "--keep", action="store_true", help="keep the work directory (sources reused with --reuse)"
-    )
-    ap.add_argument("--reuse", action="store_true", help="reuse source files of the right size")
-    ap.add_argument("--out", help="write the results as JSON here")
-    ap.add_argument(
-        "--report", metavar="JSON", help="print the markdown for saved results, run nothing"
-    )
-    ap.add_argument(
-        "--update-doc", metavar="MD", help="with --report or a run: replace the section in MD"
+    nfs.common_arguments(
+        ap,
+        workdir="/tmp/vmstore-bench-http",
+        workdir_help="nginx's root and config, sources and outputs live here",
     )
     a = ap.parse_args()
+    if a.rss_size == a.size:
+        # Both files would be rand-<size>.img: the second would overwrite the first.
+        ap.error("--rss-size must differ from --size")
 
-    if a.report:
-        data = json.loads(Path(a.report).read_text())
-    else:
+    def run() -> dict[str, Any]:
         bench = HttpBench(a)
-        parent = os.path.dirname(os.path.abspath(a.workdir))
-        meta = machine_info(a.workdir if os.path.exists(a.workdir) else parent)
-        meta["load_before"] = os.getloadavg()
-        meta["df_before"] = nfs.sh(["df", "-h", parent])
         try:
             bench.go()
         finally:
             bench.cleanup()
-        meta["load_after"] = os.getloadavg()
-        data = {
-            "meta": meta,
-            "args": dict(vars(a)),
+        return {
             "settings": bench.settings,
             "files": bench.files,
             "expected_sha256": bench.expected,
             "runs": bench.runs,
         }
-        data["summary"] = summarize(data)
-        if a.out:
-            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(a.out).write_text(json.dumps(data, indent=1) + "\n")
-            nfs.log(f"wrote {a.out}")
-    text = markdown(data)
-    print(text)
-    if a.update_doc:
-        update_doc(Path(a.update_doc), text)
-        nfs.log(f"updated {a.update_doc}")
+
+    nfs.run_or_report(a, run, summarize, markdown, update_doc)
 
 
 if __name__ == "__main__":

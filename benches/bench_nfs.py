@@ -1021,6 +1021,70 @@ def update_doc(doc: Path, text: str) -> None:
     doc.write_text(f"{head}{DOC_START}\n{text}{DOC_END}{tail}")
 
 
+# --------------------------------------------------------------------------------------
+# Shared by every side-by-side bench (bench_s3.py and bench_http.py import these)
+# --------------------------------------------------------------------------------------
+
+
+def common_arguments(ap: argparse.ArgumentParser, *, workdir: str, workdir_help: str) -> None:
+    """The options every bench takes: repetitions, settling, the work directory, output."""
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument(
+        "--settle", type=float, default=1.0, help="seconds to idle after sync before each run"
+    )
+    ap.add_argument(
+        "--prefault-mib",
+        type=int,
+        default=3072,
+        help="MiB of memory touched (then freed) right before each run; 0: never",
+    )
+    ap.add_argument("--seed", type=int, default=1, help="seed of the per-repetition order")
+    ap.add_argument("--workdir", default=workdir, help=workdir_help)
+    ap.add_argument(
+        "--keep", action="store_true", help="keep the work directory (sources reused with --reuse)"
+    )
+    ap.add_argument("--reuse", action="store_true", help="reuse source files of the right size")
+    ap.add_argument("--out", help="write the results as JSON here")
+    ap.add_argument(
+        "--report", metavar="JSON", help="print the markdown for saved results, run nothing"
+    )
+    ap.add_argument(
+        "--update-doc", metavar="MD", help="with --report or a run: replace the section in MD"
+    )
+
+
+def run_or_report(
+    a: argparse.Namespace,
+    run: Callable[[], dict[str, Any]],
+    summarize: Callable[[dict[str, Any]], dict[str, Any]],
+    markdown: Callable[[dict[str, Any]], str],
+    update_doc: Callable[[Path, str], None],
+) -> None:
+    """With --report, load saved results; else record the machine, ``run()`` the bench (it
+    returns its files, runs and settings) and save the JSON. Then print the markdown and,
+    with --update-doc, put it into the document."""
+    if a.report:
+        data = json.loads(Path(a.report).read_text())
+    else:
+        parent = os.path.dirname(os.path.abspath(a.workdir))
+        meta = machine_info(a.workdir if os.path.exists(a.workdir) else parent)
+        meta["load_before"] = os.getloadavg()
+        meta["df_before"] = sh(["df", "-h", parent])
+        results = run()
+        meta["load_after"] = os.getloadavg()
+        data = {"meta": meta, "args": dict(vars(a)), **results}
+        data["summary"] = summarize(data)
+        if a.out:
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.out).write_text(json.dumps(data, indent=1) + "\n")
+            log(f"wrote {a.out}")
+    text = markdown(data)
+    print(text)
+    if a.update_doc:
+        update_doc(Path(a.update_doc), text)
+        log(f"updated {a.update_doc}")
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         child_main(sys.argv[2:])
@@ -1044,16 +1108,6 @@ def main() -> None:
     ap.add_argument(
         "--cold", action="store_true", help="add a cold-cache scenario (drops caches; root)"
     )
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument(
-        "--settle", type=float, default=1.0, help="seconds to idle after sync before each run"
-    )
-    ap.add_argument(
-        "--prefault-mib",
-        type=int,
-        default=3072,
-        help="MiB of memory touched (then freed) right before each run; 0: never",
-    )
     ap.add_argument(
         "--no-fresh",
         dest="fresh",
@@ -1066,61 +1120,25 @@ def main() -> None:
         default=6.0,
         help="idle seconds before a freshmem run: freed memory goes back to the host",
     )
-    ap.add_argument("--seed", type=int, default=1, help="seed of the per-repetition order")
-    ap.add_argument(
-        "--workdir", default="/tmp/vmstore-bench", help="share, sources and outputs live here"
-    )
-    ap.add_argument(
-        "--keep", action="store_true", help="keep the work directory (sources reused with --reuse)"
-    )
-    ap.add_argument("--reuse", action="store_true", help="reuse source files of the right size")
-    ap.add_argument("--out", help="write the results as JSON here")
-    ap.add_argument(
-        "--report", metavar="JSON", help="print the markdown for saved results, run nothing"
-    )
-    ap.add_argument(
-        "--update-doc", metavar="MD", help="with --report or a run: replace the table in MD"
+    common_arguments(
+        ap, workdir="/tmp/vmstore-bench", workdir_help="share, sources and outputs live here"
     )
     a = ap.parse_args()
 
-    if a.report:
-        data = json.loads(Path(a.report).read_text())
-    else:
+    def run() -> dict[str, Any]:
         bench = Bench(a)
-        meta = machine_info(
-            os.path.dirname(os.path.abspath(a.workdir))
-            if not os.path.exists(a.workdir)
-            else a.workdir
-        )
-        meta["load_before"] = os.getloadavg()
-        meta["df_before"] = sh(["df", "-h", os.path.dirname(os.path.abspath(a.workdir))])
         try:
             bench.setup()
             bench.run()
         finally:
             bench.cleanup()
-        meta["load_after"] = os.getloadavg()
-        files = {
-            k: {kk: vv for kk, vv in v.items() if kk != "path"} | {"path": v["path"]}
-            for k, v in bench.files.items()
-        }
-        data = {
-            "meta": meta,
-            "args": {k: v for k, v in vars(a).items()},
-            "files": files,
+        return {
+            "files": bench.files,
             "expected_sha256": bench.expected,
             "runs": bench.runs,
         }
-        data["summary"] = summarize(data)
-        if a.out:
-            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(a.out).write_text(json.dumps(data, indent=1) + "\n")
-            log(f"wrote {a.out}")
-    text = markdown(data)
-    print(text)
-    if a.update_doc:
-        update_doc(Path(a.update_doc), text)
-        log(f"updated {a.update_doc}")
+
+    run_or_report(a, run, summarize, markdown, update_doc)
 
 
 if __name__ == "__main__":

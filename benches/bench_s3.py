@@ -1169,50 +1169,22 @@ def main() -> None:
     ap.add_argument(
         "--curl-streams", type=int, default=None, help="GETs of the ceiling (vmstore concurrency)"
     )
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument(
-        "--settle", type=float, default=1.0, help="seconds to idle after sync before each run"
-    )
-    ap.add_argument(
-        "--prefault-mib",
-        type=int,
-        default=3072,
-        help="MiB of memory touched (then freed) right before each run; 0: never",
-    )
-    ap.add_argument("--seed", type=int, default=1, help="seed of the per-repetition order")
-    ap.add_argument(
-        "--workdir",
-        default="/var/tmp/vmstore-bench-s3",
-        help="server data, sources and outputs live here",
-    )
-    ap.add_argument("--keep", action="store_true", help="keep the work directory")
-    ap.add_argument("--reuse", action="store_true", help="reuse (and keep) random source files")
-    ap.add_argument("--out", help="write the results as JSON here")
-    ap.add_argument(
-        "--report", metavar="JSON", help="print the markdown for saved results, run nothing"
-    )
-    ap.add_argument(
-        "--update-doc", metavar="MD", help="with --report or a run: replace the table in MD"
+    nfs.common_arguments(
+        ap,
+        workdir="/var/tmp/vmstore-bench-s3",
+        workdir_help="server data, sources and outputs live here",
     )
     a = ap.parse_args()
 
-    if a.report:
-        data = json.loads(Path(a.report).read_text())
-    else:
-        bench = Bench(a)
+    def run() -> dict[str, Any]:
         os.makedirs(a.workdir, exist_ok=True)
-        meta = machine_info(os.path.abspath(a.workdir))
-        meta["load_before"] = os.getloadavg()
-        meta["df_before"] = sh(["df", "-h", os.path.abspath(a.workdir)])
+        bench = Bench(a)
         try:
             bench.setup()
             bench.run()
         finally:
             bench.cleanup()
-        meta["load_after"] = os.getloadavg()
-        data = {
-            "meta": meta,
-            "args": dict(vars(a)),
+        return {
             "settings": bench.settings,
             "notes": bench.notes,
             "failures": bench.failures,
@@ -1220,16 +1192,8 @@ def main() -> None:
             "expected_sha256": bench.expected,
             "runs": bench.runs,
         }
-        data["summary"] = summarize(data)
-        if a.out:
-            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(a.out).write_text(json.dumps(data, indent=1) + "\n")
-            log(f"wrote {a.out}")
-    text = markdown(data)
-    print(text)
-    if a.update_doc:
-        update_doc(Path(a.update_doc), text)
-        log(f"updated {a.update_doc}")
+
+    nfs.run_or_report(a, run, summarize, markdown, update_doc)
 
 
 if __name__ == "__main__":
