@@ -192,10 +192,6 @@ def child_main(argv: list[str]) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def py_child(op: str, *args: str) -> list[str]:
-    return [sys.executable, str(Path(__file__).resolve()), "--child", op, *args]
-
-
 def nginx_pids(master_pid_file: Path) -> list[int]:
     """nginx's master and its workers (children of the master)."""
     try:
@@ -229,6 +225,8 @@ def cpu_seconds(pids: list[int]) -> float:
 class HttpBench(nfs.Bench):
     """bench_nfs's harness (measure(): outputs removed, sync, settle, warm, prefault, sha256
     check; commands(): external stages) with nginx in place of the share."""
+
+    script = __file__
 
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__(args)
@@ -310,18 +308,6 @@ class HttpBench(nfs.Bench):
             ) or nfs.hashlib_file(path)
 
     # ---- contenders --------------------------------------------------------------------
-
-    def child(self, op: str, *args: str) -> dict[str, Any]:  # type: ignore[override]
-        p = nfs.Proc(py_child(op, *args))
-        res: dict[str, Any] = json.loads(p.stdout.strip().splitlines()[-1])
-        res.update(
-            wall=p.wall,
-            maxrss_kib=p.maxrss_kib,
-            cpu_user=p.cpu_user,
-            cpu_sys=p.cpu_sys,
-            rss_source=p.rss_source,
-        )
-        return res
 
     def curl(self, *args: str) -> list[str]:
         return ["curl", "-sS", "--fail", "-H", f"@{self.header_file}", *args]

@@ -241,8 +241,9 @@ class Proc:
         self.cpu_sys = ru.ru_stime
 
 
-def py_child(op: str, *args: str) -> list[str]:
-    return [sys.executable, str(Path(__file__).resolve()), "--child", op, *args]
+def py_child(op: str, *args: str, script: str = __file__) -> list[str]:
+    """The command that runs ``script --child op args`` (each bench is its own child)."""
+    return [sys.executable, str(Path(script).resolve()), "--child", op, *args]
 
 
 def data_extents(path: str) -> list[tuple[int, int]]:
@@ -525,9 +526,11 @@ class Bench:
 
     # ---- contenders --------------------------------------------------------------------
 
-    @staticmethod
-    def child(op: str, *args: str) -> dict[str, Any]:
-        p = Proc(py_child(op, *args))
+    script = __file__
+    """The file whose child_main() runs this bench's Python contenders."""
+
+    def child(self, op: str, *args: str) -> dict[str, Any]:
+        p = Proc(py_child(op, *args, script=self.script))
         res = json.loads(p.stdout.strip().splitlines()[-1])
         res.update(
             wall=p.wall,
@@ -594,6 +597,18 @@ class Bench:
                 ["mv", tmp, cp_dst],
             )
 
+        vmstore_download = (
+            "vmstore download",
+            lambda: self.child("vmstore-download", self.share, f"{name}-src", dl),
+            [stored],
+            [dl],
+        )
+        vmstore_sha256 = (
+            "limit: vmstore sha256_file",
+            lambda: self.child("vmstore-sha256", src),
+            [src],
+            [],
+        )
         C.append(
             (
                 "vmstore upload",
@@ -603,27 +618,11 @@ class Bench:
             )
         )
         if kind == "sparsealn":
-            C.append(
-                (
-                    "vmstore download",
-                    lambda: self.child("vmstore-download", self.share, f"{name}-src", dl),
-                    [stored],
-                    [dl],
-                )
-            )
-            C.append(
-                ("limit: vmstore sha256_file", lambda: self.child("vmstore-sha256", src), [src], [])
-            )
+            C.append(vmstore_download)
+            C.append(vmstore_sha256)
             return C
         if kind == "rss":
-            C.append(
-                (
-                    "vmstore download",
-                    lambda: self.child("vmstore-download", self.share, f"{name}-src", dl),
-                    [stored],
-                    [dl],
-                )
-            )
+            C.append(vmstore_download)
             C.append(("python idle (import vmstore)", lambda: self.child("vmstore-idle"), [], []))
             return C
         C.append(
@@ -647,17 +646,8 @@ class Bench:
                 )
             )
             return C
-        C.append(
-            (
-                "vmstore download",
-                lambda: self.child("vmstore-download", self.share, f"{name}-src", dl),
-                [stored],
-                [dl],
-            )
-        )
-        C.append(
-            ("limit: vmstore sha256_file", lambda: self.child("vmstore-sha256", src), [src], [])
-        )
+        C.append(vmstore_download)
+        C.append(vmstore_sha256)
         C.append(
             (
                 "ref: openssl dgst -sha256",

@@ -324,7 +324,7 @@ def child_main(argv: list[str]) -> None:
 
 
 def py_child(op: str, *args: str) -> list[str]:
-    return [sys.executable, str(Path(__file__).resolve()), "--child", op, *args]
+    return nfs.py_child(op, *args, script=__file__)
 
 
 def run_child(argv: list[str]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 use crate::error::{CoreError, CoreResult, IoContext};
-use crate::hash::{hex_digest, update_zeros};
+use crate::hash::{hash_span, hex_digest, update_zeros};
 use crate::progress::Progress;
 use crate::reader::{data_extents, read_full_at, SourceFile};
 use crate::writer::WriterCore;
@@ -74,26 +74,15 @@ fn hash_prefix(file: &File, path: &Path, end: u64, done: &AtomicU64, control: &C
     let extents = data_extents(file, end).context(|| format!("finding data extents of {}", path.display()))?;
     let mut state = Sha256::new();
     let mut buf = vec![0u8; 4 << 20];
-    let mut pos = 0u64;
-    for (offset, len) in extents.into_iter().chain(std::iter::once((end, 0))) {
-        let offset = offset.min(end);
-        update_zeros(&mut state, offset - pos);
-        done.fetch_add(offset - pos, Ordering::Relaxed);
-        pos = offset;
-        let stop_at = (offset + len).min(end);
-        while pos < stop_at {
-            if control.stopped() {
-                return Err(CoreError::Cancelled);
-            }
-            let want = ((stop_at - pos) as usize).min(buf.len());
-            let got = read_full_at(file, &mut buf[..want], pos).context(|| format!("reading {}", path.display()))?;
-            buf[got..want].fill(0);
-            state.update(&buf[..want]);
-            pos += want as u64;
-            done.fetch_add(want as u64, Ordering::Relaxed);
-        }
+    let tick = |n: u64| {
+        done.fetch_add(n, Ordering::Relaxed);
+        !control.stopped()
+    };
+    if hash_span(file, path, &extents, (0, end), &mut buf, &mut state, tick)? {
+        Ok(state)
+    } else {
+        Err(CoreError::Cancelled)
     }
-    Ok(state)
 }
 
 /// Re-hash the partial's prefix and the source's prefix (in parallel); reuse the prefix only

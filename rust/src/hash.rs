@@ -4,6 +4,7 @@
 //! sha2 picks the CPU's SHA extensions at run time where present (SHA-NI on x86_64,
 //! the ARMv8 crypto extensions on aarch64), so one core hashes at well over 1 GB/s.
 
+use std::fs::File;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -82,10 +83,12 @@ pub struct PartDigests {
     pub parts: Vec<String>,
 }
 
-/// Feed bytes [start, end) of `file` to `state`: data extents read through `buf`, holes fed
-/// as zeros without a read. `tick(n)` after every slice; it returns false to stop early.
-fn hash_span(
-    source: &SourceFile,
+/// Feed bytes [start, end) of `file` (at `path`, named in errors) to `state`: data extents
+/// read through `buf`, holes fed as zeros without a read. `tick(n)` after every slice; it
+/// returns false to stop early (then the result is `Ok(false)`).
+pub fn hash_span(
+    file: &File,
+    path: &Path,
     extents: &[(u64, u64)],
     (start, end): (u64, u64),
     buf: &mut [u8],
@@ -106,8 +109,8 @@ fn hash_span(
         }
         while pos < stop_at {
             let want = ((stop_at - pos) as usize).min(buf.len());
-            let got = read_full_at(&source.file, &mut buf[..want], pos)
-                .context(|| format!("reading {}", source.path.display()))?;
+            let got =
+                read_full_at(file, &mut buf[..want], pos).context(|| format!("reading {}", path.display()))?;
             // A file that shrank under us hashes as zeros: the digests then differ from the
             // bytes sent, which the upload's per-part re-check reports as a changed source.
             buf[got..want].fill(0);
@@ -165,7 +168,7 @@ pub fn hash_parts(
                 whole_done.fetch_add(n, Ordering::Relaxed);
                 !cancelled()
             };
-            match hash_span(&source, &extents, (0, size), &mut buf, &mut state, tick) {
+            match hash_span(&source.file, &source.path, &extents, (0, size), &mut buf, &mut state, tick) {
                 Ok(true) => Some(hex_digest(&state)),
                 Ok(false) => None,
                 Err(err) => {
@@ -185,7 +188,7 @@ pub fn hash_parts(
                     let start = index as u64 * part_size;
                     let span = (start, (start + part_size).min(size));
                     let mut state = Sha256State::new();
-                    match hash_span(&source, &extents, span, &mut buf, &mut state, |_| !cancelled()) {
+                    match hash_span(&source.file, &source.path, &extents, span, &mut buf, &mut state, |_| !cancelled()) {
                         Ok(true) => {
                             *parts[index].lock().unwrap_or_else(|p| p.into_inner()) = Some(hex_digest(&state));
                         }

@@ -581,7 +581,6 @@ mod tests {
         data[4096 + 5] = 1; // block 1, merged with block 0
         data[4 * 4096 + 1] = 1; // block 4
         assert_eq!(nonzero_runs(&data, 0), vec![(0, 2 * 4096), (4 * 4096, 5 * 4096)]);
-        // The same bytes landing 100 bytes into a file block: runs end on file boundaries.
         // The first 4096 bytes landing at file offset 100: blocks are [0, 3996) and
         // [3996, 4096); only the first holds a non-zero byte.
         assert_eq!(nonzero_runs(&data[..4096], 100), vec![(0, 3996)]);

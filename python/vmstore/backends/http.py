@@ -642,7 +642,6 @@ def _user_agent() -> str:
     return f"vmstore/{__version__} python-requests/{requests.__version__}"
 
 
-
 def _close_probe(response: requests.Response) -> None:
     """Finish a one-byte ``Range: bytes=0-0`` probe. A 206 carries that byte: reading it
     returns the connection to the pool for the ranged GETs that follow. Any other answer is
