@@ -1,19 +1,33 @@
 """The download pipeline shared by the network backends (S3, HTTP).
 
 HEAD has told the backend the object's size and validator (ETag); this module fetches the
-object as concurrent ranged reads, writes each chunk at its offset through the native
-ChunkWriter (into ``<dest>.vmstore-partial``), lets the writer's hashing thread hash the
-file in order as the contiguous prefix grows, verifies the digest, and only then renames the
-file into place. A mismatch, or any failure, leaves the destination as it was.
+object as concurrent ranged reads and hands each chunk to the native ChunkWriter, which
+writes it at its offset (into ``<dest>.vmstore-partial``) and hashes the object in order from
+memory as the frontier advances: the chunk at the frontier is hashed at once, a chunk that
+arrives early is held until the frontier reaches it, nothing just written is read back. At
+most ``concurrency + 2`` chunks are fetched ahead of the frontier (in flight or held), so
+memory stays near that many chunks whatever the object's size. The digest is verified and
+only then is the file renamed into place. A mismatch, or any failure, leaves the destination
+as it was.
 
 An interrupted download leaves the partial plus a state file naming the source, its ETag,
 size, chunk size and the chunks already written; the next download of the same source to
 the same destination continues from there if the ETag still matches. The resumed chunks are
 re-hashed from disk, not trusted: the final digest covers every byte in the file.
+
+A stream destination (``DownloadRequest.destination_stream``) gets the bytes strictly in
+order, from the same in-order pass (no partial file, no state file, so no resume), and is
+verified at the end: by then the consumer has the bytes, which a mismatch error says.
+
+What is verified: ``expected_checksum``, else the SHA-256 the store keeps, else an S3
+full-object checksum another tool's upload left (CRC64NVME, CRC32C, CRC32 from the same
+pass; SHA256 from the SHA-256), else nothing (logged).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import concurrent.futures as cf
 import contextlib
 import json
@@ -22,7 +36,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 from vmstore import _native
 from vmstore._oserrors import storage_error_from_oserror
@@ -36,7 +50,7 @@ from vmstore.errors import (
     OperationFailedError,
     StorageError,
 )
-from vmstore.models import DownloadRequest, DownloadResponse, parse_sha256_hex
+from vmstore.models import DownloadRequest, DownloadResponse, WritableStream, parse_sha256_hex
 from vmstore.progress import ProgressReporter
 
 log = logging.getLogger("vmstore.download")
@@ -44,6 +58,35 @@ log = logging.getLogger("vmstore.download")
 PARTIAL_SUFFIX = ".vmstore-partial"
 STATE_SUFFIX = ".vmstore-partial.state"
 STATE_VERSION = 2  # 2: "done" holds runs [[first, last], ...] of chunk numbers
+
+WINDOW_EXTRA = 2
+"""Chunks fetched ahead of the hash frontier beyond ``concurrency``: enough that a worker
+finishing a chunk finds the next one queued, few enough to bound memory."""
+
+CRC_WIDTHS = {"CRC64NVME": 8, "CRC32C": 4, "CRC32": 4}
+"""The S3 full-object CRCs the writer computes, with their width in bytes on the wire."""
+
+S3_CHECKSUM_ALGORITHMS = (*CRC_WIDTHS, "SHA256")
+
+
+@dataclass(frozen=True)
+class S3Checksum:
+    """A full-object checksum S3 keeps for an object (``x-amz-checksum-<algorithm>`` of a HEAD
+    with ``ChecksumMode=ENABLED`` and ``x-amz-checksum-type: FULL_OBJECT``), e.g. left by
+    another tool's upload. ``algorithm`` as S3 names it (CRC64NVME, CRC32C, CRC32, SHA256),
+    ``value`` base64 as the header carries it. A composite checksum (a checksum of the parts'
+    checksums, shown as ``<base64>-<parts>``) cannot be checked against the object's bytes
+    and is reported as unverifiable."""
+
+    algorithm: str
+    value: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "algorithm", self.algorithm.upper())
+
+    @property
+    def verifiable(self) -> bool:
+        return self.algorithm in S3_CHECKSUM_ALGORITHMS and "-" not in self.value
 
 
 @dataclass(frozen=True)
@@ -57,6 +100,8 @@ class RemoteObject:
     checksum: str | None
     """SHA-256 the store holds for the object, if any."""
     supports_ranges: bool = True
+    s3_checksum: S3Checksum | None = None
+    """The S3 full-object checksum, checked when no SHA-256 is known."""
 
 
 class ObjectReader(Protocol):
@@ -64,7 +109,8 @@ class ObjectReader(Protocol):
     or RetryableError / a backend exception that ``classify`` maps to one for a retry."""
 
     def read_range(self, start: int, end: int) -> bytes:
-        """Bytes [start, end) exactly, pinned to the object's ETag."""
+        """Bytes [start, end) exactly, pinned to the object's ETag (any bytes-like object;
+        ``bytes`` is held for the hash without a copy, anything else is copied)."""
         ...
 
     def read_stream(self) -> Iterable[bytes]:
@@ -80,6 +126,67 @@ class DownloadSettings:
     concurrency: int
     retry: RetryPolicy
     classify: Callable[[BaseException], RetryableError | None]
+
+
+@dataclass(frozen=True)
+class _Check:
+    """What the digests are compared with at the end (nothing when both are None)."""
+
+    sha256: str | None = None
+    s3: S3Checksum | None = None
+
+    @property
+    def crc(self) -> tuple[str, ...]:
+        """The CRC the writer must compute for this check."""
+        return (self.s3.algorithm,) if self.s3 and self.s3.algorithm in CRC_WIDTHS else ()
+
+    def mismatch(self, url: str, digest: str, crcs: dict[str, int]) -> str | None:
+        """None when the bytes match; otherwise what differs, for the error message."""
+        if self.sha256 is not None:
+            if digest == self.sha256:
+                return None
+            return f"{url} downloaded with SHA-256 {digest}, expected {self.sha256}"
+        if self.s3 is None:
+            return None
+        if self.s3.algorithm == "SHA256":
+            actual = base64.b64encode(binascii.unhexlify(digest)).decode()
+        else:
+            width = CRC_WIDTHS[self.s3.algorithm]
+            actual = base64.b64encode(crcs[self.s3.algorithm].to_bytes(width, "big")).decode()
+        if actual == self.s3.value:
+            return None
+        return (
+            f"{url} downloaded with {self.s3.algorithm} {actual}, but S3 recorded "
+            f"{self.s3.value} for the object"
+        )
+
+
+def _choose_check(obj: RemoteObject, request: DownloadRequest) -> _Check:
+    if request.expected_checksum:
+        return _Check(sha256=parse_sha256_hex(request.expected_checksum))
+    if not request.verify_checksum:
+        return _Check()
+    if obj.checksum:
+        return _Check(sha256=obj.checksum)
+    if obj.s3_checksum is not None and obj.s3_checksum.verifiable:
+        return _Check(s3=obj.s3_checksum)
+    if obj.s3_checksum is not None:
+        log.warning(
+            "%s carries only a %s checksum %s, which cannot be checked against the object's "
+            "bytes (a checksum of its parts' checksums, or an algorithm vmstore does not "
+            "compute): downloading it unverified",
+            obj.url,
+            obj.s3_checksum.algorithm,
+            obj.s3_checksum.value,
+        )
+        return _Check()
+    # Stored by another tool: nothing to compare with. The digest is still computed and
+    # returned, so the caller can check it against a checksum of their own.
+    log.warning(
+        "%s has no stored SHA-256 and no expected_checksum was given: downloading it unverified",
+        obj.url,
+    )
+    return _Check()
 
 
 def _load_state(path: str) -> dict[str, object] | None:
@@ -118,17 +225,34 @@ def download_object(
     request: DownloadRequest,
     settings: DownloadSettings,
 ) -> DownloadResponse:
-    """Fetch ``obj`` into ``request.destination_path``, verified, atomically.
+    """Fetch ``obj`` into ``request.destination_path`` (verified, atomically) or into
+    ``request.destination_stream`` (in order, verified at the end).
 
     A resumed download whose digest does not match may have reused damaged chunks (a crash
     can lose or garble what the page cache held): it starts over once from zero before a
     mismatch is reported, so only the source's own bytes can fail verification.
     """
+    check = _choose_check(obj, request)
+    if request.destination_stream is not None:
+        return _download_to_stream(obj, reader, request, settings, check)
     try:
-        return _download(obj, reader, request, settings, reuse_partial=request.resume)
+        return _download(obj, reader, request, settings, check, reuse_partial=request.resume)
     except _ResumedBytesDiffer:
         log.warning("resumed download of %s failed verification; starting over", obj.url)
-        return _download(obj, reader, request, settings, reuse_partial=False)
+        return _download(obj, reader, request, settings, check, reuse_partial=False)
+
+
+def _done_runs(chunks: list[Chunk], done: ChunkSet) -> list[tuple[int, int]]:
+    """(offset, length) of each run of consecutive chunks already on disk."""
+    runs: list[tuple[int, int]] = []
+    for chunk in chunks:
+        if chunk.number not in done:
+            continue
+        if runs and sum(runs[-1]) == chunk.offset:
+            runs[-1] = (runs[-1][0], runs[-1][1] + chunk.length)
+        else:
+            runs.append((chunk.offset, chunk.length))
+    return runs
 
 
 def _download(
@@ -136,23 +260,11 @@ def _download(
     reader: ObjectReader,
     request: DownloadRequest,
     settings: DownloadSettings,
+    check: _Check,
     *,
     reuse_partial: bool,
 ) -> DownloadResponse:
-    expected: str | None = None
-    if request.expected_checksum:
-        expected = parse_sha256_hex(request.expected_checksum)
-    elif request.verify_checksum and obj.checksum:
-        expected = obj.checksum
-    elif request.verify_checksum:
-        # Stored by another tool: nothing to compare with. The digest is still computed
-        # and returned, so the caller can check it against a checksum of their own.
-        log.warning(
-            "%s has no stored SHA-256 and no expected_checksum was given: downloading it "
-            "unverified",
-            obj.url,
-        )
-
+    assert request.destination_path is not None
     destination = os.path.abspath(request.destination_path)
     if os.path.isdir(destination):
         raise OperationFailedError(
@@ -167,7 +279,9 @@ def _download(
     partial = destination + PARTIAL_SUFFIX
     state_path = destination + STATE_SUFFIX
     try:
-        writer = _native.ChunkWriter(destination, partial, resume=reuse_partial, hash=True)
+        writer = _native.ChunkWriter(
+            destination, partial, resume=reuse_partial, hash=True, crc=check.crc
+        )
     except BlockingIOError as exc:
         raise OperationFailedError(
             f"another download to {destination} is in progress (its partial file is locked); "
@@ -198,39 +312,48 @@ def _download(
             done = ChunkSet.from_runs(previous.get("done"), whole)
         elif previous is not None:
             log.info("partial download of %s is from another version; starting over", obj.url)
+    done_lock = threading.Lock()
     resumed_bytes = 0
     try:
         if not done:
             writer.set_len(0)
         writer.set_len(obj.size)
-        for chunk in chunks:
-            if chunk.number in done:
-                # Already on disk: the hashing thread re-reads it rather than trusting it.
-                writer.mark_done(chunk.offset, chunk.length)
-                resumed_bytes += chunk.length
+        for offset, length in _done_runs(chunks, done):
+            # Already on disk: the writer re-reads and hashes it rather than trusting it,
+            # on a thread of its own while the rest is fetched.
+            writer.mark_done(offset, length)
+            resumed_bytes += length
         if resumed_bytes:
             log.info("resuming %s at %d of %d bytes", obj.url, resumed_bytes, obj.size)
         state["done"] = done.runs()
         _save_state(state_path, state)
 
+        def landed(numbers: Iterable[int], save: bool) -> None:
+            with done_lock:
+                done.update(numbers)
+                if save:
+                    state["done"] = done.runs()
+                    with contextlib.suppress(OSError):
+                        _save_state(state_path, state)
+
         reporter = ProgressReporter(request.progress_callback, obj.size)
         reporter(resumed_bytes, obj.size)
         todo = [chunk for chunk in chunks if chunk.number not in done]
         if obj.supports_ranges:
-            _fetch_ranges(
-                todo, reader, writer, settings, request, reporter, state, done, state_path
-            )
+            _fetch_ranges(todo, reader, writer, settings, request, reporter, landed)
         else:
             _fetch_stream(obj, reader, writer, request, reporter, settings)
 
         digest = writer.hexdigest(obj.size)
-        if expected is not None and digest != expected:
+        crcs = writer.crc_values(obj.size) if check.crc else {}
+        log.debug(
+            "%s: at most %d bytes were held for the in-order hash", obj.url, writer.held_bytes_peak
+        )
+        problem = check.mismatch(obj.url, digest, crcs)
+        if problem is not None:
             if resumed_bytes:
                 raise _ResumedBytesDiffer()
-            raise ChecksumMismatchError(
-                f"{obj.url} downloaded with SHA-256 {digest}, expected {expected}; "
-                f"{destination} was left as it was"
-            )
+            raise ChecksumMismatchError(f"{problem}; {destination} was left as it was")
         # The final (total, total) report comes before the commit, as for every backend:
         # a callback that raises there still stops the file from appearing.
         reporter.finish(obj.size)
@@ -261,6 +384,120 @@ def _download(
     )
 
 
+def _stream_name(stream: WritableStream) -> str:
+    name = getattr(stream, "name", None)
+    if isinstance(name, str) and name:
+        return name
+    if isinstance(name, int):
+        return f"<stream fd {name}>"
+    return f"<{type(stream).__name__} stream>"
+
+
+class _StreamSink:
+    """``stream.write`` as the writer's sink: short writes are completed, and whatever the
+    consumer raises (BrokenPipeError when it went away) becomes an OperationFailedError
+    naming the stream, which stops the transfer."""
+
+    def __init__(self, stream: WritableStream, name: str, url: str) -> None:
+        self._stream = stream
+        self.name = name
+        self._url = url
+        self.delivered = 0
+
+    def __call__(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        # Binary streams take any buffer; WritableStream names bytes only for brevity.
+        write = cast(Callable[[memoryview], object], self._stream.write)
+        try:
+            while view.nbytes:
+                written = write(view)
+                # A buffered stream takes everything (returns the length or None); a raw one
+                # may take a part, and the rest goes in the next call.
+                count = written if isinstance(written, int) else view.nbytes
+                if count <= 0:
+                    raise OSError(f"write() accepted {count} bytes")
+                view = view[count:]
+                self.delivered += count
+        except Exception as exc:  # the consumer's failure, whatever its type: stop here
+            raise OperationFailedError(
+                f"writing {self._url} to {self.name} failed after {self.delivered} bytes: "
+                f"{exc}; the download was stopped",
+                cause=exc,
+            ) from exc
+
+    def flush(self) -> None:
+        flush = getattr(self._stream, "flush", None)
+        if not callable(flush):
+            return
+        try:
+            flush()
+        except Exception as exc:  # the consumer's failure, whatever its type
+            raise OperationFailedError(
+                f"flushing {self._url} to {self.name} failed: {exc}", cause=exc
+            ) from exc
+
+
+def _download_to_stream(
+    obj: RemoteObject,
+    reader: ObjectReader,
+    request: DownloadRequest,
+    settings: DownloadSettings,
+    check: _Check,
+) -> DownloadResponse:
+    assert request.destination_stream is not None
+    sink = _StreamSink(
+        request.destination_stream, _stream_name(request.destination_stream), obj.url
+    )
+    log.info(
+        "downloading %s (%d bytes) to %s in order; a stream destination keeps no partial "
+        "file, so an interrupted download cannot be resumed, and it is verified at the end",
+        obj.url,
+        obj.size,
+        sink.name,
+    )
+    writer = _native.ChunkWriter.for_stream(sink, crc=check.crc)
+    try:
+        reporter = ProgressReporter(request.progress_callback, obj.size)
+        reporter(0, obj.size)
+        if obj.supports_ranges:
+            todo = split(obj.size, settings.chunk_size)
+            _fetch_ranges(todo, reader, writer, settings, request, reporter, None)
+        else:
+            _fetch_stream(obj, reader, writer, request, reporter, settings)
+        digest = writer.hexdigest(obj.size)
+        crcs = writer.crc_values(obj.size) if check.crc else {}
+        sink.flush()
+        problem = check.mismatch(obj.url, digest, crcs)
+        if problem is not None:
+            raise ChecksumMismatchError(
+                f"{problem}; {sink.name} has already received all {sink.delivered} bytes: "
+                "discard what it wrote"
+            )
+        reporter.finish(obj.size)
+    except StorageError as exc:
+        # A backend may restart a download from zero on some of its own (private) errors;
+        # bytes already given to a stream cannot be taken back, so they end here as the
+        # public error of the same type.
+        if sink.delivered and type(exc).__module__ != StorageError.__module__:
+            raise StorageError(
+                exc.type,
+                f"{exc.message}; {sink.name} has already received {sink.delivered} bytes, so "
+                "the download cannot start over",
+                cause=exc,
+            ) from exc
+        raise
+    finally:
+        with contextlib.suppress(Exception):
+            writer.abort()
+    return DownloadResponse(
+        checksum=digest,
+        content_length=obj.size,
+        bytes_transferred=obj.size,
+        destination_path=None,
+        resumed_from=0,
+    )
+
+
 def _check_cancel(request: DownloadRequest) -> None:
     if request.cancel is not None and request.cancel.is_cancelled:
         raise CancelledError(f"download of {request.source_url} cancelled")
@@ -273,12 +510,13 @@ def _fetch_ranges(
     settings: DownloadSettings,
     request: DownloadRequest,
     reporter: ProgressReporter,
-    state: dict[str, object],
-    done: ChunkSet,
-    state_path: str,
+    landed: Callable[[Iterable[int], bool], None] | None,
 ) -> None:
+    """Fetch ``todo`` (in offset order) concurrently, never more than ``window`` chunks past
+    the first one not yet hashed: the chunks in flight or held for the hash are the memory
+    a download uses. ``landed(numbers, save)`` records chunks now on disk (file only)."""
     stop = threading.Event()
-    done_lock = threading.Lock()
+    window = settings.concurrency + WINDOW_EXTRA
 
     def fetch(chunk: Chunk) -> Chunk:
         def attempt() -> bytes:
@@ -300,28 +538,35 @@ def _fetch_ranges(
         writer.write_at(chunk.offset, data)
         return chunk
 
-    # Bounded submission: at most 2 x concurrency chunks exist at once, so memory stays
-    # near concurrency x chunk_size whatever the object's size.
     pending: set[cf.Future[Chunk]] = set()
-    queue = list(reversed(todo))
+    submitted = 0  # todo[:submitted] went to the pool
+    hashed = 0  # todo[:hashed] are wholly behind the hash frontier
     with cf.ThreadPoolExecutor(
         max_workers=settings.concurrency, thread_name_prefix="vmstore-get"
     ) as pool:
         try:
-            while queue or pending:
-                while queue and len(pending) < 2 * settings.concurrency:
-                    pending.add(pool.submit(fetch, queue.pop()))
-                finished, pending = cf.wait(pending, timeout=0.1, return_when=cf.FIRST_COMPLETED)
-                landed = [future.result() for future in finished]
-                with done_lock:
-                    done.update(chunk.number for chunk in landed)
+            while submitted < len(todo) or pending:
+                frontier = writer.hashed_length
+                while hashed < submitted and todo[hashed].end <= frontier:
+                    hashed += 1
+                while submitted < len(todo) and submitted < hashed + window:
+                    pending.add(pool.submit(fetch, todo[submitted]))
+                    submitted += 1
+                if pending:
+                    finished, pending = cf.wait(
+                        pending, timeout=0.1, return_when=cf.FIRST_COMPLETED
+                    )
+                else:
+                    # The window is full of chunks waiting for a resumed prefix that the
+                    # writer is re-reading from disk: nothing to wait on but time.
+                    finished = set()
+                    stop.wait(0.02)
+                chunks = [future.result() for future in finished]
                 # Record landed chunks before telling anyone: a process killed from its
                 # progress callback must still find them on resume.
-                if landed:
-                    state["done"] = done.runs()
-                    with contextlib.suppress(OSError):
-                        _save_state(state_path, state)
-                for chunk in landed:
+                if chunks and landed is not None:
+                    landed((chunk.number for chunk in chunks), True)
+                for chunk in chunks:
                     reporter.advance(chunk.length)
                 _check_cancel(request)
         except BaseException:
@@ -331,7 +576,9 @@ def _fetch_ranges(
             # Chunks that finish while we shut down are on disk: keep them for the resume.
             for future in cf.as_completed(pending):
                 with contextlib.suppress(BaseException):
-                    done.add(future.result().number)
+                    number = future.result().number
+                    if landed is not None:
+                        landed((number,), False)
             raise
 
 
@@ -360,7 +607,8 @@ def _fetch_stream(
                     "retry the download"
                 )
             if end > written:
-                fresh = memoryview(block)[max(0, written - position) :]
+                # The whole block when it is all new: a bytes object goes on uncopied.
+                fresh = block if written <= position else memoryview(block)[written - position :]
                 writer.write_at(end - len(fresh), fresh)
                 written = end
                 reporter.advance(len(fresh))
@@ -377,6 +625,7 @@ __all__ = [
     "DownloadSettings",
     "ObjectReader",
     "RemoteObject",
+    "S3Checksum",
     "StorageError",
     "download_object",
 ]

@@ -1,10 +1,19 @@
-//! ChunkWriter: where a temp file becomes the final file.
+//! ChunkWriter: where a temp file becomes the final file, and where chunks are hashed in order.
 //!
 //! Chunks are written at their offsets into a temp file beside the destination, so a
 //! reader of the final name only ever sees the old object or the complete new one:
 //! `commit` = fsync the file, rename it over the final name, fsync the directory (without
 //! the last step a crash can forget the rename). All-zero chunks are not written, which
 //! keeps a sparse disk image sparse.
+//!
+//! With hashing on, the whole-object SHA-256 (and, when asked, the CRCs S3 uses as
+//! full-object checksums) is computed in one in-order pass over the bytes *as they are
+//! written*, from memory: the writer whose chunk is next at the hash frontier hashes it
+//! right away and then keeps going through whatever chunks were held for it; a chunk that
+//! arrives early is held (a reference to the immutable Python `bytes`, or a copy of any
+//! other buffer) until the frontier reaches it. Nothing just written is read back. Only a
+//! range marked done (a resumed prefix already on disk) is hashed by reading the file.
+//! A writer without a file (`for_stream`) hands each piece, in order, to a sink instead.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -12,19 +21,23 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crc_fast::{CrcAlgorithm, Digest as CrcDigest};
+use pyo3::buffer::PyBuffer;
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
 use sha2::{Digest, Sha256};
 
-use crate::buffer::with_bytes;
 use crate::error::{CoreError, CoreResult, IoContext};
-use crate::hash::hex_digest;
+use crate::hash::to_hex;
 use crate::reader::read_full_at;
 
+/// Read size of the read-back of a resumed prefix.
 const HASH_BLOCK: usize = 4 << 20;
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -91,87 +104,478 @@ fn open_locked(temp_path: &Path) -> CoreResult<File> {
     Err(CoreError::Locked(temp_path.display().to_string()))
 }
 
-/// Hashes the file in order from the contiguous prefix that writers have completed.
-struct OrderedHasher {
-    shared: Arc<HashShared>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+/// The CRCs S3 accepts as full-object checksums, computed in the in-order pass on request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrcKind {
+    Crc64Nvme,
+    Crc32c,
+    Crc32,
 }
 
-struct HashShared {
-    state: Mutex<HashState>,
-    changed: Condvar,
+impl CrcKind {
+    pub const ALL: [CrcKind; 3] = [CrcKind::Crc64Nvme, CrcKind::Crc32c, CrcKind::Crc32];
+
+    /// The algorithm as S3 names it (`x-amz-checksum-crc64nvme`, `ChecksumAlgorithm=CRC64NVME`).
+    pub fn s3_name(self) -> &'static str {
+        match self {
+            CrcKind::Crc64Nvme => "CRC64NVME",
+            CrcKind::Crc32c => "CRC32C",
+            CrcKind::Crc32 => "CRC32",
+        }
+    }
+
+    pub fn from_s3_name(name: &str) -> Option<CrcKind> {
+        CrcKind::ALL.into_iter().find(|kind| kind.s3_name().eq_ignore_ascii_case(name))
+    }
+
+    fn algorithm(self) -> CrcAlgorithm {
+        match self {
+            CrcKind::Crc64Nvme => CrcAlgorithm::Crc64Nvme,
+            CrcKind::Crc32c => CrcAlgorithm::Crc32Iscsi,
+            CrcKind::Crc32 => CrcAlgorithm::Crc32IsoHdlc,
+        }
+    }
+}
+
+/// What the in-order pass computes; owned by whichever thread is the hasher at the moment.
+struct Digests {
+    sha256: Option<Sha256>,
+    crcs: Vec<(CrcKind, CrcDigest)>,
+    /// Read buffer for ranges hashed from disk, allocated on first use.
+    buf: Vec<u8>,
+}
+
+impl Digests {
+    fn new(sha256: bool, crcs: &[CrcKind]) -> Self {
+        Digests {
+            sha256: sha256.then(Sha256::new),
+            crcs: crcs.iter().map(|&kind| (kind, CrcDigest::new(kind.algorithm()))).collect(),
+            buf: Vec::new(),
+        }
+    }
+
+    fn update(&mut self, data: &[u8]) {
+        if let Some(sha) = &mut self.sha256 {
+            sha.update(data);
+        }
+        for (_, crc) in &mut self.crcs {
+            crc.update(data);
+        }
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            sha256: self.sha256.as_ref().map(|sha| to_hex(&sha.clone().finalize())),
+            crcs: self.crcs.iter().map(|(kind, crc)| (*kind, crc.finalize())).collect(),
+        }
+    }
+}
+
+/// The digests of [0, size) once the frontier is there.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub sha256: Option<String>,
+    pub crcs: Vec<(CrcKind, u64)>,
+}
+
+/// Bytes of a chunk that arrived before the frontier, kept until it gets there.
+pub enum Held {
+    Copied(Vec<u8>),
+    /// An immutable Python `bytes`: the reference keeps it alive, so its bytes can be read
+    /// later without the GIL and without a copy.
+    Shared { object: Py<PyAny>, address: usize, len: usize },
+}
+
+impl Held {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Held::Copied(data) => data,
+            // SAFETY: `object` is a `bytes` (immutable, never resized) kept alive by this
+            // reference; address/len were taken from it.
+            Held::Shared { address, len, .. } => unsafe { std::slice::from_raw_parts(*address as *const u8, *len) },
+        }
+    }
+
+    fn object(&self) -> Option<&Py<PyAny>> {
+        match self {
+            Held::Copied(_) => None,
+            Held::Shared { object, .. } => Some(object),
+        }
+    }
+}
+
+enum Segment {
+    Memory(Held),
+    /// Already on disk (a resumed prefix): hashed by reading the file.
+    Disk,
+}
+
+impl Segment {
+    fn memory_len(&self) -> u64 {
+        match self {
+            Segment::Memory(held) => held.bytes().len() as u64,
+            Segment::Disk => 0,
+        }
+    }
+}
+
+/// Where a stream writer's bytes go, in order.
+pub trait Sink: Send + Sync {
+    /// `object`, when given, is a Python object holding exactly `data` (passed on uncopied).
+    fn deliver(&self, data: &[u8], object: Option<&Py<PyAny>>) -> CoreResult<()>;
+}
+
+/// A Python callable as the sink: `sink(data)`, called with the GIL taken for the call only.
+struct PySink(Py<PyAny>);
+
+impl Sink for PySink {
+    fn deliver(&self, data: &[u8], object: Option<&Py<PyAny>>) -> CoreResult<()> {
+        Python::attach(|py| {
+            let argument = match object {
+                Some(object) => object.clone_ref(py),
+                None => PyBytes::new(py, data).into_any().unbind(),
+            };
+            self.0.call1(py, (argument,))?;
+            Ok(())
+        })
+    }
+}
+
+/// A failure of the in-order pass, kept so that every later call can report it again
+/// with the same class (an `io::Error` is not `Clone`).
+struct Failure {
+    context: String,
+    os_error: Option<i32>,
+    kind: io::ErrorKind,
+    detail: String,
+}
+
+impl Failure {
+    fn of(err: &CoreError) -> Failure {
+        match err {
+            CoreError::Io { context, source } => Failure {
+                context: context.clone(),
+                os_error: source.raw_os_error(),
+                kind: source.kind(),
+                detail: source.to_string(),
+            },
+            other => Failure {
+                context: "the in-order pass over the written bytes stopped".into(),
+                os_error: None,
+                kind: io::ErrorKind::Other,
+                detail: other.to_string(),
+            },
+        }
+    }
+
+    fn to_error(&self) -> CoreError {
+        let source = match self.os_error {
+            Some(code) => io::Error::from_raw_os_error(code),
+            None => io::Error::new(self.kind, self.detail.clone()),
+        };
+        CoreError::io(self.context.clone(), source)
+    }
+}
+
+/// Who drives the pass: a writer (the failure is its own result) or a background thread
+/// started for a resumed prefix (nobody waits for its result but `digest_at`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Driver {
+    Writer,
+    Background,
 }
 
 #[derive(Default)]
-struct HashState {
-    /// Completed ranges not yet contiguous with the frontier: start -> end.
-    pending: BTreeMap<u64, u64>,
-    /// End of the contiguous completed prefix.
-    ready: u64,
-    /// Bytes hashed so far (a prefix of `ready`).
-    frontier: u64,
-    /// Digest of [0, frontier) as of the last batch.
-    digest: Option<String>,
-    stop: bool,
-    error: Option<String>,
+struct OrderState {
+    /// Ranges not yet taken by a hasher: start -> (end, bytes).
+    pending: BTreeMap<u64, (u64, Segment)>,
+    /// End of what the hasher has taken (== `hashed` while nobody is hashing).
+    claimed: u64,
+    /// Bytes hashed (and, for a stream, delivered): [0, hashed).
+    hashed: u64,
+    /// A thread is hashing; `digests` is then out with it.
+    active: bool,
+    digests: Option<Digests>,
+    held_bytes: u64,
+    held_peak: u64,
+    /// The original error, for the first caller that reports it.
+    error: Option<CoreError>,
+    failure: Option<Failure>,
+    closed: bool,
 }
 
-impl OrderedHasher {
-    fn start(file: Arc<File>, path: PathBuf) -> Self {
-        // The digest of the empty prefix, so a zero-length object needs no write at all.
-        let state = HashState { digest: Some(hex_digest(&Sha256::new())), ..HashState::default() };
-        let shared = Arc::new(HashShared { state: Mutex::new(state), changed: Condvar::new() });
-        let worker = Arc::clone(&shared);
-        let thread = std::thread::spawn(move || worker.run(&file, &path));
-        OrderedHasher { shared, thread: Mutex::new(Some(thread)) }
+impl OrderState {
+    fn check(&mut self) -> CoreResult<()> {
+        if let Some(err) = self.error.take() {
+            return Err(err);
+        }
+        if let Some(failure) = &self.failure {
+            return Err(failure.to_error());
+        }
+        if self.closed {
+            return Err(CoreError::InvalidArgument("the writer is closed".into()));
+        }
+        Ok(())
     }
 
-    fn mark(&self, offset: u64, len: u64) {
-        if len == 0 {
-            return;
+    /// Queue a range for the hasher. Where two ranges start at one offset the longer wins;
+    /// overlaps are trimmed when hashed (the first bytes hashed for an offset count).
+    fn insert(&mut self, start: u64, end: u64, segment: Segment) -> Option<Segment> {
+        let added = segment.memory_len();
+        match self.pending.get(&start) {
+            Some((old_end, _)) if *old_end >= end => return Some(segment),
+            _ => {}
         }
-        let mut state = lock(&self.shared.state);
-        let end = offset + len;
-        let entry = state.pending.entry(offset).or_insert(end);
-        *entry = (*entry).max(end);
-        // Absorb every pending range that now touches the contiguous prefix.
-        loop {
-            let ready = state.ready;
-            let Some((&start, &stop)) = state.pending.iter().next() else { break };
-            if start > ready {
-                break;
-            }
-            state.pending.remove(&start);
-            state.ready = ready.max(stop);
+        self.held_bytes += added;
+        self.held_peak = self.held_peak.max(self.held_bytes);
+        let replaced = self.pending.insert(start, (end, segment)).map(|(_, old)| old);
+        if let Some(old) = &replaced {
+            self.held_bytes -= old.memory_len();
         }
-        self.shared.changed.notify_all();
+        replaced
     }
 
-    fn digest_at(&self, size: u64) -> CoreResult<String> {
-        let mut state = lock(&self.shared.state);
+    /// The next range that touches the frontier, with ranges wholly behind it dropped.
+    fn next_contiguous(&mut self, dropped: &mut Vec<Segment>) -> Option<(u64, u64, Segment)> {
         loop {
-            if let Some(err) = &state.error {
-                return Err(CoreError::InvalidArgument(format!("hashing failed: {err}")));
+            let entry = self.pending.first_entry()?;
+            if *entry.key() > self.claimed {
+                return None;
             }
-            if state.frontier == size {
-                if let Some(digest) = &state.digest {
-                    return Ok(digest.clone());
+            let start = *entry.key();
+            let (end, segment) = entry.remove();
+            self.held_bytes -= segment.memory_len();
+            if end <= self.claimed {
+                dropped.push(segment);
+                continue;
+            }
+            return Some((start, end, segment));
+        }
+    }
+
+    fn has_contiguous(&self) -> bool {
+        self.pending.first_key_value().is_some_and(|(&start, _)| start <= self.claimed)
+    }
+}
+
+/// The in-order pass: SHA-256 / CRCs of [0, hashed), and the delivery to a stream sink.
+struct Ordered {
+    state: Mutex<OrderState>,
+    changed: Condvar,
+    file: Option<Arc<File>>,
+    path: PathBuf,
+    sink: Option<Box<dyn Sink>>,
+    /// Set when the writer closes: a read-back in progress stops at its next block.
+    stop: AtomicBool,
+    background: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Ordered {
+    fn new(file: Option<Arc<File>>, path: PathBuf, sink: Option<Box<dyn Sink>>, digests: Digests) -> Arc<Self> {
+        let state = OrderState { digests: Some(digests), ..OrderState::default() };
+        Arc::new(Ordered {
+            state: Mutex::new(state),
+            changed: Condvar::new(),
+            file,
+            path,
+            sink,
+            stop: AtomicBool::new(false),
+            background: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// A writer's bytes for [offset, offset + data.len()) are stored: hash them now if they
+    /// are next (and then whatever was held for after them), else hold them. `object` is the
+    /// Python object the bytes came from; with `share` it is an immutable `bytes` that can be
+    /// held instead of a copy.
+    fn accept(&self, offset: u64, data: &[u8], object: &mut Option<Py<PyAny>>, share: bool) -> CoreResult<()> {
+        let end = offset + data.len() as u64;
+        let mut held: Option<Held> = None;
+        loop {
+            let mut state = lock(&self.state);
+            state.check()?;
+            if data.is_empty() || end <= state.claimed {
+                return Ok(()); // nothing new for the hash (a rewrite of hashed bytes)
+            }
+            if !state.active && offset <= state.claimed {
+                // This writer becomes the hasher, starting with its own bytes (no hold).
+                let skip = (state.claimed - offset) as usize;
+                state.active = true;
+                state.claimed = end;
+                let mut digests = state.digests.take().expect("an idle pass keeps its digests");
+                drop(state);
+                drop(held); // a copy made while the frontier moved up to us
+                let whole = if skip == 0 { object.as_ref() } else { None };
+                let result = self.consume(&mut digests, &data[skip..], whole);
+                return self.drive(digests, result, Driver::Writer);
+            }
+            match held.take() {
+                Some(ready) => {
+                    let unused = state.insert(offset, end, Segment::Memory(ready));
+                    drop(state);
+                    drop(unused);
+                    return Ok(());
+                }
+                None if share && object.is_some() => {
+                    let object = object.take().expect("checked");
+                    held = Some(Held::Shared { object, address: data.as_ptr() as usize, len: data.len() });
+                }
+                None => {
+                    // Copy outside the lock: other writers only need it for a moment.
+                    drop(state);
+                    held = Some(Held::Copied(data.to_vec()));
                 }
             }
-            if state.frontier > size || (state.stop && state.frontier < size) {
-                return Err(CoreError::InvalidArgument(format!(
-                    "cannot hash [0, {size}): {} bytes are hashed and {} contiguous bytes written",
-                    state.frontier, state.ready
-                )));
+        }
+    }
+
+    /// Record [offset, offset + len) as on disk already (hashed by reading the file), and
+    /// start a thread to hash it if it is next: the caller goes on fetching meanwhile.
+    fn mark_on_disk(self: &Arc<Self>, offset: u64, len: u64) -> CoreResult<()> {
+        if self.file.is_none() {
+            return Err(CoreError::InvalidArgument("a stream writer has no file to read a done range from".into()));
+        }
+        let mut state = lock(&self.state);
+        state.check()?;
+        if len == 0 || offset + len <= state.claimed {
+            return Ok(());
+        }
+        state.insert(offset, offset + len, Segment::Disk);
+        if state.active || !state.has_contiguous() {
+            return Ok(());
+        }
+        state.active = true;
+        let digests = state.digests.take().expect("an idle pass keeps its digests");
+        drop(state);
+        let me = Arc::clone(self);
+        let thread = std::thread::Builder::new()
+            .name("vmstore-rehash".into())
+            .spawn(move || {
+                let _ = me.drive(digests, Ok(()), Driver::Background);
+            })
+            .context(|| "starting the hashing thread".to_string())?;
+        let mut threads = lock(&self.background);
+        threads.retain(|t| !t.is_finished());
+        threads.push(thread);
+        Ok(())
+    }
+
+    fn consume(&self, digests: &mut Digests, data: &[u8], object: Option<&Py<PyAny>>) -> CoreResult<()> {
+        digests.update(data);
+        if let Some(sink) = &self.sink {
+            sink.deliver(data, object)?;
+        }
+        Ok(())
+    }
+
+    fn consume_disk(&self, digests: &mut Digests, from: u64, to: u64) -> CoreResult<()> {
+        let file = self.file.as_ref().expect("disk ranges exist only with a file");
+        if digests.buf.is_empty() {
+            digests.buf = vec![0u8; HASH_BLOCK];
+        }
+        let mut buf = std::mem::take(&mut digests.buf);
+        let mut pos = from;
+        let result = (|| {
+            while pos < to {
+                if self.stop.load(Ordering::Relaxed) {
+                    return Err(CoreError::Cancelled);
+                }
+                let want = ((to - pos) as usize).min(HASH_BLOCK);
+                let n = read_full_at(file, &mut buf[..want], pos)
+                    .context(|| format!("reading back {} at offset {pos}", self.path.display()))?;
+                // Past the end of the file means a skipped zero chunk not yet covered by
+                // set_len: those bytes are zeros.
+                buf[n..want].fill(0);
+                digests.update(&buf[..want]);
+                pos += want as u64;
             }
-            if state.ready < size && state.pending.is_empty() && state.frontier == state.ready {
-                return Err(CoreError::InvalidArgument(format!(
-                    "cannot hash [0, {size}): only [0, {}) has been written",
-                    state.ready
-                )));
+            Ok(())
+        })();
+        digests.buf = buf;
+        result
+    }
+
+    /// Hash contiguous ranges until none is left; `result` is that of the range just done.
+    fn drive(&self, mut digests: Digests, mut result: CoreResult<()>, driver: Driver) -> CoreResult<()> {
+        let mut dropped = Vec::new();
+        loop {
+            let mut state = lock(&self.state);
+            if let Err(err) = result {
+                state.active = false;
+                state.digests = Some(digests);
+                let pending = std::mem::take(&mut state.pending);
+                state.held_bytes = 0;
+                let report = if state.failure.is_some() {
+                    err // an earlier failure is the one on record
+                } else {
+                    state.failure = Some(Failure::of(&err));
+                    match driver {
+                        Driver::Writer => err,
+                        Driver::Background => {
+                            state.error = Some(err);
+                            CoreError::InvalidArgument("reported by digest_at".into())
+                        }
+                    }
+                };
+                self.changed.notify_all();
+                drop(state);
+                drop(pending);
+                return Err(report);
+            }
+            state.hashed = state.claimed;
+            let next = if state.closed { None } else { state.next_contiguous(&mut dropped) };
+            let Some((start, end, segment)) = next else {
+                state.active = false;
+                state.digests = Some(digests);
+                if state.closed {
+                    dropped.extend(std::mem::take(&mut state.pending).into_values().map(|(_, s)| s));
+                    state.held_bytes = 0;
+                }
+                self.changed.notify_all();
+                drop(state);
+                drop(dropped);
+                return Ok(());
+            };
+            let from = state.claimed;
+            state.claimed = end;
+            drop(state);
+            dropped.clear();
+            let skip = (from - start) as usize;
+            result = match &segment {
+                Segment::Memory(held) => {
+                    let whole = if skip == 0 { held.object() } else { None };
+                    self.consume(&mut digests, &held.bytes()[skip..], whole)
+                }
+                Segment::Disk => self.consume_disk(&mut digests, from, end),
+            };
+            drop(segment);
+        }
+    }
+
+    /// Wait until [0, size) is hashed and return its digests.
+    fn digest_at(&self, size: u64) -> CoreResult<Snapshot> {
+        let mut state = lock(&self.state);
+        loop {
+            state.check()?;
+            if !state.active {
+                if state.hashed == size {
+                    return Ok(state.digests.as_ref().expect("an idle pass keeps its digests").snapshot());
+                }
+                if state.hashed > size {
+                    return Err(CoreError::InvalidArgument(format!(
+                        "cannot hash [0, {size}): {} bytes are hashed already",
+                        state.hashed
+                    )));
+                }
+                // Idle below `size` with nothing contiguous queued: the gap was never written.
+                if !state.has_contiguous() {
+                    return Err(CoreError::InvalidArgument(format!(
+                        "cannot hash [0, {size}): only [0, {}) has been written",
+                        state.hashed
+                    )));
+                }
             }
             state = self
-                .shared
                 .changed
                 .wait_timeout(state, Duration::from_millis(200))
                 .map(|(guard, _)| guard)
@@ -179,75 +583,67 @@ impl OrderedHasher {
         }
     }
 
-    fn stop(&self) {
-        lock(&self.shared.state).stop = true;
-        self.shared.changed.notify_all();
-        if let Some(thread) = lock(&self.thread).take() {
+    fn close(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let pending = {
+            let mut state = lock(&self.state);
+            state.closed = true;
+            state.held_bytes = 0;
+            self.changed.notify_all();
+            std::mem::take(&mut state.pending)
+        };
+        drop(pending);
+        let threads = std::mem::take(&mut *lock(&self.background));
+        for thread in threads {
             let _ = thread.join();
         }
     }
+
+    fn hashed(&self) -> u64 {
+        lock(&self.state).hashed
+    }
+
+    fn held(&self) -> (u64, u64) {
+        let state = lock(&self.state);
+        (state.held_bytes, state.held_peak)
+    }
 }
 
-impl HashShared {
-    fn run(&self, file: &File, path: &Path) {
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; HASH_BLOCK];
-        loop {
-            let (from, to) = {
-                let mut state = lock(&self.state);
-                loop {
-                    if state.ready > state.frontier {
-                        break (state.frontier, state.ready);
-                    }
-                    if state.stop {
-                        return;
-                    }
-                    state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
-                }
-            };
-            let mut pos = from;
-            while pos < to {
-                let want = ((to - pos) as usize).min(HASH_BLOCK);
-                match read_full_at(file, &mut buf[..want], pos) {
-                    Ok(n) => {
-                        // Past end of file means a skipped zero chunk not yet covered by
-                        // set_len: those bytes are zeros.
-                        buf[n..want].fill(0);
-                        hasher.update(&buf[..want]);
-                        pos += want as u64;
-                    }
-                    Err(err) => {
-                        let mut state = lock(&self.state);
-                        state.error = Some(format!("reading back {}: {err}", path.display()));
-                        state.stop = true;
-                        self.changed.notify_all();
-                        return;
-                    }
-                }
-            }
-            let digest = hex_digest(&hasher);
-            let mut state = lock(&self.state);
-            state.frontier = to;
-            state.digest = Some(digest);
-            self.changed.notify_all();
+fn parse_crcs(names: &[String]) -> CoreResult<Vec<CrcKind>> {
+    let mut kinds = Vec::new();
+    for name in names {
+        let kind = CrcKind::from_s3_name(name).ok_or_else(|| {
+            CoreError::InvalidArgument(format!("unknown CRC {name:?}: expected CRC64NVME, CRC32C or CRC32"))
+        })?;
+        if !kinds.contains(&kind) {
+            kinds.push(kind);
         }
     }
+    Ok(kinds)
 }
 
 pub struct WriterCore {
     final_path: PathBuf,
     temp_path: PathBuf,
+    /// None for a stream writer, and once committed or aborted.
     file: Mutex<Option<Arc<File>>>,
+    stream: bool,
+    closed: AtomicBool,
     existing_length: u64,
     /// Zero chunks at or past this offset may be skipped: the file holds only zeros there.
     zero_skip_from: AtomicU64,
     bytes_written: AtomicU64,
-    hasher: Option<OrderedHasher>,
-    committed: Mutex<bool>,
+    order: Option<Arc<Ordered>>,
 }
 
 impl WriterCore {
     pub fn open(final_path: &Path, temp_path: &Path, resume: bool, hash: bool) -> CoreResult<Self> {
+        Self::open_with(final_path, temp_path, resume, hash, &[])
+    }
+
+    /// A file writer; with `hash` the SHA-256 and with `crcs` those CRCs of the object are
+    /// computed in order as chunks are written.
+    pub fn open_with(final_path: &Path, temp_path: &Path, resume: bool, hash: bool, crcs: &[CrcKind]) -> CoreResult<Self> {
         if temp_path == final_path {
             return Err(CoreError::InvalidArgument("temp_path must differ from final_path".into()));
         }
@@ -257,17 +653,34 @@ impl WriterCore {
         }
         let existing_length = file.metadata().context(|| format!("inspecting {}", temp_path.display()))?.len();
         let file = Arc::new(file);
-        let hasher = hash.then(|| OrderedHasher::start(Arc::clone(&file), temp_path.to_path_buf()));
+        let order = (hash || !crcs.is_empty())
+            .then(|| Ordered::new(Some(Arc::clone(&file)), temp_path.to_path_buf(), None, Digests::new(hash, crcs)));
         Ok(WriterCore {
             final_path: final_path.to_path_buf(),
             temp_path: temp_path.to_path_buf(),
             file: Mutex::new(Some(file)),
+            stream: false,
+            closed: AtomicBool::new(false),
             existing_length,
             zero_skip_from: AtomicU64::new(existing_length),
             bytes_written: AtomicU64::new(0),
-            hasher,
-            committed: Mutex::new(false),
+            order,
         })
+    }
+
+    /// A writer without a file: the bytes go to `sink` in order, hashed on the way.
+    pub fn for_stream(sink: Box<dyn Sink>, crcs: &[CrcKind]) -> Self {
+        WriterCore {
+            final_path: PathBuf::new(),
+            temp_path: PathBuf::new(),
+            file: Mutex::new(None),
+            stream: true,
+            closed: AtomicBool::new(false),
+            existing_length: 0,
+            zero_skip_from: AtomicU64::new(0),
+            bytes_written: AtomicU64::new(0),
+            order: Some(Ordered::new(None, PathBuf::from("<stream>"), Some(sink), Digests::new(true, crcs))),
+        }
     }
 
     pub fn temp_path(&self) -> &Path {
@@ -278,17 +691,47 @@ impl WriterCore {
         self.existing_length
     }
 
+    fn closed_error(&self) -> CoreError {
+        let what = if self.stream { "stream writer".to_string() } else { format!("writer for {}", self.final_path.display()) };
+        CoreError::InvalidArgument(format!("{what} is closed"))
+    }
+
     fn file(&self) -> CoreResult<Arc<File>> {
-        lock(&self.file)
-            .clone()
-            .ok_or_else(|| CoreError::InvalidArgument(format!("writer for {} is closed", self.final_path.display())))
+        if self.stream {
+            return Err(CoreError::InvalidArgument("a stream writer has no file".into()));
+        }
+        lock(&self.file).clone().ok_or_else(|| self.closed_error())
     }
 
     /// Write `data` at `offset`; returns how many of its bytes were stored. Where the file
     /// is known to hold zeros (past `zero_skip_from`), all-zero blocks are left as holes,
     /// so a sparse image stays sparse even when its data does not start on a chunk
-    /// boundary: only the non-zero runs are written.
+    /// boundary: only the non-zero runs are written. A chunk ahead of the hash frontier is
+    /// copied to be hashed later (see `write_from` for the uncopied way).
     pub fn write_at(&self, offset: u64, data: &[u8]) -> CoreResult<u64> {
+        self.write_from(offset, data, &mut None, false)
+    }
+
+    /// `write_at` for bytes that came from the Python object `object` (passed on to a stream
+    /// sink as it is); with `share` the object is an immutable `bytes` that the hasher may
+    /// keep instead of a copy (it takes the reference out of `object` then).
+    pub fn write_from(&self, offset: u64, data: &[u8], object: &mut Option<Py<PyAny>>, share: bool) -> CoreResult<u64> {
+        let stored = if self.stream {
+            if self.closed.load(Ordering::Acquire) {
+                return Err(self.closed_error());
+            }
+            data.len() as u64
+        } else {
+            self.store(offset, data)?
+        };
+        self.bytes_written.fetch_add(data.len() as u64, Ordering::Relaxed);
+        if let Some(order) = &self.order {
+            order.accept(offset, data, object, share)?;
+        }
+        Ok(stored)
+    }
+
+    fn store(&self, offset: u64, data: &[u8]) -> CoreResult<u64> {
         let file = self.file()?;
         let write = |start: usize, end: usize| {
             let at = offset + start as u64;
@@ -306,16 +749,15 @@ impl WriterCore {
             write(dense + start, dense + end)?;
             stored += (end - start) as u64;
         }
-        self.bytes_written.fetch_add(data.len() as u64, Ordering::Relaxed);
-        if let Some(hasher) = &self.hasher {
-            hasher.mark(offset, data.len() as u64);
-        }
         Ok(stored)
     }
 
-    pub fn mark_done(&self, offset: u64, len: u64) {
-        if let Some(hasher) = &self.hasher {
-            hasher.mark(offset, len);
+    /// [offset, offset + len) is on disk already (a resumed prefix): the hasher reads it
+    /// from the file, on a thread of its own when it is next, so fetching goes on meanwhile.
+    pub fn mark_done(&self, offset: u64, len: u64) -> CoreResult<()> {
+        match &self.order {
+            Some(order) => order.mark_on_disk(offset, len),
+            None => Ok(()),
         }
     }
 
@@ -355,20 +797,51 @@ impl WriterCore {
         }
     }
 
+    fn snapshot(&self, size: u64) -> CoreResult<Snapshot> {
+        match &self.order {
+            Some(order) => order.digest_at(size),
+            None => Err(CoreError::InvalidArgument("ChunkWriter was opened without hash=True or crc".into())),
+        }
+    }
+
     pub fn hexdigest(&self, size: u64) -> CoreResult<String> {
-        match &self.hasher {
-            Some(hasher) => hasher.digest_at(size),
-            None => Err(CoreError::InvalidArgument("ChunkWriter was opened without hash=True".into())),
+        self.snapshot(size)?
+            .sha256
+            .ok_or_else(|| CoreError::InvalidArgument("ChunkWriter was opened without hash=True".into()))
+    }
+
+    /// The CRCs asked for at open, of [0, size), once the frontier is there.
+    pub fn crc_values(&self, size: u64) -> CoreResult<Vec<(CrcKind, u64)>> {
+        Ok(self.snapshot(size)?.crcs)
+    }
+
+    /// Bytes hashed in order so far (for a stream: delivered to the sink).
+    pub fn hashed_length(&self) -> u64 {
+        self.order.as_ref().map_or(0, |order| order.hashed())
+    }
+
+    /// (bytes held now for the frontier, most ever held at once).
+    pub fn held_bytes(&self) -> (u64, u64) {
+        self.order.as_ref().map_or((0, 0), |order| order.held())
+    }
+
+    fn close_order(&self) {
+        if let Some(order) = &self.order {
+            order.close();
         }
     }
 
     pub fn commit(&self) -> CoreResult<()> {
-        let file = lock(&self.file)
-            .take()
-            .ok_or_else(|| CoreError::InvalidArgument(format!("writer for {} is closed", self.final_path.display())))?;
-        if let Some(hasher) = &self.hasher {
-            hasher.stop();
+        if self.stream {
+            if self.closed.swap(true, Ordering::AcqRel) {
+                return Err(self.closed_error());
+            }
+            self.close_order();
+            return Ok(());
         }
+        let file = lock(&self.file).take().ok_or_else(|| self.closed_error())?;
+        self.closed.store(true, Ordering::Release);
+        self.close_order();
         let result = (|| {
             file.sync_all().context(|| format!("flushing {} to disk", self.temp_path.display()))?;
             std::fs::rename(&self.temp_path, &self.final_path).context(|| {
@@ -377,23 +850,19 @@ impl WriterCore {
             sync_parent_dir(&self.final_path)
         })();
         drop(file);
-        match result {
-            Ok(()) => {
-                *lock(&self.committed) = true;
-                Ok(())
-            }
-            Err(err) => {
-                let _ = std::fs::remove_file(&self.temp_path);
-                Err(err)
-            }
+        if result.is_err() {
+            let _ = std::fs::remove_file(&self.temp_path);
         }
+        result
     }
 
     pub fn abort(&self, keep: bool) -> CoreResult<()> {
-        let file = lock(&self.file).take();
-        if let Some(hasher) = &self.hasher {
-            hasher.stop();
+        self.closed.store(true, Ordering::Release);
+        self.close_order();
+        if self.stream {
+            return Ok(());
         }
+        let file = lock(&self.file).take();
         if file.is_none() {
             return Ok(()); // already committed or aborted
         }
@@ -413,7 +882,7 @@ impl WriterCore {
     }
 
     pub fn is_closed(&self) -> bool {
-        lock(&self.file).is_none()
+        self.closed.load(Ordering::Acquire)
     }
 }
 
@@ -449,19 +918,49 @@ impl ChunkWriter {
     pub fn core(&self) -> &WriterCore {
         &self.core
     }
+
+    fn write_and_start_writeback(&self, offset: u64, data: &[u8], object: &mut Option<Py<PyAny>>, share: bool) -> CoreResult<()> {
+        let stored = self.core.write_from(offset, data, object, share)?;
+        if stored > 0 && !self.core.stream {
+            // Start writeback now, so the disk works while the network does and the
+            // fsync in commit() has little left to flush.
+            self.core.start_writeback(offset, data.len() as u64);
+        }
+        Ok(())
+    }
 }
 
 #[pymethods]
 impl ChunkWriter {
     #[new]
-    #[pyo3(signature = (final_path, temp_path, *, resume = false, hash = false))]
-    fn new(py: Python<'_>, final_path: PathBuf, temp_path: PathBuf, resume: bool, hash: bool) -> PyResult<Self> {
-        let core = py.detach(|| WriterCore::open(&final_path, &temp_path, resume, hash))?;
+    #[pyo3(signature = (final_path, temp_path, *, resume = false, hash = false, crc = Vec::new()))]
+    fn new(
+        py: Python<'_>,
+        final_path: PathBuf,
+        temp_path: PathBuf,
+        resume: bool,
+        hash: bool,
+        crc: Vec<String>,
+    ) -> PyResult<Self> {
+        let crcs = parse_crcs(&crc)?;
+        let core = py.detach(|| WriterCore::open_with(&final_path, &temp_path, resume, hash, &crcs))?;
         Ok(ChunkWriter {
             core,
             final_path: final_path.to_string_lossy().into_owned(),
             temp_path: temp_path.to_string_lossy().into_owned(),
         })
+    }
+
+    /// A writer that hands the bytes, in order, to `sink(data)` instead of a file.
+    #[staticmethod]
+    #[pyo3(signature = (sink, *, crc = Vec::new()))]
+    fn for_stream(sink: &Bound<'_, PyAny>, crc: Vec<String>) -> PyResult<Self> {
+        if !sink.is_callable() {
+            return Err(PyValueError::new_err("sink must be callable (e.g. a stream's write method)"));
+        }
+        let crcs = parse_crcs(&crc)?;
+        let core = WriterCore::for_stream(Box::new(PySink(sink.clone().unbind())), &crcs);
+        Ok(ChunkWriter { core, final_path: String::new(), temp_path: String::new() })
     }
 
     #[getter]
@@ -475,6 +974,11 @@ impl ChunkWriter {
     }
 
     #[getter]
+    fn is_stream(&self) -> bool {
+        self.core.stream
+    }
+
+    #[getter]
     fn existing_length(&self) -> u64 {
         self.core.existing_length()
     }
@@ -485,25 +989,55 @@ impl ChunkWriter {
     }
 
     #[getter]
+    fn hashed_length(&self) -> u64 {
+        self.core.hashed_length()
+    }
+
+    #[getter]
+    fn held_bytes(&self) -> u64 {
+        self.core.held_bytes().0
+    }
+
+    #[getter]
+    fn held_bytes_peak(&self) -> u64 {
+        self.core.held_bytes().1
+    }
+
+    #[getter]
     fn closed(&self) -> bool {
         self.core.is_closed()
     }
 
     fn write_at(&self, py: Python<'_>, offset: u64, data: &Bound<'_, PyAny>) -> PyResult<()> {
-        with_bytes(py, data, |bytes| {
-            let stored = self.core.write_at(offset, bytes)?;
-            if stored > 0 {
-                // Start writeback now, so the disk works while the network does and the
-                // fsync in commit() has little left to flush.
-                self.core.start_writeback(offset, bytes.len() as u64);
-            }
-            Ok::<(), CoreError>(())
-        })??;
-        Ok(())
+        let mut object = Some(data.clone().unbind());
+        if let Ok(bytes) = data.downcast::<PyBytes>() {
+            let slice = bytes.as_bytes();
+            let (address, len) = (slice.as_ptr() as usize, slice.len());
+            py.detach(|| {
+                // SAFETY: `object` (or the hold it moves into) keeps this immutable bytes
+                // object, and so these bytes, alive.
+                let slice = unsafe { std::slice::from_raw_parts(address as *const u8, len) };
+                self.write_and_start_writeback(offset, slice, &mut object, true)
+            })?;
+            return Ok(());
+        }
+        let buffer = PyBuffer::<u8>::get(data)?;
+        if !buffer.is_c_contiguous() {
+            return Err(PyValueError::new_err("expected a contiguous bytes-like object"));
+        }
+        let (address, len) = (buffer.buf_ptr() as usize, buffer.len_bytes());
+        let result = py.detach(|| {
+            // SAFETY: `buffer` keeps the exporter's memory alive and its size fixed until it
+            // is released below; a mutable buffer is copied if it has to be held (share=false).
+            let slice = unsafe { std::slice::from_raw_parts(address as *const u8, len) };
+            self.write_and_start_writeback(offset, slice, &mut object, false)
+        });
+        drop(buffer);
+        Ok(result?)
     }
 
-    fn mark_done(&self, offset: u64, length: u64) {
-        self.core.mark_done(offset, length);
+    fn mark_done(&self, offset: u64, length: u64) -> PyResult<()> {
+        Ok(self.core.mark_done(offset, length)?)
     }
 
     fn set_len(&self, py: Python<'_>, size: u64) -> PyResult<()> {
@@ -512,6 +1046,15 @@ impl ChunkWriter {
 
     fn hexdigest(&self, py: Python<'_>, size: u64) -> PyResult<String> {
         Ok(py.detach(|| self.core.hexdigest(size))?)
+    }
+
+    fn crc_values<'py>(&self, py: Python<'py>, size: u64) -> PyResult<Bound<'py, PyDict>> {
+        let values = py.detach(|| self.core.crc_values(size))?;
+        let dict = PyDict::new(py);
+        for (kind, value) in values {
+            dict.set_item(kind.s3_name(), value)?;
+        }
+        Ok(dict)
     }
 
     fn commit(&self, py: Python<'_>) -> PyResult<()> {
@@ -535,10 +1078,12 @@ impl ChunkWriter {
     }
 
     fn __repr__(&self) -> String {
+        if self.core.stream {
+            return "ChunkWriter(<stream>)".to_string();
+        }
         format!("ChunkWriter(final_path={:?}, temp_path={:?})", self.final_path, self.temp_path)
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -565,7 +1110,7 @@ mod tests {
         expected.update(&zeros);
         expected.update(&data);
         expected.update(&zeros);
-        assert_eq!(writer.hexdigest(4 << 20).expect("digest"), hex_digest(&expected));
+        assert_eq!(writer.hexdigest(4 << 20).expect("digest"), to_hex(&expected.finalize()));
         assert!(!final_path.exists());
         writer.commit().expect("commit");
         assert!(!temp_path.exists());
@@ -689,5 +1234,188 @@ mod tests {
         v[3] = 1;
         assert!(!is_all_zero(&v));
         assert!(is_all_zero(&[]));
+    }
+
+    fn sha_hex(data: &[u8]) -> String {
+        to_hex(&Sha256::digest(data))
+    }
+
+    fn pattern(len: usize, seed: u32) -> Vec<u8> {
+        (0..len as u32).map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 13) as u8).collect()
+    }
+
+    #[test]
+    fn early_chunks_are_hashed_from_memory_not_read_back() {
+        // Chunk 1 lands before chunk 0; its bytes on disk are then garbled behind the
+        // writer's back. Hashing from memory still gives the digest of what was written:
+        // proof that nothing is read back.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (final_path, temp_path) = paths(dir.path());
+        let writer = WriterCore::open(&final_path, &temp_path, false, true).expect("open");
+        let data = pattern(3 << 16, 1);
+        let chunk = 1 << 16;
+        writer.write_at(chunk as u64, &data[chunk..2 * chunk]).expect("write 1");
+        writer.write_at(2 * chunk as u64, &data[2 * chunk..]).expect("write 2");
+        assert_eq!(writer.held_bytes(), (2 * chunk as u64, 2 * chunk as u64));
+        assert_eq!(writer.hashed_length(), 0);
+        let other = OpenOptions::new().write(true).open(&temp_path).expect("open again");
+        other.write_all_at(&vec![0xee; chunk], chunk as u64).expect("garble");
+        writer.write_at(0, &data[..chunk]).expect("write 0");
+        assert_eq!(writer.hashed_length(), data.len() as u64);
+        assert_eq!(writer.held_bytes(), (0, 2 * chunk as u64));
+        assert_eq!(writer.hexdigest(data.len() as u64).expect("digest"), sha_hex(&data));
+    }
+
+    #[test]
+    fn many_threads_writing_shuffled_chunks_hash_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (final_path, temp_path) = paths(dir.path());
+        let writer = WriterCore::open_with(&final_path, &temp_path, false, true, &CrcKind::ALL).expect("open");
+        let chunk = 10_000usize;
+        let data = pattern(64 * chunk + 123, 2);
+        let count = data.len().div_ceil(chunk);
+        // A fixed shuffle: every thread takes every 4th chunk, walking backwards.
+        std::thread::scope(|scope| {
+            for t in 0..4 {
+                let (writer, data) = (&writer, &data);
+                scope.spawn(move || {
+                    for i in (0..count).rev().filter(|i| i % 4 == t) {
+                        let end = ((i + 1) * chunk).min(data.len());
+                        writer.write_at((i * chunk) as u64, &data[i * chunk..end]).expect("write");
+                    }
+                });
+            }
+        });
+        let size = data.len() as u64;
+        assert_eq!(writer.hexdigest(size).expect("digest"), sha_hex(&data));
+        let crcs = writer.crc_values(size).expect("crcs");
+        assert_eq!(
+            crcs,
+            CrcKind::ALL.iter().map(|&k| (k, crc_fast::checksum(k.algorithm(), &data))).collect::<Vec<_>>()
+        );
+        assert_eq!(writer.held_bytes().0, 0);
+        writer.commit().expect("commit");
+        assert_eq!(std::fs::read(&final_path).expect("read"), data);
+    }
+
+    #[test]
+    fn crcs_match_the_published_check_values() {
+        // The "123456789" check values of the CRC catalogue, as S3 computes them.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (final_path, temp_path) = paths(dir.path());
+        let writer = WriterCore::open_with(&final_path, &temp_path, false, false, &CrcKind::ALL).expect("open");
+        writer.write_at(4, b"56789").expect("write");
+        writer.write_at(0, b"1234").expect("write");
+        let crcs = writer.crc_values(9).expect("crcs");
+        assert_eq!(
+            crcs,
+            vec![(CrcKind::Crc64Nvme, 0xae8b_1486_0a79_9888), (CrcKind::Crc32c, 0xe306_9283), (CrcKind::Crc32, 0xcbf4_3926)]
+        );
+        assert!(writer.hexdigest(9).is_err(), "no SHA-256 was asked for");
+        assert_eq!(CrcKind::from_s3_name("crc64nvme"), Some(CrcKind::Crc64Nvme));
+        assert!(parse_crcs(&["SHA1".to_string()]).is_err());
+    }
+
+    #[test]
+    fn resumed_prefix_is_read_back_and_memory_chunks_follow() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (final_path, temp_path) = paths(dir.path());
+        let chunk = 1 << 16;
+        let data = pattern(6 * chunk, 3);
+        // A partial from an earlier run: chunks 0, 1 and 3 landed.
+        std::fs::write(&temp_path, &data[..4 * chunk]).expect("partial");
+        let writer = WriterCore::open(&final_path, &temp_path, true, true).expect("open");
+        writer.write_at(5 * chunk as u64, &data[5 * chunk..]).expect("write 5");
+        writer.mark_done(0, 2 * chunk as u64).expect("mark 0-1");
+        writer.mark_done(3 * chunk as u64, chunk as u64).expect("mark 3");
+        writer.write_at(4 * chunk as u64, &data[4 * chunk..5 * chunk]).expect("write 4");
+        writer.write_at(2 * chunk as u64, &data[2 * chunk..3 * chunk]).expect("write 2");
+        assert_eq!(writer.hexdigest(data.len() as u64).expect("digest"), sha_hex(&data));
+        assert_eq!(writer.held_bytes().0, 0);
+    }
+
+    #[test]
+    fn a_read_back_failure_keeps_its_io_error() {
+        // A FIFO as the temp file: open and lock work, but a positioned read fails with
+        // ESPIPE, a real I/O error on the read-back path. It must stay an I/O error (not an
+        // invalid argument) for every call that reports it.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (final_path, temp_path) = paths(dir.path());
+        let c_path = std::ffi::CString::new(temp_path.as_os_str().as_encoded_bytes()).expect("path");
+        // SAFETY: mkfifo with a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        let writer = WriterCore::open(&final_path, &temp_path, true, true).expect("open");
+        writer.mark_done(0, 4096).expect("mark");
+        for _ in 0..2 {
+            match writer.hexdigest(4096) {
+                Err(CoreError::Io { context, source }) => {
+                    assert_eq!(source.raw_os_error(), Some(libc::ESPIPE), "{context}: {source}");
+                    assert!(context.contains("reading back"), "{context}");
+                }
+                other => panic!("expected an I/O error, got {other:?}"),
+            }
+        }
+        assert!(matches!(writer.write_at(4096, b"x"), Err(CoreError::Io { .. })), "later writes report it too");
+    }
+
+    struct Collect(Mutex<Vec<u8>>, Option<usize>);
+
+    impl Sink for Collect {
+        fn deliver(&self, data: &[u8], _object: Option<&Py<PyAny>>) -> CoreResult<()> {
+            let mut got = lock(&self.0);
+            if self.1.is_some_and(|limit| got.len() + data.len() > limit) {
+                return Err(CoreError::io("writing to the consumer", io::Error::from_raw_os_error(libc::EPIPE)));
+            }
+            got.extend_from_slice(data);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stream_writer_delivers_in_order_as_the_frontier_moves() {
+        let sink = Arc::new(Collect(Mutex::new(Vec::new()), None));
+        struct Shared(Arc<Collect>);
+        impl Sink for Shared {
+            fn deliver(&self, data: &[u8], object: Option<&Py<PyAny>>) -> CoreResult<()> {
+                self.0.deliver(data, object)
+            }
+        }
+        let writer = WriterCore::for_stream(Box::new(Shared(Arc::clone(&sink))), &[CrcKind::Crc64Nvme]);
+        let data = pattern(5000, 4);
+        writer.write_at(3000, &data[3000..]).expect("write");
+        writer.write_at(1000, &data[1000..3000]).expect("write");
+        assert!(lock(&sink.0).is_empty(), "nothing may go out before byte 0");
+        writer.write_at(0, &data[..1000]).expect("write");
+        assert_eq!(*lock(&sink.0), data);
+        assert_eq!(writer.hexdigest(5000).expect("digest"), sha_hex(&data));
+        assert!(writer.set_len(10).is_err() && writer.mark_done(0, 1).is_err(), "a stream has no file");
+        writer.commit().expect("finish");
+        assert!(writer.write_at(5000, b"late").is_err());
+    }
+
+    #[test]
+    fn a_failing_sink_stops_the_stream_with_its_error() {
+        let writer = WriterCore::for_stream(Box::new(Collect(Mutex::new(Vec::new()), Some(1500))), &[]);
+        writer.write_at(1000, &[1u8; 1000]).expect("held");
+        match writer.write_at(0, &[2u8; 1000]) {
+            Err(CoreError::Io { source, .. }) => assert_eq!(source.raw_os_error(), Some(libc::EPIPE)),
+            other => panic!("expected the sink's error, got {other:?}"),
+        }
+        assert_eq!(writer.held_bytes().0, 0, "held chunks are released");
+        assert!(matches!(writer.hexdigest(2000), Err(CoreError::Io { .. })));
+        assert!(matches!(writer.write_at(2000, b"more"), Err(CoreError::Io { .. })));
+    }
+
+    #[test]
+    fn abort_during_a_long_read_back_returns_promptly() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (final_path, temp_path) = paths(dir.path());
+        let writer = WriterCore::open(&final_path, &temp_path, true, true).expect("open");
+        writer.set_len(1 << 40).expect("sparse terabyte");
+        writer.mark_done(0, 1 << 40).expect("mark");
+        let started = std::time::Instant::now();
+        writer.abort(false).expect("abort");
+        assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+        assert!(!temp_path.exists());
     }
 }
