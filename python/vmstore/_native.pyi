@@ -79,16 +79,24 @@ class ChunkReader:
 
 @final
 class ChunkWriter:
-    """Writes chunks at offsets into a temporary file beside the destination.
+    """Writes chunks at offsets into a temporary file beside the destination, hashing them in
+    order from memory as they arrive.
 
     The temporary file is opened (created if missing) and locked with an exclusive
     ``flock``; if another writer holds the lock, ``BlockingIOError`` is raised so the
     caller can choose another temp name. With ``resume=False`` any existing content is
     discarded; with ``resume=True`` it is kept (see ``existing_length``).
 
-    With ``hash=True`` a background thread hashes the file in order, reading back the
-    contiguous prefix that ``write_at``/``mark_done`` have completed, so out-of-order chunks
-    are verified as they landed on disk without holding them in memory.
+    With ``hash=True`` (SHA-256) and/or ``crc`` (any of ``"CRC64NVME"``, ``"CRC32C"``,
+    ``"CRC32"``: S3's full-object checksums) the object is digested in one in-order pass
+    over the bytes as they are written, with the GIL released: the ``write_at`` whose chunk
+    is next at the hash frontier hashes it, then every chunk held for after it; a chunk that
+    arrives early is held until the frontier reaches it (an immutable ``bytes`` by reference,
+    any other buffer as a copy), never read back from the file. Only ranges given to
+    ``mark_done`` (a resumed prefix) are hashed by reading the file, on a thread of its own.
+    The caller bounds how far ahead of ``hashed_length`` it writes: that is the memory held.
+    An error of the in-order pass (a failed read-back, a sink that raised) is raised by the
+    call that met it and again by every later ``write_at``, ``hexdigest`` and ``crc_values``.
     """
 
     def __init__(
@@ -98,25 +106,51 @@ class ChunkWriter:
         *,
         resume: bool = False,
         hash: bool = False,
+        crc: tuple[str, ...] | list[str] = (),
     ) -> None: ...
+    @staticmethod
+    def for_stream(sink: Callable[[Buffer], object], *, crc: tuple[str, ...] | list[str] = ()) -> ChunkWriter:
+        """A writer without a file: bytes go to ``sink(data)`` strictly in order as the hash
+        frontier passes them (SHA-256 always, plus ``crc``), from whichever thread's
+        ``write_at`` moved the frontier, with the GIL taken for the call. ``data`` is the
+        object given to ``write_at`` (a copy when that was a mutable buffer held early, or a
+        part of it). An exception from ``sink`` is raised unchanged by that ``write_at`` and
+        stops the writer. ``final_path``/``temp_path`` are ``""``; ``set_len``, ``mark_done``
+        raise; ``commit``/``abort`` just close."""
     @property
     def final_path(self) -> str: ...
     @property
     def temp_path(self) -> str: ...
+    @property
+    def is_stream(self) -> bool: ...
     @property
     def existing_length(self) -> int:
         """Length of the temp file when it was opened (0 unless resume=True)."""
     @property
     def bytes_written(self) -> int:
         """Bytes accepted by write_at (zero chunks count, though they are not stored)."""
+    @property
+    def hashed_length(self) -> int:
+        """End of the in-order prefix hashed so far (for a stream: handed to the sink)."""
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of early chunks held now, waiting for the frontier."""
+    @property
+    def held_bytes_peak(self) -> int:
+        """The most bytes ever held at once (the reorder window's memory high-water mark)."""
     def write_at(self, offset: int, data: Buffer) -> None:
-        """pwrite data at offset (GIL released); an all-zero chunk is skipped to stay sparse."""
+        """pwrite data at offset (GIL released; all-zero blocks are skipped to stay sparse),
+        then hash it if it is next, or hold it."""
     def mark_done(self, offset: int, length: int) -> None:
-        """Tell the in-order hasher that [offset, offset+length) is already on disk (resume)."""
+        """Tell the in-order hasher that [offset, offset+length) is already on disk (resume):
+        it is read back and hashed, on a background thread when it is next."""
     def set_len(self, size: int) -> None:
         """Truncate or extend the temp file (extension leaves a hole)."""
     def hexdigest(self, size: int) -> str:
         """With hash=True: wait until [0, size) is hashed and return the SHA-256 hex."""
+    def crc_values(self, size: int) -> dict[str, int]:
+        """Wait until [0, size) is hashed; the CRCs asked for by ``crc``, by S3 name, as
+        integers (S3's wire form is base64 of their 8 or 4 big-endian bytes)."""
     def commit(self) -> None:
         """fsync the temp file, rename it over final_path, fsync the directory."""
     def abort(self, keep: bool = False) -> None:
