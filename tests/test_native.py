@@ -6,14 +6,24 @@ that return the right digests, raise vmstore's own errors and leave the files as
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import hashlib
 import os
+import random
+import threading
+import zlib
 from pathlib import Path
 
 import pytest
 import vmstore._native as native
-from vmstore import CancelledError, CancelToken, NotFoundError
+from vmstore import (
+    CancelledError,
+    CancelToken,
+    InvalidConfigError,
+    NotFoundError,
+    OperationFailedError,
+)
 
 from tests.support import (
     InterruptAt,
@@ -143,6 +153,135 @@ def test_chunk_writer_refuses_a_temp_file_locked_by_another_writer(tmp_path: Pat
             native.ChunkWriter(str(tmp_path / "disk.img"), str(temp), resume=True)
 
     assert temp.read_bytes() == b"theirs"
+
+
+def test_chunk_writer_hashes_early_chunks_from_memory_not_from_the_file(tmp_path: Path) -> None:
+    # Chunks 2 and 1 land before chunk 0. Their bytes on disk are then garbled behind the
+    # writer's back: the digest is still that of what was written, so nothing was read back.
+    data = random_bytes(3 * MiB, seed=87)
+    temp = tmp_path / "disk.img.partial"
+    with native.ChunkWriter(str(tmp_path / "disk.img"), str(temp), hash=True) as writer:
+        writer.write_at(2 * MiB, data[2 * MiB :])  # bytes: held by reference
+        writer.write_at(MiB, bytearray(data[MiB : 2 * MiB]))  # mutable: held as a copy
+        assert (writer.hashed_length, writer.held_bytes) == (0, 2 * MiB)
+        with open(temp, "r+b") as behind_its_back:
+            behind_its_back.seek(MiB)
+            behind_its_back.write(bytes(2 * MiB))
+
+        writer.write_at(0, memoryview(data)[:MiB])
+
+        assert writer.hashed_length == 3 * MiB
+        assert (writer.held_bytes, writer.held_bytes_peak) == (0, 2 * MiB)
+        assert writer.hexdigest(3 * MiB) == sha256_bytes(data)
+
+
+def test_chunk_writer_hashes_in_order_while_threads_write_in_any_order(tmp_path: Path) -> None:
+    chunk = 256 * KiB
+    data = random_bytes(40 * chunk + 1000, seed=88)
+    offsets = list(range(0, len(data), chunk))
+    random.Random(89).shuffle(offsets)
+    writer = native.ChunkWriter(
+        str(tmp_path / "d"), str(tmp_path / "d.partial"), hash=True, crc=["CRC32"]
+    )
+
+    def write(mine: list[int]) -> None:
+        for offset in mine:
+            writer.write_at(offset, data[offset : offset + chunk])
+
+    threads = [threading.Thread(target=write, args=(offsets[i::4],)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert writer.hexdigest(len(data)) == sha256_bytes(data)
+    assert writer.crc_values(len(data)) == {"CRC32": zlib.crc32(data)}
+    writer.commit()
+    assert (tmp_path / "d").read_bytes() == data
+
+
+def test_chunk_writer_computes_the_s3_full_object_crcs_on_request(tmp_path: Path) -> None:
+    # The catalogue's check values for b"123456789" (CRC-64/NVME, CRC-32C, CRC-32).
+    with native.ChunkWriter(
+        str(tmp_path / "d"), str(tmp_path / "p"), crc=("CRC64NVME", "crc32c", "CRC32")
+    ) as writer:
+        writer.write_at(4, b"56789")
+        writer.write_at(0, b"1234")
+        crcs = writer.crc_values(9)
+
+    assert crcs == {"CRC64NVME": 0xAE8B14860A799888, "CRC32C": 0xE3069283, "CRC32": 0xCBF43926}
+    assert base64.b64encode(crcs["CRC32"].to_bytes(4, "big")).decode() == "y/Q5Jg=="
+    with pytest.raises(InvalidConfigError, match="CRC64NVME"):
+        native.ChunkWriter(str(tmp_path / "d"), str(tmp_path / "p"), crc=["SHA1"])
+
+
+def test_chunk_writer_rehashes_a_resumed_prefix_from_disk_among_fresh_chunks(
+    tmp_path: Path,
+) -> None:
+    data = random_bytes(6 * MiB, seed=90)
+    temp = write_file(tmp_path / "d.partial", data[: 4 * MiB])  # chunks 0, 1, 3 landed before
+    writer = native.ChunkWriter(str(tmp_path / "d"), str(temp), resume=True, hash=True)
+    writer.write_at(5 * MiB, data[5 * MiB :])
+    writer.mark_done(0, 2 * MiB)
+    writer.mark_done(3 * MiB, MiB)
+    writer.write_at(4 * MiB, data[4 * MiB : 5 * MiB])
+    writer.write_at(2 * MiB, data[2 * MiB : 3 * MiB])
+
+    assert writer.hexdigest(6 * MiB) == sha256_bytes(data)
+    writer.commit()
+    assert (tmp_path / "d").read_bytes() == data
+
+
+def test_a_read_back_failure_is_an_io_error_not_a_config_error(tmp_path: Path) -> None:
+    # A FIFO as the "partial": it opens and locks like a file, but reading it back at an
+    # offset fails (ESPIPE), a real I/O error of the read-back path.
+    temp = tmp_path / "d.partial"
+    os.mkfifo(temp)
+    writer = native.ChunkWriter(str(tmp_path / "d"), str(temp), resume=True, hash=True)
+    writer.mark_done(0, 4096)
+
+    with pytest.raises(OperationFailedError, match="reading back") as raised:
+        writer.hexdigest(4096)
+
+    assert not isinstance(raised.value, InvalidConfigError)
+    with pytest.raises(OperationFailedError):
+        writer.write_at(4096, b"later writes stop too")
+    writer.abort()
+
+
+def test_a_stream_writer_hands_bytes_to_its_sink_in_order(tmp_path: Path) -> None:
+    received: list[bytes] = []
+    data = random_bytes(3 * MiB, seed=91)
+    writer = native.ChunkWriter.for_stream(lambda piece: received.append(bytes(piece)))
+
+    writer.write_at(2 * MiB, data[2 * MiB :])
+    writer.write_at(MiB, data[MiB : 2 * MiB])
+    assert received == [], "nothing may go out before byte 0 has"
+    writer.write_at(0, data[:MiB])
+
+    assert b"".join(received) == data
+    assert [len(piece) for piece in received] == [MiB] * 3
+    assert writer.hexdigest(3 * MiB) == sha256_bytes(data)
+    assert writer.is_stream and writer.final_path == ""
+    writer.commit()
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_stream_writer_stops_when_its_sink_raises() -> None:
+    def consumer_gone(piece: object) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    writer = native.ChunkWriter.for_stream(consumer_gone)
+    writer.write_at(MiB, random_bytes(MiB, seed=92))
+
+    with pytest.raises(BrokenPipeError):  # the sink's own exception, from the write that met it
+        writer.write_at(0, random_bytes(MiB, seed=93))
+
+    assert writer.held_bytes == 0, "held chunks are let go"
+    with pytest.raises(OperationFailedError, match="Broken pipe"):
+        writer.write_at(2 * MiB, b"more")
+    with pytest.raises(OperationFailedError):
+        writer.hexdigest(3 * MiB)
 
 
 def test_copy_file_copies_hashes_and_keeps_holes(sparse_file: Path, tmp_path: Path) -> None:
