@@ -119,10 +119,20 @@ def test_multipart_upload_stores_whole_file_sha256_with_the_object(
     assert up.size == len(data) == up.bytes_transferred
     stored = head(s3_server, f"{prefix}/disk.qcow2")
     meta = {k.lower(): v for k, v in stored["Metadata"].items()}
-    assert meta["sha256"] == sha256_bytes(data)
+    # The SHA-256 is known only after the last part, so it is not in the object's metadata
+    # (fixed at CreateMultipartUpload) but in the companion, bound by the upload's token.
+    assert "sha256" not in meta
     assert meta["vm-name"] == "test-vm-01"
+    companion = json.loads(get(s3_server, f"{prefix}/disk.qcow2.vmstore.json"))
+    assert companion["sha256"] == sha256_bytes(data)
+    assert companion["size"] == len(data)
+    assert companion["upload_token"] == meta["vmstore-upload"]
     assert get(s3_server, f"{prefix}/disk.qcow2") == data
     assert open_uploads(s3_server, prefix) == []
+    with new_storage(config) as store:
+        described = store.get_metadata(up.url)
+    assert described.checksum == sha256_bytes(data)
+    assert described.custom_metadata == {"vm-name": "test-vm-01"}
 
 
 def test_download_of_multipart_object_verifies_against_stored_sha256(
@@ -209,7 +219,10 @@ def test_upload_resumes_from_listparts_after_the_process_is_killed(
     assert up.checksum == sha256_bytes(data)
     assert get(s3_server, f"{prefix}/disk.img") == data
     assert open_uploads(s3_server, prefix) == []
-    assert list(state_dir.glob("*.json")) == []
+    # What is left is the record of the finished upload (so an unchanged file is not sent
+    # again), not a journal of an open one.
+    records = [json.loads(p.read_text()) for p in state_dir.glob("*.json")]
+    assert [r.get("completed") for r in records] == [True]
 
 
 def test_download_resumes_from_partial_after_the_process_is_killed(
@@ -499,19 +512,37 @@ def test_upload_state_is_a_journal_whose_torn_last_line_is_ignored(state_dir: Pa
 
     location = S3Location(bucket="b", key="disk.img")
     journal = _StateFile("/src/disk.img", location)
-    state = _UploadState("b", "disk.img", "upload-1", "/src/disk.img", 30, 7, 10, "ab" * 32)
-    state.parts[1] = ("etag-1", "11" * 32)
+    state = _UploadState(
+        "b", "disk.img", "upload-1", "token-1", "/src/disk.img", 30, 7, 10, "crc64nvme"
+    )
+    state.parts[1] = ("etag-1", 11)
     journal.save(state)
     first = Path(journal.path).stat().st_size
     for number in (3, 2):
-        state.parts[number] = (f"etag-{number}", f"{number}{number}" * 32)
+        state.parts[number] = (f"etag-{number}", number * 11)
         journal.save(state)
     journal.save(state)  # nothing new: nothing appended
     lines = Path(journal.path).read_text().splitlines()
     assert len(lines) == 4 and Path(journal.path).stat().st_size > first
     with open(journal.path, "a") as handle:
-        handle.write('[4, "etag-4", "44')  # killed in the middle of an append
+        handle.write('[4, "etag-4", 4')  # killed in the middle of an append
     loaded = _StateFile("/src/disk.img", location).load()
     assert loaded is not None
-    assert loaded.upload_id == "upload-1" and loaded.sha256 == "ab" * 32
-    assert loaded.parts == {n: (f"etag-{n}", f"{n}{n}" * 32) for n in (1, 2, 3)}
+    assert (loaded.upload_id, loaded.token, loaded.checksum) == ("upload-1", "token-1", "crc64nvme")
+    assert loaded.parts == {n: (f"etag-{n}", n * 11) for n in (1, 2, 3)}
+
+
+def test_upload_state_of_an_older_release_is_not_resumed(state_dir: Path) -> None:
+    from vmstore.backends.s3 import _StateFile
+    from vmstore.urls import S3Location
+
+    location = S3Location(bucket="b", key="disk.img")
+    journal = _StateFile("/src/disk.img", location)
+    os.makedirs(state_dir, exist_ok=True)
+    Path(journal.path).write_text(
+        json.dumps({"bucket": "b", "key": "disk.img", "upload_id": "old-1", "source": "/s",
+                    "size": 30, "mtime_ns": 7, "part_size": 10, "sha256": "ab" * 32, "parts": {}})
+        + "\n"
+    )  # fmt: skip
+    assert journal.load() is None
+    assert journal.load_any_upload_id() == "old-1"  # so that upload can be aborted

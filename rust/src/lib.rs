@@ -2,7 +2,8 @@
 //!
 //! Python speaks the storage protocols; this crate does every loop that touches file
 //! bytes, with the GIL released: reading chunks (reader), writing them atomically and
-//! sparsely (writer), hashing (hash), the overlapped local copy (copy). Errors map onto
+//! sparsely (writer), hashing (hash), the overlapped local copy (copy), the one pass over an
+//! upload's source (source). Errors map onto
 //! the classes of `vmstore.errors` in one place (error).
 
 mod buffer;
@@ -13,6 +14,7 @@ mod fsinfo;
 mod hash;
 mod progress;
 mod reader;
+mod source;
 mod writer;
 
 use std::path::PathBuf;
@@ -114,6 +116,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<reader::ChunkReader>()?;
     m.add_class::<ChunkWriter>()?;
     m.add_class::<CopyResult>()?;
+    m.add_class::<source::UploadSource>()?;
+    m.add_class::<source::SourcePart>()?;
+    m.add_class::<source::PartBuffer>()?;
     m.add_function(wrap_pyfunction!(copy_file, m)?)?;
     m.add_function(wrap_pyfunction!(sha256_file, m)?)?;
     m.add_function(wrap_pyfunction!(hash_parts, m)?)?;

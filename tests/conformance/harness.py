@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import botocore.exceptions
 import pytest
 from vmstore import Storage, StorageConfig, new_storage
 
@@ -183,7 +184,15 @@ class S3Harness(BackendHarness):
         return names
 
     def companion_names(self, key: str) -> set[str]:
-        return set()
+        # A multipart upload learns the SHA-256 after its last part, so it keeps it in a
+        # companion object bound to the object by the upload token in its metadata; a single
+        # PUT carries it in its own metadata and has no companion.
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except botocore.exceptions.ClientError:
+            return set()
+        metadata = {k.lower(): v for k, v in head.get("Metadata", {}).items()}
+        return {f"{key}.vmstore.json"} if "vmstore-upload" in metadata else set()
 
     def tamper(self, key: str) -> bytes:
         head = self.client.head_object(Bucket=self.bucket, Key=self._key(key))

@@ -13,8 +13,6 @@ the bucket in a URL is explicit, never folded into the key.
 
 from __future__ import annotations
 
-import base64
-import concurrent.futures as cf
 import contextlib
 import hashlib
 import json
@@ -22,11 +20,12 @@ import logging
 import mimetypes
 import os
 import threading
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, cast
 
 import boto3
 import botocore.config
@@ -34,9 +33,23 @@ import botocore.exceptions
 
 from vmstore import _native
 from vmstore._download import DownloadSettings, RemoteObject, download_object
+from vmstore._failure import keeps_partial
 from vmstore._oserrors import storage_error_from_oserror
-from vmstore._parts import Chunk, s3_part_size, split
 from vmstore._retry import RetryableError, RetryPolicy
+from vmstore._sidecar import MAX_SIDECAR_BYTES, SIDECAR_SUFFIX, Sidecar, SidecarFormatError
+from vmstore._upload import (
+    PartBody,
+    PartFeed,
+    SourcePlan,
+    crc64nvme_b64,
+    part_view,
+    plan_source,
+    progress_for,
+    s3_part_size_for,
+    send_parts,
+    sha256_b64,
+    unwrap,
+)
 from vmstore.config import StorageConfig
 from vmstore.errors import (
     CancelledError,
@@ -57,8 +70,8 @@ from vmstore.models import (
     UploadRequest,
     UploadResponse,
     normalize_custom_metadata,
+    parse_sha256_hex,
 )
-from vmstore.progress import ProgressReporter
 from vmstore.urls import S3Location, normalize_endpoint, parse_s3_url, s3_url
 
 log = logging.getLogger("vmstore.s3")
@@ -199,7 +212,7 @@ def storage_error(exc: BaseException, action: str, location: S3Location) -> Stor
 
 
 def _b64(hex_digest: str) -> str:
-    return base64.b64encode(bytes.fromhex(hex_digest)).decode("ascii")
+    return sha256_b64(hex_digest)
 
 
 def _strip_etag(etag: str) -> str:
@@ -221,58 +234,103 @@ def _state_dir() -> str:
     return os.path.join(base, "vmstore")
 
 
+UPLOAD_TOKEN_KEY = "vmstore-upload"
+"""User metadata naming the upload that wrote an object: its companion sidecar carries the same
+token, so a sidecar is believed only for the object it was written for."""
+
+STATE_VERSION = 2
+"""2: the whole-object SHA-256 is computed during the upload; parts journal their CRC-64/NVME."""
+
+CHECKSUM_CRC64NVME = "crc64nvme"
+CHECKSUM_SHA256 = "sha256"
+
+
 @dataclass
 class _UploadState:
-    """What an interrupted multipart upload needs to continue (saved as JSON)."""
+    """What an interrupted multipart upload needs to continue (the journal's first line)."""
 
     bucket: str
     key: str
     upload_id: str
+    token: str
     source: str
     size: int
     mtime_ns: int
     part_size: int
-    sha256: str
-    parts: dict[int, tuple[str, str]] = field(default_factory=dict)
-    """part number -> (ETag, SHA-256 hex) of parts the server confirmed."""
+    checksum: str
+    """Per-part checksum algorithm the parts were sent with (CHECKSUM_*)."""
+    parts: dict[int, tuple[str, int]] = field(default_factory=dict)
+    """part number -> (ETag, CRC-64/NVME) of parts the server confirmed."""
 
-    def to_json(self) -> dict[str, Any]:
+    def header(self) -> dict[str, Any]:
         return {
+            "version": STATE_VERSION,
             "bucket": self.bucket,
             "key": self.key,
             "upload_id": self.upload_id,
+            "token": self.token,
             "source": self.source,
             "size": self.size,
             "mtime_ns": self.mtime_ns,
             "part_size": self.part_size,
-            "sha256": self.sha256,
-            "parts": {str(n): list(v) for n, v in self.parts.items()},
+            "checksum": self.checksum,
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> _UploadState:
-        parts = {int(n): (str(v[0]), str(v[1])) for n, v in dict(data.get("parts", {})).items()}
+    def from_header(cls, data: dict[str, Any]) -> _UploadState:
+        if data.get("version") != STATE_VERSION:
+            raise ValueError(f"state version {data.get('version')!r}")
         return cls(
             bucket=str(data["bucket"]),
             key=str(data["key"]),
             upload_id=str(data["upload_id"]),
+            token=str(data["token"]),
             source=str(data["source"]),
             size=int(data["size"]),
             mtime_ns=int(data["mtime_ns"]),
             part_size=int(data["part_size"]),
-            sha256=str(data["sha256"]),
-            parts=parts,
+            checksum=str(data["checksum"]),
+        )
+
+
+@dataclass(frozen=True)
+class _CompletedUpload:
+    """A finished upload of a file (kept so an unchanged file is not sent again)."""
+
+    bucket: str
+    key: str
+    source: str
+    size: int
+    mtime_ns: int
+    etag: str
+    sha256: str
+
+    def to_json(self) -> str:
+        return json.dumps({"version": STATE_VERSION, "completed": True, **self.__dict__})
+
+    @classmethod
+    def from_json(cls, text: str) -> _CompletedUpload:
+        data = json.loads(text)
+        if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+            raise ValueError("not a completed-upload record")
+        return cls(
+            bucket=str(data["bucket"]),
+            key=str(data["key"]),
+            source=str(data["source"]),
+            size=int(data["size"]),
+            mtime_ns=int(data["mtime_ns"]),
+            etag=str(data["etag"]),
+            sha256=parse_sha256_hex(str(data["sha256"]), "recorded sha256"),
         )
 
 
 class _StateFile:
-    """The resume state of one (source, destination) upload, kept as a journal.
+    """The resume state of one (source file, destination) upload, kept as a journal.
 
-    The first line describes the upload and is written atomically (temp file, rename) with
-    the parts known at that moment; every part stored after that appends one line. Saving
-    after each part then costs the same at part 9,999 as at part 1, where rewriting the
-    whole state would write O(parts²) bytes over a 10,000-part upload. A line torn by a
-    crash is skipped on load: that part is sent again.
+    The first line describes the upload and is written atomically (temp file, rename); every
+    part stored after that appends one line, so saving after each part costs the same at part
+    9,999 as at part 1. A line torn by a crash is skipped on load: that part is sent again.
+    Once the upload completes the journal is replaced by a one-line completion record.
     """
 
     def __init__(self, source: str, location: S3Location) -> None:
@@ -281,30 +339,63 @@ class _StateFile:
         self._journaled: set[int] = set()
         self._started = False
 
-    def load(self) -> _UploadState | None:
+    def _lines(self) -> list[str]:
         try:
             with open(self.path, encoding="utf-8") as handle:
-                lines = handle.read().splitlines()
-            state = _UploadState.from_json(json.loads(lines[0]))
-        except (OSError, ValueError, KeyError, TypeError, IndexError):
+                return handle.read().splitlines()
+        except (OSError, UnicodeDecodeError):
+            return []
+
+    def load(self) -> _UploadState | None:
+        lines = self._lines()
+        try:
+            state = _UploadState.from_header(json.loads(lines[0]))
+        except (ValueError, KeyError, TypeError, IndexError):
             return None
         for line in lines[1:]:
             try:
-                number, etag, digest = json.loads(line)
-                state.parts[int(number)] = (str(etag), str(digest))
+                number, etag, crc = json.loads(line)
+                state.parts[int(number)] = (str(etag), int(crc))
             except (ValueError, TypeError):
                 continue
         return state
 
+    def load_any_upload_id(self) -> str | None:
+        """The UploadId recorded by any state version (to abort what an older one left)."""
+        lines = self._lines()
+        try:
+            upload_id = json.loads(lines[0]).get("upload_id")
+        except (ValueError, AttributeError, IndexError):
+            return None
+        return str(upload_id) if upload_id else None
+
+    def load_completed(self) -> _CompletedUpload | None:
+        lines = self._lines()
+        try:
+            return _CompletedUpload.from_json(lines[0]) if len(lines) == 1 else None
+        except (ValueError, KeyError, TypeError, InvalidConfigError):
+            return None
+
+    def _write_atomically(self, text: str) -> None:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        temp = f"{self.path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        try:
+            with open(temp, "w", encoding="utf-8") as handle:
+                handle.write(text)
+            os.replace(temp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(temp)
+            raise
+
     def save(self, state: _UploadState) -> None:
         """Record ``state``: all of it the first time, then the parts not recorded yet."""
         if not self._started:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            temp = f"{self.path}.{os.getpid()}.tmp"
-            with open(temp, "w", encoding="utf-8") as handle:
-                handle.write(json.dumps({**state.to_json(), "parts": {}}) + "\n")
-                handle.writelines(_part_line(n, part) for n, part in sorted(state.parts.items()))
-            os.replace(temp, self.path)
+            self._write_atomically(
+                json.dumps(state.header())
+                + "\n"
+                + "".join(_part_line(n, part) for n, part in sorted(state.parts.items()))
+            )
             self._journaled = set(state.parts)
             self._started = True
             return
@@ -314,14 +405,44 @@ class _StateFile:
                 handle.writelines(_part_line(n, state.parts[n]) for n in sorted(fresh))
             self._journaled.update(fresh)
 
+    def complete(self, record: _CompletedUpload) -> None:
+        self._started = False
+        self._write_atomically(record.to_json() + "\n")
+
     def remove(self) -> None:
         self._started = False
         with contextlib.suppress(FileNotFoundError):
             os.remove(self.path)
 
 
-def _part_line(number: int, part: tuple[str, str]) -> str:
+def _part_line(number: int, part: tuple[str, int]) -> str:
     return json.dumps([number, *part]) + "\n"
+
+
+def _state_files_for(location: S3Location) -> list[str]:
+    """Journal and completion records in the state directory that name ``location``."""
+    directory = _state_dir()
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        if not (name.startswith("s3-upload-") and name.endswith(".json")):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            with open(path, encoding="utf-8") as handle:
+                first = json.loads(handle.readline())
+        except (OSError, ValueError, UnicodeDecodeError):
+            continue
+        if (
+            isinstance(first, dict)
+            and first.get("bucket") == location.bucket
+            and first.get("key") == location.key
+        ):
+            found.append(path)
+    return found
 
 
 class _S3ObjectReader:
@@ -415,6 +536,8 @@ class S3Storage:
         except (botocore.exceptions.BotoCoreError, ValueError) as exc:
             raise InvalidConfigError(f"could not set up the S3 client: {exc}", cause=exc) from exc
         self._closed = False
+        # CRC-64/NVME per part until the server refuses it once (then SHA-256).
+        self._checksum_algorithm = CHECKSUM_CRC64NVME
 
     # -- context --------------------------------------------------------------------------
 
@@ -474,29 +597,79 @@ class S3Storage:
         )
         return response
 
+    def _companion(self, location: S3Location) -> S3Location:
+        return S3Location(location.bucket, location.key + SIDECAR_SUFFIX)
+
+    def _stored_sha256(self, location: S3Location, head: dict[str, Any]) -> str | None:
+        """The SHA-256 vmstore recorded for the object HEAD described, or None.
+
+        A single PUT carries it as metadata ``sha256`` (known before the PUT; so did every
+        object of vmstore 0.1). A multipart upload learns it only after the last part, so it
+        is in the companion sidecar ``<key>.vmstore.json``, which is believed only when it
+        names the upload token the object itself carries, and the object's size.
+        """
+        metadata = _lower_metadata(head.get("Metadata", {}))
+        recorded = metadata.get(SHA256_KEY)
+        if recorded:
+            return recorded.lower()
+        token = metadata.get(UPLOAD_TOKEN_KEY)
+        if not token:
+            return None
+        companion = self._companion(location)
+        try:
+            response = self._call(
+                "read the checksum sidecar of",
+                location,
+                self._client.get_object,
+                Bucket=companion.bucket,
+                Key=companion.key,
+            )
+            body = response["Body"]
+            try:
+                text = body.read(MAX_SIDECAR_BYTES + 1)
+            finally:
+                body.close()
+            sidecar = Sidecar.from_json(text)
+        except NotFoundError:
+            log.warning("%s has no checksum sidecar: its SHA-256 is unknown", s3_url(location))
+            return None
+        except SidecarFormatError as exc:
+            log.warning("ignoring unreadable sidecar %s: %s", s3_url(companion), exc)
+            return None
+        why = sidecar.mismatch(
+            size=int(head.get("ContentLength", -1)), etag=None, upload_token=token
+        )
+        if why is not None:
+            # Another upload replaced the object after this sidecar's was written, or the
+            # other way round: a checksum that may describe other bytes is worse than none.
+            log.warning("ignoring sidecar %s: %s", s3_url(companion), why)
+            return None
+        return sidecar.sha256
+
     def get_metadata(self, url: str) -> FileMetadata:
         location = self._location(url)
         head = self._head(location)
         custom = _lower_metadata(head.get("Metadata", {}))
-        checksum = custom.pop(SHA256_KEY, None)
+        checksum = self._stored_sha256(location, head)
+        custom.pop(SHA256_KEY, None)
+        custom.pop(UPLOAD_TOKEN_KEY, None)
         last_modified = head.get("LastModified") or datetime.now(UTC)
         if last_modified.tzinfo is None:
             last_modified = last_modified.replace(tzinfo=UTC)
         return FileMetadata(
             url=s3_url(location),
             size=int(head.get("ContentLength", 0)),
-            checksum=checksum.lower() if checksum else None,
+            checksum=checksum,
             etag=_strip_etag(head.get("ETag", "")),
             last_modified=last_modified.astimezone(UTC),
             content_type=head.get("ContentType") or DEFAULT_CONTENT_TYPE,
             custom_metadata=custom,
         )
 
-    def delete(self, url: str) -> None:
-        location = self._location(url)
+    def _delete_key(self, location: S3Location, action: str) -> None:
         try:
             self._call(
-                "delete",
+                action,
                 location,
                 self._client.delete_object,
                 Bucket=location.bucket,
@@ -507,18 +680,65 @@ class S3Storage:
                 raise
             # Cleanup is idempotent: a missing object is already deleted.
 
+    def _open_uploads(self, location: S3Location) -> list[str]:
+        """UploadIds of the multipart uploads still open for exactly this key."""
+        ids: list[str] = []
+        kwargs: dict[str, Any] = {"Bucket": location.bucket, "Prefix": location.key}
+        while True:
+            response = self._call(
+                "list unfinished uploads of",
+                location,
+                self._client.list_multipart_uploads,
+                **kwargs,
+            )
+            ids += [
+                str(upload["UploadId"])
+                for upload in response.get("Uploads", [])
+                if upload.get("Key") == location.key
+            ]
+            if not response.get("IsTruncated"):
+                return ids
+            kwargs["KeyMarker"] = response.get("NextKeyMarker", "")
+            kwargs["UploadIdMarker"] = response.get("NextUploadIdMarker", "")
+
+    def delete(self, url: str) -> None:
+        """Remove the object, its sidecar, every unfinished multipart upload to its key (whose
+        stored parts would otherwise be kept, and billed, forever) and vmstore's resume state
+        for it."""
+        location = self._location(url)
+        self._delete_key(location, "delete")
+        self._delete_key(self._companion(location), "delete the checksum sidecar of")
+        try:
+            open_uploads = self._open_uploads(location)
+        except StorageError as exc:
+            # Some servers lack ListMultipartUploads: the object itself is gone.
+            log.warning("could not list unfinished uploads of %s: %s", url, exc.message)
+            open_uploads = []
+        for upload_id in open_uploads:
+            with contextlib.suppress(StorageError):
+                self._call(
+                    "abort an unfinished upload to",
+                    location,
+                    self._client.abort_multipart_upload,
+                    Bucket=location.bucket,
+                    Key=location.key,
+                    UploadId=upload_id,
+                )
+        for path in _state_files_for(location):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+
     # -- download -------------------------------------------------------------------------
 
     def download(self, request: DownloadRequest) -> DownloadResponse:
         location = self._location(request.source_url)
         head = self._head(location)
-        checksum = _lower_metadata(head.get("Metadata", {})).get(SHA256_KEY)
         etag = str(head.get("ETag", ""))
         obj = RemoteObject(
             url=s3_url(location),
             size=int(head.get("ContentLength", 0)),
             etag=etag,
-            checksum=checksum.lower() if checksum else None,
+            checksum=self._stored_sha256(location, head),
         )
         settings = DownloadSettings(
             chunk_size=self._chunk_size,
@@ -540,80 +760,53 @@ class S3Storage:
     # -- upload ---------------------------------------------------------------------------
 
     def upload(self, request: UploadRequest) -> UploadResponse:
-        location = self._location(request.destination_url)
-        source = os.path.abspath(request.source_path)
-        try:
-            stat = os.stat(source)
-        except OSError as exc:
-            raise storage_error_from_oserror(exc, "read", source) from exc
-        if not os.path.isfile(source):
-            raise OperationFailedError(f"could not read {source}: not a regular file")
-        metadata = normalize_custom_metadata(request.metadata)
-        content_type = (
-            request.content_type or mimetypes.guess_type(source)[0] or DEFAULT_CONTENT_TYPE
-        )
-        part_size = s3_part_size(stat.st_size, self._chunk_size)
-        if stat.st_size <= part_size:
-            return self._put_single(request, location, source, stat.st_size, metadata, content_type)
-        return _MultipartUpload(
-            self, request, location, source, stat, part_size, metadata, content_type
-        ).run()
+        """One pass over the source: see :mod:`vmstore._upload`.
 
-    def _put_single(
-        self,
-        request: UploadRequest,
-        location: S3Location,
-        source: str,
-        size: int,
-        metadata: dict[str, str],
-        content_type: str,
-    ) -> UploadResponse:
-        reporter = ProgressReporter(request.progress_callback, size)
+        The first part decides the shape: a source that fits in one part is one PUT carrying
+        its SHA-256 as metadata; anything larger is a multipart upload whose SHA-256 goes into
+        the companion sidecar once the last part is read.
+        """
+        location = self._location(request.destination_url)
+        metadata = normalize_custom_metadata(request.metadata)
+        for reserved in (UPLOAD_TOKEN_KEY,):
+            if reserved in metadata:
+                raise InvalidConfigError(f"metadata key {reserved!r} is reserved for vmstore")
         if request.cancel is not None and request.cancel.is_cancelled:
-            raise CancelledError(f"upload of {source} cancelled")
-        with _native.ChunkReader(source) as reader:
-            data = reader.read(0, size)
-        if len(data) != size:
-            raise ChecksumMismatchError(
-                f"{source} changed size during the upload; nothing was stored"
-            )
-        hasher = _native.Sha256()
-        hasher.update(data)
-        digest = hasher.hexdigest()
-        # A single PUT is its own commit, so the final report precedes it (as the rename
-        # does for NFS): a callback that raises here keeps the object from being stored.
-        reporter.finish(size)
-        response = self._call(
-            "upload to",
-            location,
-            self._client.put_object,
-            Bucket=location.bucket,
-            Key=location.key,
-            Body=data,
-            ContentType=content_type,
-            Metadata={**metadata, SHA256_KEY: digest},
-            ChecksumSHA256=_b64(digest),
+            raise CancelledError(f"upload of {request.source_name} cancelled")
+        plan = plan_source(request, s3_part_size_for(self._chunk_size))
+        content_type = (
+            request.content_type
+            or (mimetypes.guess_type(plan.name)[0] if not plan.is_stream else None)
+            or DEFAULT_CONTENT_TYPE
         )
-        return UploadResponse(
-            url=s3_url(location),
-            checksum=digest,
-            bytes_transferred=size,
-            etag=_strip_etag(str(response.get("ETag", ""))),
-            size=size,
-        )
+        try:
+            return _MultipartUpload(self, request, location, plan, metadata, content_type).run()
+        except _ResumedPartDiffers as exc:
+            # A stored part is not what the file now holds at its place (the journal and the
+            # file's mtime agreed, so the parts themselves are suspect): start over once.
+            log.warning("%s; starting the upload over", exc.message)
+            plan = plan_source(request, s3_part_size_for(self._chunk_size))
+            return _MultipartUpload(self, request, location, plan, metadata, content_type).run()
+
+    # -- flexible checksums ---------------------------------------------------------------
+
+    def _part_checksum(self) -> str:
+        """The per-part checksum this server takes: CRC-64/NVME (with a FULL_OBJECT checksum
+        at Complete, no second pass) unless it refused that once, then SHA-256."""
+        return self._checksum_algorithm
 
 
 class _MultipartUpload:
-    """One multipart upload: hash pass, create or resume, parts, complete or abort."""
+    """One upload: read the source once; PUT it whole if it fits in a part, else create (or
+    resume) a multipart upload, send the parts, complete, record the SHA-256; abort on
+    failure unless the upload may resume."""
 
     def __init__(
         self,
         storage: S3Storage,
         request: UploadRequest,
         location: S3Location,
-        source: str,
-        stat: os.stat_result,
-        part_size: int,
+        plan: SourcePlan,
         metadata: dict[str, str],
         content_type: str,
     ) -> None:
@@ -621,135 +814,400 @@ class _MultipartUpload:
         self.client = storage._client
         self.request = request
         self.location = location
-        self.source = source
-        self.stat = stat
-        self.part_size = part_size
+        self.plan = plan
         self.metadata = metadata
         self.content_type = content_type
-        self.state_file = _StateFile(source, location)
+        self.resumable = request.resume and not plan.is_stream
+        self.state_file = _StateFile(plan.name, location) if not plan.is_stream else None
         self.lock = threading.Lock()
         self.stop = threading.Event()
+        self.reporter = progress_for(request, plan.size)
 
     def _cancelled(self) -> bool:
         return self.request.cancel is not None and self.request.cancel.is_cancelled
 
+    @property
+    def url(self) -> str:
+        return s3_url(self.location)
+
+    # -- the shape of the upload --------------------------------------------------------
+
     def run(self) -> UploadResponse:
-        size = self.stat.st_size
-        log.info("hashing %s (%d bytes) in parts of %d", self.source, size, self.part_size)
-        whole, part_hashes = _native.hash_parts(
-            self.source,
-            self.part_size,
-            threads=max(1, (os.cpu_count() or 2) - 1),
-            cancel=self.request.cancel,
-        )
-        parts = split(size, self.part_size)
-        state = self._resume_or_create(whole, part_hashes)
-        reporter = ProgressReporter(self.request.progress_callback, size)
-        already = sum(p.length for p in parts if p.number in state.parts)
-        reporter(already, size)
+        finished = self._already_uploaded()
+        if finished is not None:
+            return finished
+        size = self.plan.size
+        if size is not None and size <= self.plan.part_size(1):
+            return self._put_single()
+        if size is None:
+            # A stream of unknown size: the first part tells whether it is small.
+            first = self.plan.source.next_part(self.plan.part_size(1))
+            if self.plan.source.exhausted or first is None:
+                return self._put_single(first)
+            return self._multipart(first)
+        return self._multipart(None)
+
+    def _already_uploaded(self) -> UploadResponse | None:
+        """A file uploaded before, unchanged since, to an object that still has the ETag that
+        upload left: controllers retry whole steps, and re-sending 200 GB is the most
+        expensive way to be idempotent."""
+        if self.state_file is None or not self.request.resume or self.plan.stat is None:
+            return None
+        record = self.state_file.load_completed()
+        stat = self.plan.stat
+        if record is None or (record.size, record.mtime_ns) != (stat.st_size, stat.st_mtime_ns):
+            return None
         try:
-            self._send_parts(state, parts, part_hashes, reporter)
-            # Reported before Complete, which is the commit: a raising callback stops it.
-            reporter.finish(size)
-            completed = [
-                {
-                    "PartNumber": n,
-                    "ETag": state.parts[n][0],
-                    "ChecksumSHA256": _b64(state.parts[n][1]),
-                }
-                for n in sorted(state.parts)
-            ]
-            self.storage._call(
-                "complete the upload to",
-                self.location,
-                self.client.complete_multipart_upload,
-                Bucket=self.location.bucket,
-                Key=self.location.key,
-                UploadId=state.upload_id,
-                MultipartUpload={"Parts": completed},
-            )
-        except BaseException as exc:
-            self._after_failure(state, exc)
-            raise
-        self.state_file.remove()
-        head = self.storage._head(self.location)
-        stored_size = int(head.get("ContentLength", -1))
-        if stored_size != size:
-            # Complete already published it: an object that is not the source must not stay
-            # visible under the final name, labelled with the source's SHA-256.
-            with contextlib.suppress(Exception):
-                self.client.delete_object(Bucket=self.location.bucket, Key=self.location.key)
-            raise ChecksumMismatchError(
-                f"{s3_url(self.location)} held {stored_size} bytes after the upload, "
-                f"expected {size}; the object was deleted, upload again"
-            )
+            head = self.storage._head(self.location)
+        except NotFoundError:
+            return None
+        if _strip_etag(str(head.get("ETag", ""))) != record.etag:
+            return None
+        if int(head.get("ContentLength", -1)) != record.size:
+            return None
+        log.info("%s is already stored at %s (unchanged since); not sending it again",
+                 self.plan.name, self.url)
+        self.reporter.finish(record.size)
         return UploadResponse(
-            url=s3_url(self.location),
-            checksum=whole,
-            bytes_transferred=size - already,
-            etag=_strip_etag(str(head.get("ETag", ""))),
-            size=size,
-            resumed_from=already,
+            url=self.url,
+            checksum=record.sha256,
+            bytes_transferred=0,
+            etag=record.etag,
+            size=record.size,
+            resumed_from=record.size,
         )
 
-    def _resume_or_create(self, whole: str, part_hashes: list[str]) -> _UploadState:
-        previous = self.state_file.load()
-        if previous is not None and not self.request.resume:
-            # Not resuming: the earlier unfinished upload would only cost storage.
-            self._abort(previous.upload_id)
-            self.state_file.remove()
-            previous = None
-        if previous is not None:
-            same = (
-                previous.bucket == self.location.bucket
-                and previous.key == self.location.key
-                and previous.size == self.stat.st_size
-                and previous.mtime_ns == self.stat.st_mtime_ns
-                and previous.part_size == self.part_size
-                and previous.sha256 == whole
+    def _put_single(self, first: _native.SourcePart | None = None) -> UploadResponse:
+        """The whole source in one PUT: its SHA-256 is known before it goes out."""
+        source = self.plan.source
+        if first is None and not source.exhausted:
+            first = source.next_part(max(self.plan.part_size(1), 1))
+        data = part_view(first) if first is not None else memoryview(b"")
+        size = len(data)
+        if source.next_part(1) is not None:
+            raise ChecksumMismatchError(
+                f"{self.plan.name} grew while being read; nothing was stored, upload it again"
             )
-            if same:
-                listed = self._list_parts(previous.upload_id)
-                if listed is not None:
-                    # Keep a part only if the server still has it with the ETag we were
-                    # given and its bytes in the source are the bytes we hashed then.
-                    previous.parts = {
-                        n: (etag, digest)
-                        for n, (etag, digest) in previous.parts.items()
-                        if listed.get(n) == etag
-                        and 1 <= n <= len(part_hashes)
-                        and part_hashes[n - 1] == digest
-                    }
-                    log.info(
-                        "resuming upload %s with %d parts stored",
-                        previous.upload_id,
-                        len(previous.parts),
-                    )
-                    return previous
-            self._abort(previous.upload_id)
+        self._check_size(size)
+        self.plan.check_unchanged()
+        digest = source.sha256()
+        if self._cancelled():
+            raise CancelledError(f"upload of {self.plan.name} cancelled; nothing was stored")
+        # A single PUT is its own commit, so the final report precedes it (as the rename
+        # does for NFS): a callback that raises here keeps the object from being stored.
+        self.reporter.finish(size)
         response = self.storage._call(
-            "start an upload to",
+            "upload to",
             self.location,
-            self.client.create_multipart_upload,
+            self.client.put_object,
             Bucket=self.location.bucket,
             Key=self.location.key,
+            # Progress was reported in full above; the body only hands out the bytes.
+            Body=cast(Any, PartBody(data)),
             ContentType=self.content_type,
-            Metadata={**self.metadata, SHA256_KEY: whole},
-            ChecksumAlgorithm="SHA256",
+            Metadata={**self.metadata, SHA256_KEY: digest},
+            ChecksumSHA256=_b64(digest),
         )
+        etag = _strip_etag(str(response.get("ETag", "")))
+        self._record_completed(etag, digest, size)
+        # A stale companion (from an earlier multipart upload) is not believed, but need
+        # not stay either.
+        with contextlib.suppress(StorageError):
+            self.storage._delete_key(self.storage._companion(self.location), "delete")
+        return UploadResponse(url=self.url, checksum=digest, bytes_transferred=size,
+                              etag=etag, size=size)
+
+    def _check_size(self, size: int) -> None:
+        hint = self.request.size_hint
+        if self.plan.is_stream and hint is not None and size != hint:
+            raise InvalidConfigError(
+                f"the stream held {size} bytes, not the {hint} its size_hint announced; "
+                "nothing was stored"
+            )
+
+    # -- multipart ----------------------------------------------------------------------
+
+    def _multipart(self, first: _native.SourcePart | None) -> UploadResponse:
+        state = self._resume_or_create()
+        try:
+            return self._send_and_complete(state, first)
+        except BaseException as exc:
+            error = unwrap(exc)
+            self._after_failure(state, error)
+            if error is exc:
+                raise
+            raise error from None
+
+    def _resume_or_create(self) -> _UploadState:
+        previous = self._load_resumable()
+        if previous is not None:
+            return previous
+        token = uuid.uuid4().hex
+        checksum = self.storage._part_checksum()
+        kwargs: dict[str, Any] = {
+            "Bucket": self.location.bucket,
+            "Key": self.location.key,
+            "ContentType": self.content_type,
+            "Metadata": {**self.metadata, UPLOAD_TOKEN_KEY: token},
+        }
+        try:
+            response = self.storage._call(
+                "start an upload to",
+                self.location,
+                self.client.create_multipart_upload,
+                **kwargs,
+                **_create_checksum_args(checksum),
+            )
+        except (InvalidConfigError, OperationFailedError) as exc:
+            if checksum != CHECKSUM_CRC64NVME or not _refuses_checksum(exc):
+                raise
+            # A server without CRC-64/NVME: SHA-256 per part from now on for this store.
+            log.info("%s does not take CRC-64/NVME checksums (%s); using SHA-256 per part",
+                     self.storage._endpoint or "S3", exc.message)
+            self.storage._checksum_algorithm = checksum = CHECKSUM_SHA256
+            response = self.storage._call(
+                "start an upload to",
+                self.location,
+                self.client.create_multipart_upload,
+                **kwargs,
+                **_create_checksum_args(checksum),
+            )
+        stat = self.plan.stat
         state = _UploadState(
             bucket=self.location.bucket,
             key=self.location.key,
             upload_id=str(response["UploadId"]),
-            source=self.source,
-            size=self.stat.st_size,
-            mtime_ns=self.stat.st_mtime_ns,
-            part_size=self.part_size,
-            sha256=whole,
+            token=token,
+            source=self.plan.name,
+            size=self.plan.size or 0,
+            mtime_ns=stat.st_mtime_ns if stat is not None else 0,
+            part_size=self.plan.part_size(1),
+            checksum=checksum,
         )
-        if self.request.resume:
+        if self.resumable:
             self._save(state)
         return state
+
+    def _load_resumable(self) -> _UploadState | None:
+        """The interrupted upload of this same file to this same key, if it can continue."""
+        if self.state_file is None:
+            return None
+        previous = self.state_file.load()
+        if previous is None:
+            stale = self.state_file.load_any_upload_id()
+            if stale is not None and self.state_file.load_completed() is None:
+                self._abort(stale)  # left by another version of vmstore: unusable
+            return None
+        stat = self.plan.stat
+        same = (
+            self.resumable
+            and stat is not None
+            and previous.bucket == self.location.bucket
+            and previous.key == self.location.key
+            and previous.size == stat.st_size
+            and previous.mtime_ns == stat.st_mtime_ns
+            and previous.part_size == self.plan.part_size(1)
+        )
+        listed = self._list_parts(previous.upload_id) if same else None
+        if listed is None:
+            # Not resuming (asked not to, or the file changed): the earlier unfinished
+            # upload would only cost storage.
+            self._abort(previous.upload_id)
+            self.state_file.remove()
+            return None
+        # Keep a part only if the server still has it with the ETag we were given; its
+        # bytes are checked against the source as the pass reaches it.
+        previous.parts = {n: part for n, part in previous.parts.items() if listed.get(n) == part[0]}
+        self.storage._checksum_algorithm = previous.checksum
+        log.info("resuming upload %s with %d parts stored", previous.upload_id, len(previous.parts))
+        return previous
+
+    def _send_and_complete(
+        self, state: _UploadState, first: _native.SourcePart | None
+    ) -> UploadResponse:
+        stored = dict(state.parts)
+        resumed = 0
+        parts = self._parts(first, stored)
+
+        def sent_or_stored(batch: Iterator[_native.SourcePart]) -> Iterator[_native.SourcePart]:
+            nonlocal resumed
+            for part in batch:
+                if part.number in stored:
+                    if stored[part.number][1] != part.crc64nvme:
+                        raise _ResumedPartDiffers(part.number)
+                    resumed += part.length
+                    self.reporter.advance(part.length)
+                    continue
+                yield part
+
+        def landed(batch: list[_native.SourcePart]) -> None:
+            # Save stored parts before reporting them: a process killed from its progress
+            # callback must still find them on resume (progress counts stored bytes).
+            if self.resumable:
+                self._save(state)
+            for part in batch:
+                self.reporter.advance(part.length)
+
+        with parts as feed:
+            send_parts(
+                sent_or_stored(iter(feed)),
+                lambda part: self._send_part(state, part),
+                concurrency=self.storage._config.concurrency,
+                stop=self.stop,
+                on_landed=landed,
+                cancelled=self._cancelled,
+                describe=f"upload of {self.plan.name}",
+            )
+        source = self.plan.source
+        size = source.position
+        self._check_size(size)
+        self.plan.check_unchanged()
+        if self.plan.size is not None and size != self.plan.size:
+            raise ChecksumMismatchError(
+                f"{self.plan.name} changed size during the upload; nothing was stored"
+            )
+        digest = source.sha256()
+        # Reported before Complete, which is the commit: a raising callback stops it.
+        self.reporter.finish(size)
+        etag = self._complete(state, source.crc64nvme())
+        self._write_sidecar(state, digest, size, etag)
+        self._record_completed(etag, digest, size)
+        return UploadResponse(
+            url=self.url,
+            checksum=digest,
+            bytes_transferred=size - resumed,
+            etag=etag,
+            size=size,
+            resumed_from=resumed,
+        )
+
+    def _parts(
+        self, first: _native.SourcePart | None, stored: dict[int, tuple[str, int]]
+    ) -> _FirstThen:
+        feed = PartFeed(
+            self.plan,
+            keep=lambda number: number not in stored,
+            cancel=self.request.cancel,
+            first_number=first.number + 1 if first is not None else 1,
+        )
+        return _FirstThen(first, feed)
+
+    def _send_part(self, state: _UploadState, part: _native.SourcePart) -> None:
+        data = part_view(part)
+        checksum = state.checksum
+        checksum_args: dict[str, Any]
+        if checksum == CHECKSUM_SHA256:
+            digest = hashlib.sha256(data).hexdigest() if part.sha256 is None else part.sha256
+            checksum_args = {"ChecksumSHA256": _b64(digest)}
+        else:
+            checksum_args = {"ChecksumCRC64NVME": crc64nvme_b64(part.crc64nvme)}
+        def attempt() -> str:
+            if self.stop.is_set():
+                raise CancelledError("upload stopped")
+            # The part's bytes stay in memory until it is stored: a retry re-sends them
+            # from there, never from a consumed stream.
+            body = PartBody(data)
+            response = self.client.upload_part(
+                Bucket=self.location.bucket,
+                Key=self.location.key,
+                UploadId=state.upload_id,
+                PartNumber=part.number,
+                # File-like (read/seek/tell/len): botocore sends the native buffer without
+                # a copy, in 1 MiB views.
+                Body=cast(Any, body),
+                **checksum_args,
+            )
+            for name, value in checksum_args.items():
+                echoed = response.get(name)
+                if echoed and echoed != value:
+                    raise RetryableError(
+                        f"the server stored part {part.number} with another {name}"
+                    )
+            return str(response["ETag"])
+
+        try:
+            etag = self.storage._retry.call(
+                attempt,
+                classify=_classify_part_retry,
+                describe=f"uploading part {part.number} of {self.url}",
+                cancelled=self.stop,
+            )
+        except StorageError:
+            raise
+        except Exception as exc:
+            raise storage_error(exc, f"upload part {part.number} to", self.location) from exc
+        with self.lock:
+            state.parts[part.number] = (etag, part.crc64nvme)
+
+    def _complete(self, state: _UploadState, crc64nvme: int) -> str:
+        completed: list[dict[str, Any]] = [
+            {"PartNumber": n, "ETag": state.parts[n][0]} for n in sorted(state.parts)
+        ]
+        extra: dict[str, Any] = {}
+        if state.checksum == CHECKSUM_CRC64NVME:
+            # The server checks the parts it holds against the whole object's CRC, combined
+            # from the parts' CRCs on its side: no second pass on either side.
+            extra = {"ChecksumCRC64NVME": crc64nvme_b64(crc64nvme), "ChecksumType": "FULL_OBJECT"}
+            for entry in completed:
+                entry["ChecksumCRC64NVME"] = crc64nvme_b64(state.parts[int(entry["PartNumber"])][1])
+        response = self.storage._call(
+            "complete the upload to",
+            self.location,
+            self.client.complete_multipart_upload,
+            Bucket=self.location.bucket,
+            Key=self.location.key,
+            UploadId=state.upload_id,
+            MultipartUpload={"Parts": completed},
+            **extra,
+        )
+        if self.state_file is not None:
+            self.state_file.remove()
+        return _strip_etag(str(response.get("ETag", "")))
+
+    def _write_sidecar(self, state: _UploadState, digest: str, size: int, etag: str) -> None:
+        sidecar = Sidecar(
+            sha256=digest,
+            size=size,
+            etag=etag,
+            content_type=self.content_type,
+            metadata=self.metadata,
+            uploaded_at=datetime.now(UTC).isoformat(),
+            upload_token=state.token,
+        )
+        companion = self.storage._companion(self.location)
+        try:
+            self.storage._call(
+                "store the checksum sidecar of",
+                self.location,
+                self.client.put_object,
+                Bucket=companion.bucket,
+                Key=companion.key,
+                Body=sidecar.to_bytes(),
+                ContentType="application/json",
+            )
+        except StorageError as exc:
+            raise type(exc)(
+                f"{self.url} was stored, but its checksum sidecar could not be, so the store "
+                f"holds no SHA-256 for it (its SHA-256 is {digest}): {exc.message}",
+                cause=exc,
+            ) from exc
+
+    def _record_completed(self, etag: str, digest: str, size: int) -> None:
+        if self.state_file is None or self.plan.stat is None or not etag:
+            return
+        record = _CompletedUpload(
+            bucket=self.location.bucket,
+            key=self.location.key,
+            source=self.plan.name,
+            size=size,
+            mtime_ns=self.plan.stat.st_mtime_ns,
+            etag=etag,
+            sha256=digest,
+        )
+        try:
+            self.state_file.complete(record)
+        except OSError as exc:
+            log.warning("could not record the finished upload in %s: %s", self.state_file.path, exc)
 
     def _list_parts(self, upload_id: str) -> dict[int, str] | None:
         listed: dict[int, str] = {}
@@ -774,6 +1232,8 @@ class _MultipartUpload:
             return None
 
     def _save(self, state: _UploadState) -> None:
+        if self.state_file is None:
+            return
         try:
             with self.lock:
                 self.state_file.save(state)
@@ -787,120 +1247,65 @@ class _MultipartUpload:
             )
 
     def _after_failure(self, state: _UploadState, exc: BaseException) -> None:
-        interrupted = not isinstance(
-            exc, ChecksumMismatchError | PermissionDeniedError | NotFoundError | InvalidConfigError
-        )
-        if self.request.resume and interrupted:
+        if self.resumable and keeps_partial(exc):
             self._save(state)
             log.info(
                 "upload to %s interrupted with %d parts stored; upload again to resume",
-                s3_url(self.location),
+                self.url,
                 len(state.parts),
             )
             return
         self._abort(state.upload_id)
-        self.state_file.remove()
+        if self.state_file is not None:
+            self.state_file.remove()
 
-    def _send_parts(
-        self,
-        state: _UploadState,
-        parts: list[Chunk],
-        part_hashes: list[str],
-        reporter: ProgressReporter,
-    ) -> None:
-        todo = [p for p in parts if p.number not in state.parts]
-        with _native.ChunkReader(self.source) as reader:
 
-            def send(part: Chunk) -> Chunk:
-                expected = part_hashes[part.number - 1]
+class _ResumedPartDiffers(ChecksumMismatchError):
+    def __init__(self, number: int) -> None:
+        super().__init__(
+            f"part {number} stored by the interrupted upload no longer matches the source; "
+            "upload again to start over"
+        )
 
-                def attempt() -> str:
-                    if self.stop.is_set():
-                        raise CancelledError("upload stopped")
-                    # Re-read on every attempt: a retry never re-sends a consumed body.
-                    data = reader.read(part.offset, part.length)
-                    hasher = _native.Sha256()
-                    hasher.update(data)
-                    if len(data) != part.length or hasher.hexdigest() != expected:
-                        raise ChecksumMismatchError(
-                            f"{self.source} changed during the upload (part {part.number} "
-                            "differs from when it was hashed); the upload was aborted"
-                        )
-                    response = self.client.upload_part(
-                        Bucket=self.location.bucket,
-                        Key=self.location.key,
-                        UploadId=state.upload_id,
-                        PartNumber=part.number,
-                        Body=data,
-                        ChecksumSHA256=_b64(expected),
-                    )
-                    echoed = response.get("ChecksumSHA256")
-                    if echoed and echoed != _b64(expected):
-                        raise ChecksumMismatchError(
-                            f"the server stored part {part.number} with another SHA-256"
-                        )
-                    return str(response["ETag"])
 
-                try:
-                    etag = self.storage._retry.call(
-                        attempt,
-                        classify=classify_retry,
-                        describe=f"uploading part {part.number} of {s3_url(self.location)}",
-                        cancelled=self.stop,
-                    )
-                except StorageError:
-                    raise
-                except Exception as exc:
-                    raise storage_error(
-                        exc, f"upload part {part.number} to", self.location
-                    ) from exc
-                with self.lock:
-                    state.parts[part.number] = (etag, expected)
-                return part
+class _FirstThen:
+    """A part already read (a stream's first part), then the rest of the feed."""
 
-            self._run_pool(send, todo, state, reporter)
+    def __init__(self, first: _native.SourcePart | None, feed: PartFeed) -> None:
+        self._first = first
+        self._feed = feed
 
-    def _run_pool(
-        self,
-        send: Any,
-        todo: list[Chunk],
-        state: _UploadState,
-        reporter: ProgressReporter,
-    ) -> None:
-        concurrency = self.storage._config.concurrency
-        queue: Iterator[Chunk] = iter(todo)
-        pending: set[cf.Future[Chunk]] = set()
-        with cf.ThreadPoolExecutor(
-            max_workers=concurrency, thread_name_prefix="vmstore-put"
-        ) as pool:
-            try:
-                exhausted = False
-                while True:
-                    # At most `concurrency` parts are read at once: memory stays near
-                    # concurrency x part size, whatever the disk's size.
-                    while not exhausted and len(pending) < concurrency:
-                        part = next(queue, None)
-                        if part is None:
-                            exhausted = True
-                            break
-                        pending.add(pool.submit(send, part))
-                    if not pending:
-                        break
-                    finished, pending = cf.wait(
-                        pending, timeout=0.1, return_when=cf.FIRST_COMPLETED
-                    )
-                    landed = [future.result() for future in finished]
-                    # Save stored parts before reporting them: a process killed from its
-                    # progress callback must still find them on resume.
-                    if landed and self.request.resume:
-                        self._save(state)
-                    for part in landed:
-                        reporter.advance(part.length)
-                    if self._cancelled():
-                        raise CancelledError(f"upload of {self.source} cancelled")
-            except BaseException:
-                self.stop.set()
-                for future in pending:
-                    future.cancel()
-                cf.wait(pending)
-                raise
+    def __enter__(self) -> _FirstThen:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._feed.close()
+
+    def __iter__(self) -> Iterator[_native.SourcePart]:
+        if self._first is not None:
+            yield self._first
+        yield from self._feed
+
+
+def _create_checksum_args(checksum: str) -> dict[str, str]:
+    if checksum == CHECKSUM_CRC64NVME:
+        return {"ChecksumAlgorithm": "CRC64NVME", "ChecksumType": "FULL_OBJECT"}
+    return {"ChecksumAlgorithm": "SHA256"}
+
+
+def _refuses_checksum(exc: StorageError) -> bool:
+    cause = exc.__cause__
+    if not isinstance(cause, botocore.exceptions.ClientError):
+        return False
+    code, status = _error_code(cause)
+    return code in {"InvalidRequest", "InvalidArgument", "NotImplemented"} or status == 501
+
+
+def _classify_part_retry(exc: BaseException) -> RetryableError | None:
+    """Transient failures of one part, and a part whose bytes a validating server rejected
+    (BadDigest: flipped in transit): its bytes are still in memory, so it is sent again."""
+    if isinstance(exc, botocore.exceptions.ClientError):
+        code, _status = _error_code(exc)
+        if code in _BAD_DIGEST:
+            return RetryableError(f"the server rejected part's checksum ({code})")
+    return classify_retry(exc)

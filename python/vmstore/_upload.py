@@ -1,0 +1,341 @@
+"""The upload pipeline shared by the network backends (S3, HTTP): one pass over the source.
+
+The native :class:`vmstore._native.UploadSource` reads the source (a file or a stream) front
+to back exactly once; each part is hashed in Rust as it is read, in order for the whole-object
+SHA-256 and CRC-64/NVME and on its own for the part's checksum, so the bytes hashed are the
+bytes sent. A :class:`PartFeed` reads ahead on one thread while earlier parts are on the wire;
+:func:`send_parts` keeps at most ``concurrency`` parts in flight, so memory stays near
+(concurrency + read-ahead) x part size whatever the source's size.
+
+The whole-object SHA-256 exists only once the last byte has been read, so the backends record
+it after the data (see each backend's notes on where).
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures as cf
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from vmstore import _native
+from vmstore._localpath import check_source_file
+from vmstore._parts import MIB, S3_MAX_PART, S3_MAX_PARTS, s3_part_size
+from vmstore.errors import CancelledError, ChecksumMismatchError, InvalidConfigError
+from vmstore.models import S3_MAX_OBJECT_SIZE, UploadRequest
+from vmstore.progress import ProgressReporter
+
+log = logging.getLogger("vmstore.upload")
+
+BODY_BLOCK = 1 * MIB
+"""A part body is handed to the socket in views of this size."""
+
+STREAM_TIER_PARTS = 1000
+"""An unsized stream's part size doubles every this many parts (see :func:`stream_part_size`)."""
+
+MIN_STREAM_PART = 6 * MIB
+"""Smallest first part of an unsized stream for which ten doubling tiers reach 5 TiB."""
+
+
+def crc64nvme_b64(value: int) -> str:
+    """S3's wire form of a CRC-64/NVME: base64 of the 8 big-endian bytes."""
+    return base64.b64encode(value.to_bytes(8, "big")).decode("ascii")
+
+
+def sha256_b64(hex_digest: str) -> str:
+    return base64.b64encode(bytes.fromhex(hex_digest)).decode("ascii")
+
+
+def stream_part_size(number: int, first: int) -> int:
+    """Size of part ``number`` (1-based) of a stream of unknown size.
+
+    Parts grow as the stream goes: ``first`` for parts 1-1000, twice that for 1001-2000, and
+    so on up to S3's 5 GiB. With ``first`` >= 6 MiB, 10,000 parts hold more than 5 TiB, S3's
+    largest object, while a small stream still goes up in small, quickly reported parts.
+    """
+    first = max(first, MIN_STREAM_PART)
+    return min(first << ((number - 1) // STREAM_TIER_PARTS), S3_MAX_PART)
+
+
+@dataclass(frozen=True)
+class SourcePlan:
+    """How an upload's source will be read: opened once, sized up front where possible."""
+
+    source: _native.UploadSource
+    name: str
+    size: int | None
+    """Bytes the source holds: a file's size or a stream's size hint; None when unknown."""
+    part_size: Callable[[int], int]
+    """Size of part ``n`` (1-based)."""
+    stat: os.stat_result | None
+    """The file's stat when opened (None for a stream): a changed mtime means the source was
+    written to during the upload."""
+
+    @property
+    def is_stream(self) -> bool:
+        return self.stat is None
+
+    def check_unchanged(self) -> None:
+        """Refuse a file that was written to while it was read (a running VM's disk): the
+        stored object would be a torn image, even though it matches its checksum."""
+        if self.stat is None:
+            return
+        now = os.stat(self.name)
+        if (now.st_mtime_ns, now.st_size, now.st_ino) != (
+            self.stat.st_mtime_ns,
+            self.stat.st_size,
+            self.stat.st_ino,
+        ):
+            raise ChecksumMismatchError(
+                f"{self.name} changed during the upload (it was written to while being read); "
+                "nothing was stored: stop the VM or snapshot the disk, then upload again"
+            )
+
+
+def plan_source(
+    request: UploadRequest, part_size_for: Callable[[int], int], *, drop_cache: bool = False
+) -> SourcePlan:
+    """Open the request's source. ``part_size_for(size)`` gives the fixed part size for a
+    source of known size; an unsized stream grows its parts (:func:`stream_part_size`)."""
+    if request.source_stream is not None:
+        hint = request.size_hint
+        source = _native.UploadSource.stream(request.source_stream, name="<stream>")
+        if hint is not None:
+            fixed = part_size_for(hint)
+            return SourcePlan(source, "<stream>", hint, lambda _n: fixed, None)
+        first = part_size_for(0)
+        return SourcePlan(
+            source, "<stream>", None, lambda n: stream_part_size(n, first), None
+        )
+    assert request.source_path is not None
+    path = os.path.abspath(request.source_path)
+    stat = check_source_file(path)
+    if stat.st_size > S3_MAX_OBJECT_SIZE:
+        raise InvalidConfigError(
+            f"{path} holds {stat.st_size} bytes, more than the 5 TiB an object may hold"
+        )
+    source = _native.UploadSource.file(path, drop_cache=drop_cache)
+    fixed = part_size_for(source.size or 0)
+    return SourcePlan(source, path, source.size, lambda _n: fixed, stat)
+
+
+def s3_part_size_for(requested: int) -> Callable[[int], int]:
+    """Part sizing for S3 (at least 5 MiB, at most 10,000 parts)."""
+
+    def size_for(size: int) -> int:
+        try:
+            return s3_part_size(size, requested)
+        except ValueError as exc:
+            raise InvalidConfigError(
+                f"an object of {size} bytes does not fit in {S3_MAX_PARTS} parts"
+            ) from exc
+
+    return size_for
+
+
+_END = object()
+
+
+class PartFeed:
+    """The source's parts in order, read (and hashed) ahead on one thread.
+
+    ``keep(number)`` says whether a part's bytes are needed (False for parts a resumed upload
+    already stored: they are hashed, not kept). At most ``depth`` parts wait in the queue.
+    ``first_number`` is the number of the next part when earlier ones were read already.
+    """
+
+    def __init__(
+        self,
+        plan: SourcePlan,
+        *,
+        keep: Callable[[int], bool] = lambda _n: True,
+        depth: int = 1,
+        cancel: _native.CancelToken | None = None,
+        first_number: int = 1,
+    ) -> None:
+        self._plan = plan
+        self._first_number = first_number
+        self._keep = keep
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._cancel = cancel
+        self._thread = threading.Thread(target=self._run, name="vmstore-read", daemon=True)
+        self._started = False
+
+    def _put(self, item: object) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        number = self._first_number
+        try:
+            while not self._stop.is_set():
+                if self._cancel is not None and self._cancel.is_cancelled:
+                    raise CancelledError(f"upload of {self._plan.name} cancelled")
+                part = self._plan.source.next_part(
+                    self._plan.part_size(number), keep=self._keep(number)
+                )
+                if part is None:
+                    break
+                if not self._put(part):
+                    return
+                number += 1
+            self._put(_END)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            self._put(exc)
+
+    def __iter__(self) -> Iterator[_native.SourcePart]:
+        if not self._started:
+            self._started = True
+            self._thread.start()
+        while True:
+            item = self._queue.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            assert isinstance(item, _native.SourcePart)
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._started:
+            self._thread.join()
+
+    def __enter__(self) -> PartFeed:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class CallbackAbort(BaseException):
+    """Carries an exception raised by the caller's progress callback out of an HTTP client's
+    body read: a BaseException, so no client mistakes it for a network failure and retries or
+    wraps it; the pipeline re-raises the original, unchanged."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    return exc.error if isinstance(exc, CallbackAbort) else exc
+
+
+class PartBody:
+    """A part's bytes as a file-like HTTP body, handed out in 1 MiB views of the native buffer
+    (no copy). boto3 takes bytes, bytearray or a file; a memoryview it refuses."""
+
+    def __init__(self, data: memoryview) -> None:
+        self._data = data
+        self._position = 0
+
+    def __len__(self) -> int:
+        return len(self._data) - self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._position, os.SEEK_END: len(self._data)}[whence]
+        self._position = min(max(0, base + offset), len(self._data))
+        return self._position
+
+    def read(self, size: int = -1) -> memoryview:
+        # At least a MiB whatever the caller asks (http.client asks for 16 KiB): a call per
+        # MiB rather than per 16 KiB keeps Python off the hot path.
+        want = len(self._data) - self._position if size < 0 else max(size, BODY_BLOCK)
+        block = self._data[self._position : self._position + want]
+        self._position += len(block)
+        return block
+
+
+def part_view(part: _native.SourcePart) -> memoryview:
+    if part.data is None:
+        raise AssertionError(f"part {part.number} was read without its bytes")
+    return memoryview(part.data).cast("B")
+
+
+def send_parts(
+    parts: Iterator[_native.SourcePart],
+    send: Callable[[_native.SourcePart], None],
+    *,
+    concurrency: int,
+    stop: threading.Event,
+    on_landed: Callable[[list[_native.SourcePart]], None],
+    cancelled: Callable[[], bool],
+    describe: str,
+) -> None:
+    """Send every part with ``send`` on ``concurrency`` threads, at most that many at once.
+
+    ``on_landed`` sees each batch of finished parts (to journal them) on this thread. The first
+    failure stops everything: ``stop`` is set for the senders and the failure is raised.
+    """
+    pending: set[cf.Future[_native.SourcePart]] = set()
+
+    def run(part: _native.SourcePart) -> _native.SourcePart:
+        send(part)
+        return part
+
+    def collect(block: bool) -> None:
+        nonlocal pending
+        if not pending:
+            return
+        finished, pending = cf.wait(
+            pending, timeout=0.1 if block else 0, return_when=cf.FIRST_COMPLETED
+        )
+        landed = [future.result() for future in finished]
+        if landed:
+            on_landed(landed)
+
+    with cf.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="vmstore-put") as pool:
+        try:
+            for part in parts:
+                while len(pending) >= concurrency:
+                    collect(block=True)
+                    if cancelled():
+                        raise CancelledError(f"{describe} cancelled")
+                pending.add(pool.submit(run, part))
+                collect(block=False)
+            while pending:
+                collect(block=True)
+                if cancelled():
+                    raise CancelledError(f"{describe} cancelled")
+        except BaseException:
+            stop.set()
+            for future in pending:
+                future.cancel()
+            cf.wait(pending)
+            raise
+
+
+def progress_for(request: UploadRequest, total: int | None) -> ProgressReporter:
+    """The request's progress, over the source's size (0 while a stream's size is unknown)."""
+    return ProgressReporter(request.progress_callback, total or 0)
+
+
+__all__ = [
+    "BODY_BLOCK",
+    "CallbackAbort",
+    "PartBody",
+    "PartFeed",
+    "SourcePlan",
+    "crc64nvme_b64",
+    "part_view",
+    "plan_source",
+    "s3_part_size_for",
+    "send_parts",
+    "sha256_b64",
+    "stream_part_size",
+    "unwrap",
+]

@@ -1,0 +1,526 @@
+//! UploadSource: the one sequential pass over an upload's source, a file or a Python stream.
+//!
+//! Each part is read once into memory that is then handed to Python (and on to the HTTP
+//! body) without a copy, and hashed from that same memory: in order into the whole-object
+//! SHA-256 and CRC-64/NVME, and on its own for the part's CRC-64/NVME (and SHA-256 when
+//! asked). The bytes hashed are the bytes sent; nothing reads the source a second time.
+//!
+//! File parts live in pooled native buffers (`PartBuffer`): a 200 GB upload reuses the same
+//! few part-sized allocations instead of faulting in fresh memory for every part.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crc_fast::{CrcAlgorithm, Digest as CrcDigest};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::types::{PyByteArray, PyBytes};
+use sha2::{Digest, Sha256};
+
+use crate::buffer::with_bytes;
+use crate::error::{CoreError, CoreResult, IoContext};
+use crate::hash::{hex_digest, to_hex};
+use crate::reader::{read_full_at, SourceFile};
+
+/// Spare part buffers kept for reuse; more than the parts in flight is never needed.
+const POOL_SPARES: usize = 16;
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Part-sized allocations returned by dropped `PartBuffer`s.
+#[derive(Default)]
+struct BufferPool {
+    spares: Mutex<Vec<Vec<u8>>>,
+}
+
+impl BufferPool {
+    /// A buffer of exactly `len` bytes (contents unspecified: the caller overwrites them).
+    fn take(&self, len: usize) -> Vec<u8> {
+        let mut spares = lock(&self.spares);
+        let best = spares
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.capacity() >= len)
+            .min_by_key(|(_, v)| v.capacity())
+            .map(|(i, _)| i);
+        let mut buf = match best {
+            Some(i) => spares.swap_remove(i),
+            None => Vec::new(),
+        };
+        drop(spares);
+        // Only growth is zero-filled: a reused buffer is overwritten by the read anyway.
+        buf.resize(len, 0);
+        buf.truncate(len);
+        buf
+    }
+
+    fn give_back(&self, buf: Vec<u8>) {
+        let mut spares = lock(&self.spares);
+        if spares.len() < POOL_SPARES {
+            spares.push(buf);
+        }
+    }
+}
+
+/// A part's bytes in native memory, readable from Python through the buffer protocol
+/// (``memoryview(buffer)``) without a copy. Immutable once made.
+#[pyclass(module = "vmstore._native", frozen)]
+pub struct PartBuffer {
+    data: Option<Vec<u8>>,
+    pool: Arc<BufferPool>,
+}
+
+impl PartBuffer {
+    fn bytes(&self) -> &[u8] {
+        self.data.as_deref().unwrap_or(&[])
+    }
+}
+
+impl Drop for PartBuffer {
+    fn drop(&mut self) {
+        if let Some(buf) = self.data.take() {
+            self.pool.give_back(buf);
+        }
+    }
+}
+
+#[pymethods]
+impl PartBuffer {
+    fn __len__(&self) -> usize {
+        self.bytes().len()
+    }
+
+    /// # Safety
+    /// Called by CPython with a valid `view`; the exported memory is owned by `slf`, which
+    /// the view keeps alive (PyBuffer_FillInfo takes a reference), and is never mutated
+    /// (the class is frozen and the buffer read-only).
+    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: std::os::raw::c_int) -> PyResult<()> {
+        if flags & ffi::PyBUF_WRITABLE == ffi::PyBUF_WRITABLE {
+            return Err(pyo3::exceptions::PyBufferError::new_err("PartBuffer is read-only"));
+        }
+        let bytes = slf.get().bytes();
+        let (ptr, len) = (bytes.as_ptr() as *mut std::os::raw::c_void, bytes.len() as ffi::Py_ssize_t);
+        // SAFETY: see the method's safety note; readonly = 1.
+        let rc = unsafe { ffi::PyBuffer_FillInfo(view, slf.as_ptr(), ptr, len, 1, flags) };
+        if rc != 0 {
+            return Err(PyErr::fetch(slf.py()));
+        }
+        Ok(())
+    }
+
+    unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
+
+    fn __repr__(&self) -> String {
+        format!("PartBuffer({} bytes)", self.bytes().len())
+    }
+}
+
+/// One part of the source, as read and hashed.
+#[pyclass(module = "vmstore._native", frozen, get_all)]
+pub struct SourcePart {
+    /// 1-based, in source order.
+    number: u64,
+    offset: u64,
+    length: u64,
+    /// CRC-64/NVME of this part's bytes.
+    crc64nvme: u64,
+    /// SHA-256 hex of this part's bytes, when the source was opened with part_sha256.
+    sha256: Option<String>,
+    /// The bytes: a PartBuffer (file sources), a bytearray (streams), or None when the
+    /// part was only hashed (`keep=False`).
+    data: Option<Py<PyAny>>,
+}
+
+#[pymethods]
+impl SourcePart {
+    #[getter]
+    fn end(&self) -> u64 {
+        self.offset + self.length
+    }
+
+    fn __repr__(&self) -> String {
+        format!("SourcePart(number={}, offset={}, length={})", self.number, self.offset, self.length)
+    }
+}
+
+enum Input {
+    File { source: SourceFile, extents: Vec<(u64, u64)> },
+    Stream { stream: Py<PyAny>, readinto: bool },
+}
+
+/// The in-order state of the pass.
+struct Pass {
+    sha: Sha256,
+    crc: CrcDigest,
+    position: u64,
+    parts: u64,
+    eof: bool,
+    /// Reused for parts that are only hashed (a resumed upload's stored parts).
+    scratch: Vec<u8>,
+}
+
+impl Pass {
+    fn absorb(&mut self, data: &[u8], part_sha256: bool) -> (u64, Option<String>) {
+        self.sha.update(data);
+        self.crc.update(data);
+        let mut part = CrcDigest::new(CrcAlgorithm::Crc64Nvme);
+        part.update(data);
+        let sha = part_sha256.then(|| to_hex(&Sha256::digest(data)));
+        self.position += data.len() as u64;
+        (part.finalize(), sha)
+    }
+}
+
+/// Fill `buf` with bytes [offset, offset + buf.len()) of the file: data extents are read,
+/// holes are zeros without a read. Returns how many bytes the file still had.
+fn read_file_span(source: &SourceFile, extents: &[(u64, u64)], offset: u64, buf: &mut [u8]) -> CoreResult<usize> {
+    let end = offset + buf.len() as u64;
+    let mut pos = offset;
+    let first = extents.partition_point(|&(o, l)| o + l <= offset);
+    for &(o, l) in &extents[first..] {
+        if o >= end {
+            break;
+        }
+        let (start, stop) = (o.max(offset), (o + l).min(end));
+        if start > pos {
+            buf[(pos - offset) as usize..(start - offset) as usize].fill(0);
+        }
+        let slot = &mut buf[(start - offset) as usize..(stop - offset) as usize];
+        let got = read_full_at(&source.file, slot, start)
+            .context(|| format!("reading {} at offset {start}", source.path.display()))?;
+        if got < slot.len() {
+            return Ok((start - offset) as usize + got);
+        }
+        pos = stop;
+    }
+    if pos < end {
+        buf[(pos - offset) as usize..].fill(0);
+    }
+    Ok(buf.len())
+}
+
+fn fadvise(file: &File, offset: u64, len: u64, advice: libc::c_int) {
+    // SAFETY: advisory call on a valid fd; it touches no memory, and failure is harmless.
+    unsafe {
+        libc::posix_fadvise(file.as_raw_fd(), offset as libc::off_t, len as libc::off_t, advice);
+    }
+}
+
+/// The source of one upload, read once from front to back by `next_part`.
+#[pyclass(module = "vmstore._native", frozen)]
+pub struct UploadSource {
+    input: Input,
+    pass: Mutex<Pass>,
+    pool: Arc<BufferPool>,
+    part_sha256: bool,
+    drop_cache: bool,
+    name: String,
+    size: Option<u64>,
+}
+
+impl UploadSource {
+    fn new(input: Input, name: String, size: Option<u64>, part_sha256: bool, drop_cache: bool) -> Self {
+        UploadSource {
+            input,
+            pass: Mutex::new(Pass {
+                sha: Sha256::new(),
+                crc: CrcDigest::new(CrcAlgorithm::Crc64Nvme),
+                position: 0,
+                parts: 0,
+                eof: false,
+                scratch: Vec::new(),
+            }),
+            pool: Arc::new(BufferPool::default()),
+            part_sha256,
+            drop_cache,
+            name,
+            size,
+        }
+    }
+
+    fn file_part(
+        &self,
+        py: Python<'_>,
+        source: &SourceFile,
+        extents: &[(u64, u64)],
+        pass: &mut Pass,
+        length: u64,
+        keep: bool,
+    ) -> PyResult<Option<SourcePart>> {
+        let offset = pass.position;
+        let len = length.min(source.size.saturating_sub(offset)) as usize;
+        if len == 0 {
+            pass.eof = true;
+            return Ok(None);
+        }
+        let mut buf = if keep { self.pool.take(len) } else { std::mem::take(&mut pass.scratch) };
+        if !keep {
+            buf.resize(len, 0);
+        }
+        let part_sha256 = self.part_sha256;
+        let drop_cache = self.drop_cache;
+        let (crc, sha) = py.detach(|| -> CoreResult<(u64, Option<String>)> {
+            let got = read_file_span(source, extents, offset, &mut buf[..len])?;
+            if got < len {
+                return Err(CoreError::io(
+                    format!("reading {} at offset {}", source.path.display(), offset + got as u64),
+                    std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("the file shrank to {} bytes while being uploaded", offset + got as u64),
+                    ),
+                ));
+            }
+            if drop_cache {
+                // Like qemu-img -T none: a 200 GB export must not evict the host's page
+                // cache; each part's pages are dropped once its bytes are in our buffer.
+                fadvise(&source.file, offset, len as u64, libc::POSIX_FADV_DONTNEED);
+            }
+            Ok(pass.absorb(&buf[..len], part_sha256))
+        })?;
+        pass.parts += 1;
+        let data = if keep {
+            Some(Py::new(py, PartBuffer { data: Some(buf), pool: Arc::clone(&self.pool) })?.into_any())
+        } else {
+            pass.scratch = buf;
+            None
+        };
+        Ok(Some(SourcePart { number: pass.parts, offset, length: len as u64, crc64nvme: crc, sha256: sha, data }))
+    }
+
+    fn stream_part(
+        &self,
+        py: Python<'_>,
+        stream: &Py<PyAny>,
+        readinto: bool,
+        pass: &mut Pass,
+        length: u64,
+    ) -> PyResult<Option<SourcePart>> {
+        if pass.eof {
+            return Ok(None);
+        }
+        let offset = pass.position;
+        let want = usize::try_from(length).map_err(|_| PyValueError::new_err("part length too large"))?;
+        let stream = stream.bind(py);
+        let data = PyByteArray::new(py, &[]);
+        let mut filled = 0usize;
+        if readinto {
+            data.resize(want)?;
+            let view = py.import("builtins")?.getattr("memoryview")?.call1((&data,))?;
+            while filled < want {
+                let window = view.get_item(pyo3::types::PySlice::new(py, filled as isize, want as isize, 1))?;
+                let got = stream.call_method1("readinto", (window,))?;
+                if got.is_none() {
+                    return Err(PyValueError::new_err(format!(
+                        "{} is in non-blocking mode and had no data; give a blocking stream",
+                        self.name
+                    )));
+                }
+                let n: usize = got.extract()?;
+                if n == 0 {
+                    pass.eof = true;
+                    break;
+                }
+                filled += n;
+            }
+            view.call_method0("release")?;
+            if filled < want {
+                data.resize(filled)?;
+            }
+        } else {
+            while filled < want {
+                let block = stream.call_method1("read", (want - filled,))?;
+                let block = block.downcast::<PyBytes>().map_err(|_| {
+                    PyTypeError::new_err(format!("{}.read() must return bytes", self.name))
+                })?;
+                let bytes = block.as_bytes();
+                if bytes.is_empty() {
+                    pass.eof = true;
+                    break;
+                }
+                let start = data.len();
+                data.resize(start + bytes.len())?;
+                // SAFETY: no Python code runs while this slice of our own new bytearray is
+                // alive, so nothing can resize or free it.
+                #[allow(unsafe_code)]
+                unsafe {
+                    data.as_bytes_mut()[start..].copy_from_slice(bytes);
+                }
+                filled += bytes.len();
+            }
+        }
+        if filled == 0 {
+            pass.eof = true;
+            return Ok(None);
+        }
+        let part_sha256 = self.part_sha256;
+        let (crc, sha) = with_bytes(py, data.as_any(), |bytes| pass.absorb(bytes, part_sha256))?;
+        pass.parts += 1;
+        Ok(Some(SourcePart {
+            number: pass.parts,
+            offset,
+            length: filled as u64,
+            crc64nvme: crc,
+            sha256: sha,
+            data: Some(data.into_any().unbind()),
+        }))
+    }
+}
+
+#[pymethods]
+impl UploadSource {
+    /// Open a regular file. ``drop_cache`` drops each part's pages from the page cache once
+    /// read; ``part_sha256`` also computes each part's SHA-256.
+    #[staticmethod]
+    #[pyo3(signature = (path, *, part_sha256 = false, drop_cache = false))]
+    fn file(py: Python<'_>, path: PathBuf, part_sha256: bool, drop_cache: bool) -> PyResult<Self> {
+        let (source, extents) = py.detach(|| -> CoreResult<_> {
+            let source = SourceFile::open(&path)?;
+            let extents = source.extents()?;
+            Ok((source, extents))
+        })?;
+        let size = source.size;
+        let name = path.display().to_string();
+        Ok(UploadSource::new(Input::File { source, extents }, name, Some(size), part_sha256, drop_cache))
+    }
+
+    /// Read a Python binary stream (``readinto`` when it has one, else ``read``).
+    #[staticmethod]
+    #[pyo3(signature = (stream, *, name = "<stream>".to_string(), part_sha256 = false))]
+    fn stream(stream: Bound<'_, PyAny>, name: String, part_sha256: bool) -> PyResult<Self> {
+        let readinto = stream.hasattr("readinto")?;
+        if !readinto && !stream.hasattr("read")? {
+            return Err(PyTypeError::new_err(format!("{name} has neither readinto() nor read()")));
+        }
+        Ok(UploadSource::new(Input::Stream { stream: stream.unbind(), readinto }, name, None, part_sha256, false))
+    }
+
+    /// The next part, at most ``length`` bytes (fewer only at the end), or None at the end.
+    /// ``keep=False`` hashes the part without keeping its bytes (file sources only).
+    #[pyo3(signature = (length, *, keep = true))]
+    fn next_part(&self, py: Python<'_>, length: u64, keep: bool) -> PyResult<Option<SourcePart>> {
+        if length == 0 {
+            return Err(PyValueError::new_err("part length must be positive"));
+        }
+        let mut pass = lock(&self.pass);
+        if pass.eof {
+            return Ok(None);
+        }
+        match &self.input {
+            Input::File { source, extents } => self.file_part(py, source, extents, &mut pass, length, keep),
+            Input::Stream { stream, readinto } => self.stream_part(py, stream, *readinto, &mut pass, length),
+        }
+    }
+
+    /// Bytes consumed so far.
+    #[getter]
+    fn position(&self) -> u64 {
+        lock(&self.pass).position
+    }
+
+    /// The file's size when opened (None for a stream).
+    #[getter]
+    fn size(&self) -> Option<u64> {
+        self.size
+    }
+
+    #[getter]
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether the end of the source was reached.
+    #[getter]
+    fn exhausted(&self) -> bool {
+        let pass = lock(&self.pass);
+        pass.eof || self.size.is_some_and(|size| pass.position >= size)
+    }
+
+    /// SHA-256 hex of every byte consumed so far, in order.
+    fn sha256(&self) -> String {
+        hex_digest(&lock(&self.pass).sha)
+    }
+
+    /// CRC-64/NVME of every byte consumed so far, in order (S3's FULL_OBJECT checksum).
+    fn crc64nvme(&self) -> u64 {
+        lock(&self.pass).crc.finalize()
+    }
+
+    fn __repr__(&self) -> String {
+        format!("UploadSource({:?}, position={})", self.name, lock(&self.pass).position)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn crc64(data: &[u8]) -> u64 {
+        let mut d = CrcDigest::new(CrcAlgorithm::Crc64Nvme);
+        d.update(data);
+        d.finalize()
+    }
+
+    #[test]
+    fn crc64nvme_matches_the_published_check_value() {
+        // The CRC-64/NVME catalogue check value for "123456789".
+        assert_eq!(crc64(b"123456789"), 0xae8b_1486_0a79_9888);
+    }
+
+    #[test]
+    fn file_span_reads_extents_and_zero_fills_holes() {
+        let file = tempfile::NamedTempFile::new().expect("temp");
+        file.as_file().set_len(64 << 10).expect("len");
+        std::os::unix::fs::FileExt::write_all_at(file.as_file(), &[7u8; 4096], 20 << 10).expect("write");
+        let source = SourceFile::open(file.path()).expect("open");
+        let extents = source.extents().expect("extents");
+        let mut buf = vec![0xffu8; 32 << 10];
+        assert_eq!(read_file_span(&source, &extents, 16 << 10, &mut buf).expect("read"), 32 << 10);
+        assert!(buf[..4 << 10].iter().all(|&b| b == 0));
+        assert!(buf[4 << 10..8 << 10].iter().all(|&b| b == 7));
+        assert!(buf[8 << 10..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn pass_hashes_whole_and_parts_from_the_same_bytes() {
+        let mut file = tempfile::NamedTempFile::new().expect("temp");
+        let data: Vec<u8> = (0..250_000u32).map(|i| (i * 31 % 251) as u8).collect();
+        file.write_all(&data).expect("write");
+        let source = SourceFile::open(file.path()).expect("open");
+        let extents = source.extents().expect("extents");
+        let mut pass = Pass {
+            sha: Sha256::new(),
+            crc: CrcDigest::new(CrcAlgorithm::Crc64Nvme),
+            position: 0,
+            parts: 0,
+            eof: false,
+            scratch: Vec::new(),
+        };
+        for chunk in data.chunks(100_000) {
+            let mut buf = vec![0u8; chunk.len()];
+            read_file_span(&source, &extents, pass.position, &mut buf).expect("read");
+            let (crc, sha) = pass.absorb(&buf, true);
+            assert_eq!(crc, crc64(chunk));
+            assert_eq!(sha.expect("sha"), to_hex(&Sha256::digest(chunk)));
+        }
+        assert_eq!(hex_digest(&pass.sha), to_hex(&Sha256::digest(&data)));
+        assert_eq!(pass.crc.finalize(), crc64(&data));
+    }
+
+    #[test]
+    fn pool_reuses_buffers_of_sufficient_capacity() {
+        let pool = BufferPool::default();
+        let buf = pool.take(1000);
+        let ptr = buf.as_ptr();
+        pool.give_back(buf);
+        let again = pool.take(600);
+        assert_eq!(again.len(), 600);
+        assert_eq!(again.as_ptr(), ptr);
+        assert_eq!(pool.take(5000).len(), 5000);
+    }
+}
