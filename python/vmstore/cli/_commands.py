@@ -1,0 +1,386 @@
+"""What each ``vmstore`` command does, and how a failure is put into the user's words."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import BinaryIO, cast
+
+from vmstore import _native
+from vmstore.cli._output import Console, Failure
+from vmstore.cli._parser import (
+    EXIT_CODE_BY_ERROR_TYPE,
+    EXIT_DESTINATION_EXISTS,
+    EXIT_USAGE,
+    FLAG_BY_FIELD,
+    STREAM,
+)
+from vmstore.cli._progress import Display, TransferSummary
+from vmstore.config import _ENV_VARIABLES, StorageConfig
+from vmstore.errors import (
+    ChecksumMismatchError,
+    ErrorType,
+    InvalidConfigError,
+    PermissionDeniedError,
+    StorageError,
+)
+from vmstore.models import DownloadRequest, ProgressCallback, UploadRequest
+from vmstore.progress import PROGRESS_INTERVAL_SECONDS, ProgressReporter
+from vmstore.storage import Storage, new_storage
+from vmstore.urls import url_scheme
+
+# The backend a URL names by its scheme when neither --type nor VMSTORE_TYPE says.
+TYPE_BY_SCHEME = {"s3": "s3", "nfs": "nfs", "http": "http", "https": "https"}
+
+STDIN_BLOCK = 4 << 20
+
+
+class CommandFailed(Exception):
+    """A failure the command itself detects (not the library's): already in its words."""
+
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
+
+
+def usage_failure(message: str) -> CommandFailed:
+    return CommandFailed(Failure("Usage", message, EXIT_USAGE))
+
+
+# --- where each setting came from, so messages name what the user typed ------------------
+
+_FIELD_REFERENCE = re.compile(r"StorageConfig\.(\w+)(?: \([A-Z_]+(?:, [A-Z_]+)*\))?")
+
+
+@dataclass
+class SettingOrigins:
+    """For each StorageConfig field: the flag or environment variable that set it."""
+
+    environ: Mapping[str, str]
+    origin: dict[str, str] = field(default_factory=dict)
+
+    def name_of(self, field_name: str) -> str:
+        """``--concurrency`` if the flag set it, ``VMSTORE_CONCURRENCY`` if the environment
+        did, and both ways to set it when neither did."""
+        given = self.origin.get(field_name)
+        if given is not None:
+            return given
+        flag = FLAG_BY_FIELD.get(field_name)
+        variables = " or ".join(_ENV_VARIABLES.get(field_name, ()))
+        if flag and variables:
+            return f"{flag} (or {variables})"
+        return flag or variables or field_name
+
+    def explain(self, message: str) -> str:
+        """``message`` with StorageConfig field names put as the user would set them."""
+        message = _FIELD_REFERENCE.sub(lambda match: self.name_of(match.group(1)), message)
+        return message.replace("insecure_skip_verify=True", self.name_of("insecure_skip_verify"))
+
+
+def _settings(args: argparse.Namespace, environ: Mapping[str, str]) -> SettingOrigins:
+    origins = SettingOrigins(environ)
+    for field_name, flag in FLAG_BY_FIELD.items():
+        if getattr(args, field_name, None) is not None:
+            origins.origin[field_name] = flag
+    for field_name, variables in _ENV_VARIABLES.items():
+        if field_name in origins.origin:
+            continue
+        for variable in variables:
+            if variable in environ:
+                origins.origin[field_name] = variable
+                break
+    return origins
+
+
+def open_storage(args: argparse.Namespace, url: str, origins: SettingOrigins) -> Storage:
+    backend_type = args.type
+    if backend_type is None and not origins.environ.get("VMSTORE_TYPE", "").strip():
+        backend_type = TYPE_BY_SCHEME.get(url_scheme(url))
+        if backend_type is None:
+            raise InvalidConfigError(
+                f"cannot tell the backend from {url!r}: give a URL that starts with s3://, "
+                "nfs://, http:// or https://, or pass --type (or set VMSTORE_TYPE)"
+            )
+        origins.origin["type"] = f"the scheme of {url!r}"
+    config = StorageConfig.from_env(
+        environ=origins.environ,
+        type=backend_type,
+        endpoint=args.endpoint,
+        bucket=args.bucket,
+        region=args.region,
+        token=args.token,
+        chunk_size=args.chunk_size,
+        concurrency=args.concurrency,
+        timeout=args.timeout,
+        max_retries=args.max_retries,
+        # A flag that is absent must not override VMSTORE_INSECURE_SKIP_VERIFY.
+        insecure_skip_verify=True if args.insecure_skip_verify else None,
+        ca_bundle=args.ca_bundle,
+    )
+    return new_storage(config)
+
+
+# --- translating the library's errors -----------------------------------------------------
+
+# The NFS backend refuses a path that leaves the share with PermissionDeniedError, whose
+# name reads like refused credentials; these are the phrases its messages use for it.
+_OUTSIDE_SHARE = re.compile(
+    r"outside (?:the )?(?:NFS )?mount point|climbs out of the mount point|outside the share"
+)
+
+
+@dataclass
+class Invocation:
+    """One run of a command: its arguments, output, and what its failures should say."""
+
+    args: argparse.Namespace
+    console: Console
+    environ: Mapping[str, str]
+    origins: SettingOrigins
+    stream_destination: bool = False
+
+    def failure_of(self, error: StorageError) -> Failure:
+        message = self.origins.explain(error.message)
+        exit_status = EXIT_CODE_BY_ERROR_TYPE.get(
+            error.type, EXIT_CODE_BY_ERROR_TYPE[ErrorType.OPERATION_FAILED]
+        )
+        if isinstance(error, PermissionDeniedError) and _OUTSIDE_SHARE.search(message):
+            return Failure(
+                error.type.value,
+                f"{message} (not a credentials problem: the path leaves the share)",
+                exit_status,
+                label="OutsideShare",
+                reason="OutsideShare",
+            )
+        if isinstance(error, ChecksumMismatchError) and self.stream_destination:
+            message += (
+                "; the bytes were already written to stdout: whatever read them has received "
+                "a corrupt image and must discard it"
+            )
+        return Failure(error.type.value, message, exit_status)
+
+
+# --- the commands -------------------------------------------------------------------------
+
+
+def _callback(display: Display) -> ProgressCallback | None:
+    return display if display.wants_callback else None
+
+
+def run_upload(run: Invocation) -> int:
+    args = run.args
+    from_stdin = args.source == STREAM
+    if args.size is not None and not from_stdin:
+        raise usage_failure("--size is for a stream (SOURCE -); a file's size is read from it")
+    if from_stdin and _is_terminal(sys.stdin):
+        raise usage_failure(
+            "SOURCE - reads the image from stdin, which is a terminal; pipe it in "
+            "(qemu-img convert -O raw disk.qcow2 /dev/stdout | vmstore upload - URL)"
+        )
+    label = f"upload {'<stdin>' if from_stdin else args.source}"
+    with open_storage(args, args.url, run.origins) as store:
+        display = run.console.start_progress(
+            label, known_size=not from_stdin or args.size is not None
+        )
+        summary: TransferSummary | None = None
+        try:
+            if from_stdin:
+                request = UploadRequest(
+                    source_stream=sys.stdin.buffer,
+                    size_hint=args.size,
+                    destination_url=args.url,
+                    metadata=dict(args.metadata),
+                    progress_callback=_callback(display),
+                    content_type=args.content_type,
+                    resume=False,  # a stream cannot be read again
+                )
+            else:
+                request = UploadRequest(
+                    source_path=args.source,
+                    destination_url=args.url,
+                    metadata=dict(args.metadata),
+                    progress_callback=_callback(display),
+                    content_type=args.content_type,
+                    resume=not args.no_resume,
+                )
+            response = store.upload(request)
+            summary = TransferSummary(
+                response.bytes_transferred, response.size, response.resumed_from
+            )
+        finally:
+            display.finish(summary)
+    run.console.result(
+        {
+            "url": response.url,
+            "source": args.source,
+            "size": response.size,
+            "checksum": response.checksum,
+            "bytes_transferred": response.bytes_transferred,
+            "resumed_from": response.resumed_from,
+            "etag": response.etag,
+        }
+    )
+    return 0
+
+
+def run_download(run: Invocation) -> int:
+    args = run.args
+    to_stdout = args.destination == STREAM
+    if to_stdout:
+        if _is_terminal(sys.stdout):
+            raise usage_failure(
+                "DEST - writes the image to stdout, which is a terminal; redirect it "
+                "(vmstore download URL - > disk.img, or | qemu-img dd ...) or give a file"
+            )
+        run.console.reserve_stdout_for_data()
+        run.stream_destination = True
+    elif args.no_clobber and os.path.lexists(args.destination):
+        raise CommandFailed(
+            Failure(
+                "DestinationExists",
+                f"{args.destination} already exists and --no-clobber was given; nothing was "
+                "downloaded (remove it, choose another DEST, or drop --no-clobber)",
+                EXIT_DESTINATION_EXISTS,
+            )
+        )
+    label = f"download {args.url}"
+    with open_storage(args, args.url, run.origins) as store:
+        display = run.console.start_progress(label)
+        summary: TransferSummary | None = None
+        try:
+            if to_stdout:
+                stdout: BinaryIO = sys.stdout.buffer
+                request = DownloadRequest(
+                    source_url=args.url,
+                    destination_stream=stdout,
+                    verify_checksum=not args.no_verify,
+                    expected_checksum=args.expected_checksum,
+                    progress_callback=_callback(display),
+                    resume=False,  # what went to the consumer cannot be taken back
+                )
+            else:
+                request = DownloadRequest(
+                    source_url=args.url,
+                    destination_path=args.destination,
+                    verify_checksum=not args.no_verify,
+                    expected_checksum=args.expected_checksum,
+                    progress_callback=_callback(display),
+                    resume=not args.no_resume,
+                )
+            response = store.download(request)
+            if to_stdout:
+                sys.stdout.buffer.flush()
+            summary = TransferSummary(
+                response.bytes_transferred, response.content_length, response.resumed_from
+            )
+        finally:
+            display.finish(summary)
+    run.console.result(
+        {
+            "url": args.url,
+            "destination": response.destination_path or STREAM,
+            "size": response.content_length,
+            "checksum": response.checksum,
+            "bytes_transferred": response.bytes_transferred,
+            "resumed_from": response.resumed_from,
+        }
+    )
+    return 0
+
+
+def run_stat(run: Invocation) -> int:
+    with open_storage(run.args, run.args.url, run.origins) as store:
+        metadata = store.get_metadata(run.args.url)
+    run.console.result(asdict(metadata))
+    return 0
+
+
+def run_rm(run: Invocation) -> int:
+    with open_storage(run.args, run.args.url, run.origins) as store:
+        store.delete(run.args.url)
+    if run.console.json_result:
+        run.console.result({"url": run.args.url})
+    return 0
+
+
+def run_checksum(run: Invocation) -> int:
+    name = run.args.file
+    from_stdin = name == STREAM
+    if from_stdin and _is_terminal(sys.stdin):
+        raise usage_failure("FILE - hashes stdin, which is a terminal; pipe the data in")
+    display = run.console.start_progress(
+        f"sha256 {'<stdin>' if from_stdin else name}", known_size=not from_stdin
+    )
+    summary: TransferSummary | None = None
+    try:
+        if from_stdin:
+            digest, size = _hash_stream(sys.stdin.buffer, display)
+        else:
+            # A Python callback even with no display: it is what lets Ctrl-C stop a long hash.
+            progress = _callback(display) or ProgressReporter(None)
+            digest = _native.sha256_file(name, progress=progress)
+            size = os.stat(name).st_size
+        summary = TransferSummary(size, size)
+    finally:
+        display.finish(summary)
+    if run.console.json_result:
+        run.console.result({"source": name, "size": size, "checksum": digest})
+    else:
+        run.console.text(f"{digest}  {name}")
+    return 0
+
+
+def _hash_stream(stream: BinaryIO, display: Display) -> tuple[str, int]:
+    readinto = cast("io.BufferedIOBase", stream).readinto  # sys.stdin.buffer has it
+    hasher = _native.Sha256()
+    buffer = bytearray(STDIN_BLOCK)
+    view = memoryview(buffer)
+    reporter = _UnknownTotalReporter(display)
+    while True:
+        count = readinto(view)
+        if not count:
+            break
+        hasher.update(view[:count])
+        reporter.advance(count)
+    return hasher.hexdigest(), hasher.bytes_hashed
+
+
+class _UnknownTotalReporter:
+    """Progress of a stream whose length is unknown: reports ``(done, 0)`` at most every
+    100 ms (ProgressReporter clamps to its total, which a stream does not have)."""
+
+    def __init__(self, display: Display) -> None:
+        self._display = display
+        self._clock = time.monotonic
+        self._done = 0
+        self._last = float("-inf")
+
+    def advance(self, count: int) -> None:
+        self._done += count
+        now = self._clock()
+        if self._display.wants_callback and now - self._last >= PROGRESS_INTERVAL_SECONDS:
+            self._last = now
+            self._display(self._done, 0)
+
+
+def _is_terminal(stream: object) -> bool:
+    isatty: Callable[[], bool] | None = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty and isatty())
+    except (OSError, ValueError):
+        return False
+
+
+HANDLERS: dict[str, Callable[[Invocation], int]] = {
+    "upload": run_upload,
+    "download": run_download,
+    "stat": run_stat,
+    "rm": run_rm,
+    "checksum": run_checksum,
+}
