@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import pickle
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from vmstore import (
     StorageError,
     new_storage,
 )
+from vmstore._oserrors import error_class_of_errno, storage_error_from_oserror
 
 SUBCLASS_OF = {
     ErrorType.NOT_FOUND: NotFoundError,
@@ -162,3 +165,62 @@ def test_http_connection_failure_does_not_reveal_the_token(
     shown = unreachable_failure_text(config, "http://127.0.0.1:9/vm/disk.qcow2", caplog)
 
     assert SECRET not in shown
+
+
+# --- one errno table: the core's (rust/src/error.rs ERRNO_TABLE) and Python's agree ---------
+
+
+def test_rust_and_python_map_every_errno_to_the_same_error_class() -> None:
+    errno_classes = getattr(native, "errno_classes", None)
+    assert errno_classes is not None, (
+        "vmstore._native.errno_classes is not registered: lib.rs needs "
+        "m.add_function(wrap_pyfunction!(error::errno_classes, m)?)?;"
+    )
+    rust = dict(errno_classes())
+    python_listed = {
+        code for code in errno.errorcode if error_class_of_errno(code) is not OperationFailedError
+    }
+
+    # Every errno either side lists, and every other errno the OS knows (unlisted on both:
+    # OperationFailedError), is raised as the same class from Rust and from Python.
+    disagreements = {
+        errno.errorcode.get(code, str(code)): (rust.get(code, "OperationFailedError"), python)
+        for code in set(errno.errorcode) | set(rust) | python_listed
+        if rust.get(code, "OperationFailedError") != (python := error_class_of_errno(code).__name__)
+    }
+    assert disagreements == {}
+    assert errno.ECONNRESET in rust  # the disagreement the issue found
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        (errno.ECONNRESET, NetworkError),
+        (errno.ESTALE, NetworkError),
+        (errno.ENOSPC, OperationFailedError),
+        (errno.EACCES, PermissionDeniedError),
+        (errno.ENOENT, NotFoundError),
+        (errno.EISDIR, InvalidConfigError),
+        (errno.EIO, OperationFailedError),
+    ],
+)
+def test_python_oserror_becomes_the_tables_class(code: int, expected: type[StorageError]) -> None:
+    error = storage_error_from_oserror(OSError(code, os.strerror(code)), "read", "/x")
+
+    assert type(error) is expected
+    assert os.strerror(code) in str(error)
+
+
+def test_native_core_raises_invalid_config_for_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(InvalidConfigError):
+        native.sha256_file(str(tmp_path))
+
+
+def test_native_core_refuses_a_fifo_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+
+    with pytest.raises(InvalidConfigError) as caught:
+        native.sha256_file(str(fifo))  # a plain open() would wait for a writer forever
+
+    assert "FIFO" in str(caught.value)

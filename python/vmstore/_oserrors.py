@@ -1,8 +1,10 @@
 """The one place where an ``OSError`` raised in Python code becomes a :class:`StorageError`.
 
-The native core maps its own I/O errors (``rust/src/error.rs``); this module does the same for
-the file-system calls Python makes itself (``stat``, ``makedirs``, ``rename``, sidecar files),
-so every backend reports the same failure with the same error type.
+The native core maps its own I/O errors with THE errno table, ``ERRNO_TABLE`` in
+``rust/src/error.rs``; this module maps the OSErrors of the file-system calls Python makes
+itself (``stat``, ``makedirs``, ``rename``, sidecar files) with a copy of it, so every backend
+reports the same failure with the same error type. ``tests/test_errors.py`` walks every errno
+and checks that the two agree (through ``_native.errno_classes()``): change both together.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import errno
 
 from vmstore.errors import (
     ErrorType,
+    InvalidConfigError,
     NetworkError,
     NotFoundError,
     OperationFailedError,
@@ -34,8 +37,17 @@ _ERROR_TYPE_BY_ERRNO: dict[int, ErrorType] = {
     errno.EHOSTDOWN: ErrorType.NETWORK_ERROR,
     errno.EHOSTUNREACH: ErrorType.NETWORK_ERROR,
     errno.ENETUNREACH: ErrorType.NETWORK_ERROR,
+    errno.ENETDOWN: ErrorType.NETWORK_ERROR,
     errno.ECONNREFUSED: ErrorType.NETWORK_ERROR,
     errno.ECONNRESET: ErrorType.NETWORK_ERROR,
+    errno.ECONNABORTED: ErrorType.NETWORK_ERROR,
+    errno.ENOTCONN: ErrorType.NETWORK_ERROR,
+    # A path that cannot work as given; retrying it changes nothing.
+    errno.EISDIR: ErrorType.INVALID_CONFIG,
+    errno.ENAMETOOLONG: ErrorType.INVALID_CONFIG,
+    errno.ELOOP: ErrorType.INVALID_CONFIG,
+    # open() of a socket file, or of a device without a driver.
+    errno.ENXIO: ErrorType.INVALID_CONFIG,
 }
 
 _DEFAULT_ADVICE: dict[ErrorType, str] = {
@@ -45,6 +57,7 @@ _DEFAULT_ADVICE: dict[ErrorType, str] = {
     ),
     ErrorType.NETWORK_ERROR: "check that the NFS server is reachable and the share is mounted",
     ErrorType.OPERATION_FAILED: "check the filesystem and retry",
+    ErrorType.INVALID_CONFIG: "give the path of a regular file",
 }
 
 _FULL_DISK_ADVICE = "free space (or raise the quota) on that filesystem and retry"
@@ -54,7 +67,15 @@ _ERROR_CLASS: dict[ErrorType, type[StorageError]] = {
     ErrorType.PERMISSION_DENIED: PermissionDeniedError,
     ErrorType.NETWORK_ERROR: NetworkError,
     ErrorType.OPERATION_FAILED: OperationFailedError,
+    ErrorType.INVALID_CONFIG: InvalidConfigError,
 }
+
+
+def error_class_of_errno(code: int | None) -> type[StorageError]:
+    """The StorageError subclass an OSError with errno ``code`` is raised as."""
+    if code is None:
+        return OperationFailedError
+    return _ERROR_CLASS[_ERROR_TYPE_BY_ERRNO.get(code, ErrorType.OPERATION_FAILED)]
 
 
 def error_type_of(exc: OSError) -> ErrorType:

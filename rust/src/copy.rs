@@ -4,7 +4,8 @@
 //!
 //! With no sink the same pipeline is a whole-file hash whose reads overlap the hashing.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
@@ -16,7 +17,7 @@ use sha2::{Digest, Sha256};
 use crate::error::{CoreError, CoreResult, IoContext};
 use crate::hash::{hash_span, hex_digest, update_zeros};
 use crate::progress::Progress;
-use crate::reader::{data_extents, read_full_at, SourceFile};
+use crate::reader::{advise_sequential, data_extents, read_full_at, SourceFile};
 use crate::writer::WriterCore;
 
 /// Buffers in flight: one being read, one hashed, one written, one spare.
@@ -122,6 +123,41 @@ fn verify_prefix(
     }
 }
 
+/// Open a copy's source without ever blocking, and refuse anything but a regular file.
+///
+/// A FIFO with no writer blocks a plain open() forever and a device reports a size of 0, so
+/// the file is opened with O_NONBLOCK (open returns at once; reads of a regular file ignore
+/// the flag) and judged by fstat of the descriptor actually opened, not by an earlier stat.
+fn open_source(path: &Path) -> CoreResult<SourceFile> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .context(|| format!("opening {}", path.display()))?;
+    let meta = file.metadata().context(|| format!("reading {}", path.display()))?;
+    let kind = meta.file_type();
+    if kind.is_dir() {
+        return Err(CoreError::io(format!("reading {}", path.display()), std::io::Error::from_raw_os_error(libc::EISDIR)));
+    }
+    if !kind.is_file() {
+        let what = if kind.is_fifo() {
+            "a FIFO (named pipe)"
+        } else if kind.is_socket() {
+            "a socket"
+        } else if kind.is_block_device() || kind.is_char_device() {
+            "a device"
+        } else {
+            "not a regular file"
+        };
+        return Err(CoreError::InvalidArgument(format!(
+            "{} is {what}, not a regular file; only regular files are copied (read a pipe or device through a stream)",
+            path.display()
+        )));
+    }
+    advise_sequential(&file);
+    Ok(SourceFile { file, path: path.to_path_buf(), size: meta.len() })
+}
+
 /// Copy (or with `sink == None` just hash) `source_path`. The sink is left uncommitted.
 pub fn copy_file(
     source_path: &Path,
@@ -133,7 +169,7 @@ pub fn copy_file(
     if chunk_size == 0 {
         return Err(CoreError::InvalidArgument("chunk_size must be positive".into()));
     }
-    let source = SourceFile::open(source_path)?;
+    let source = open_source(source_path)?;
     let size = source.size;
     progress.set_total(size);
     let extents = source.extents()?;
@@ -449,6 +485,27 @@ mod tests {
         assert_eq!(stats.resumed_from, 0);
         assert_eq!(std::fs::read(&dst).expect("dst"), data);
         assert_eq!(stats.sha256, crate::hash::to_hex(&Sha256::digest(&data)));
+    }
+
+    #[test]
+    fn fifo_source_is_refused_without_blocking() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = dir.path().join("fifo");
+        let status = std::process::Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+        assert!(status.success());
+        // A plain open() would wait for a writer forever; this must return at once.
+        let err = copy_file(&fifo, None, 4096, false, &mut Progress::silent(0)).expect_err("must fail");
+        assert!(matches!(err, CoreError::InvalidArgument(ref m) if m.contains("FIFO")), "{err:?}");
+    }
+
+    #[test]
+    fn directory_source_is_eisdir() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = copy_file(dir.path(), None, 4096, false, &mut Progress::silent(0)).expect_err("must fail");
+        match err {
+            CoreError::Io { source, .. } => assert_eq!(source.raw_os_error(), Some(libc::EISDIR)),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::fmt;
 use std::io;
 
 use pyo3::exceptions::PyBlockingIOError;
+use pyo3::prelude::pyfunction;
 use pyo3::PyErr;
 
 pyo3::import_exception!(vmstore.errors, NotFoundError);
@@ -63,26 +64,80 @@ pub enum IoClass {
     NoSpace,
     /// An NFS server that went away shows up as these, not as socket errors.
     Network,
+    /// A path that cannot work as given (a directory where a file is needed, too long).
+    InvalidPath,
     Other,
 }
 
-pub fn classify(err: &io::Error) -> IoClass {
-    if let Some(code) = err.raw_os_error() {
-        match code {
-            libc::ENOENT | libc::ENOTDIR => return IoClass::NotFound,
-            libc::EACCES | libc::EPERM | libc::EROFS => return IoClass::PermissionDenied,
-            libc::ENOSPC | libc::EDQUOT | libc::EFBIG => return IoClass::NoSpace,
-            libc::ESTALE | libc::ETIMEDOUT | libc::EHOSTDOWN | libc::EHOSTUNREACH | libc::ENETUNREACH => {
-                return IoClass::Network
-            }
-            _ => {}
+impl IoClass {
+    /// The `vmstore.errors` class an error of this kind is raised as.
+    #[allow(dead_code)] // used by errno_classes; drop with the one below once lib.rs registers it
+    pub fn class_name(self) -> &'static str {
+        match self {
+            IoClass::NotFound => "NotFoundError",
+            IoClass::PermissionDenied => "PermissionDeniedError",
+            IoClass::Network => "NetworkError",
+            IoClass::InvalidPath => "InvalidConfigError",
+            IoClass::NoSpace | IoClass::Other => "OperationFailedError",
         }
     }
+}
+
+/// THE errno table of vmstore: every errno not listed is `Other` (OperationFailedError).
+/// `vmstore/_oserrors.py` maps the OSErrors Python raises itself with a copy of it, and
+/// tests/test_errors.py checks, errno by errno, that the two agree (through `errno_classes`).
+pub const ERRNO_TABLE: &[(i32, IoClass)] = &[
+    (libc::ENOENT, IoClass::NotFound),
+    // A path component that is a file, not a directory: the path cannot exist.
+    (libc::ENOTDIR, IoClass::NotFound),
+    (libc::EACCES, IoClass::PermissionDenied),
+    (libc::EPERM, IoClass::PermissionDenied),
+    (libc::EROFS, IoClass::PermissionDenied),
+    (libc::ENOSPC, IoClass::NoSpace),
+    (libc::EDQUOT, IoClass::NoSpace),
+    (libc::EFBIG, IoClass::NoSpace),
+    // An NFS server that went away shows up as these rather than as socket errors.
+    (libc::ESTALE, IoClass::Network),
+    (libc::ETIMEDOUT, IoClass::Network),
+    (libc::EHOSTDOWN, IoClass::Network),
+    (libc::EHOSTUNREACH, IoClass::Network),
+    (libc::ENETUNREACH, IoClass::Network),
+    (libc::ENETDOWN, IoClass::Network),
+    (libc::ECONNREFUSED, IoClass::Network),
+    (libc::ECONNRESET, IoClass::Network),
+    (libc::ECONNABORTED, IoClass::Network),
+    (libc::ENOTCONN, IoClass::Network),
+    (libc::EISDIR, IoClass::InvalidPath),
+    (libc::ENAMETOOLONG, IoClass::InvalidPath),
+    (libc::ELOOP, IoClass::InvalidPath),
+    // open() of a socket file, or of a device without a driver.
+    (libc::ENXIO, IoClass::InvalidPath),
+];
+
+pub fn classify(err: &io::Error) -> IoClass {
+    if let Some(code) = err.raw_os_error() {
+        return classify_errno(code);
+    }
+    // Errors made by std or by this crate, not by a system call.
     match err.kind() {
         io::ErrorKind::NotFound => IoClass::NotFound,
         io::ErrorKind::PermissionDenied => IoClass::PermissionDenied,
+        // A path with a NUL byte, which no system call can take.
+        io::ErrorKind::InvalidInput => IoClass::InvalidPath,
         _ => IoClass::Other,
     }
+}
+
+pub fn classify_errno(code: i32) -> IoClass {
+    ERRNO_TABLE.iter().find(|(errno, _)| *errno == code).map_or(IoClass::Other, |(_, class)| *class)
+}
+
+/// `[(errno, class name)]` for every errno the table lists, so Python can check that its
+/// mapping of OSError agrees with the core's. Registered in lib.rs as `errno_classes`.
+#[pyfunction]
+#[allow(dead_code)] // until lib.rs registers it: m.add_function(wrap_pyfunction!(error::errno_classes, m)?)?;
+pub fn errno_classes() -> Vec<(i32, &'static str)> {
+    ERRNO_TABLE.iter().map(|(errno, class)| (*errno, class.class_name())).collect()
 }
 
 impl fmt::Display for CoreError {
@@ -94,6 +149,7 @@ impl fmt::Display for CoreError {
                     IoClass::Network => " (the file server did not answer; check the mount, then retry)",
                     IoClass::PermissionDenied => " (check the path's permissions and that the filesystem is mounted read-write)",
                     IoClass::NoSpace => " (free space on the destination filesystem, then retry: the partial file was removed)",
+                    IoClass::InvalidPath => " (give the path of a regular file)",
                     IoClass::Other => "",
                 };
                 write!(f, "{context}: {source}{hint}")
@@ -119,6 +175,7 @@ impl From<CoreError> for PyErr {
                 IoClass::NotFound => NotFoundError::new_err(message),
                 IoClass::PermissionDenied => PermissionDeniedError::new_err(message),
                 IoClass::Network => NetworkError::new_err(message),
+                IoClass::InvalidPath => InvalidConfigError::new_err(message),
                 IoClass::NoSpace | IoClass::Other => OperationFailedError::new_err(message),
             },
             CoreError::Cancelled => CancelledError::new_err(message),
@@ -143,6 +200,20 @@ mod tests {
         assert_eq!(classify(&io::Error::from_raw_os_error(libc::EDQUOT)), IoClass::NoSpace);
         assert_eq!(classify(&io::Error::from_raw_os_error(libc::ESTALE)), IoClass::Network);
         assert_eq!(classify(&io::Error::from_raw_os_error(libc::EIO)), IoClass::Other);
+        assert_eq!(classify(&io::Error::from_raw_os_error(libc::ECONNRESET)), IoClass::Network);
+        assert_eq!(classify(&io::Error::from_raw_os_error(libc::EISDIR)), IoClass::InvalidPath);
+        // EINVAL from a system call is not a bad path: only std's own InvalidInput is.
+        assert_eq!(classify(&io::Error::from_raw_os_error(libc::EINVAL)), IoClass::Other);
+        assert_eq!(classify(&io::Error::new(io::ErrorKind::InvalidInput, "nul")), IoClass::InvalidPath);
+    }
+
+    #[test]
+    fn every_errno_is_listed_once() {
+        let mut seen = std::collections::HashSet::new();
+        for (errno, _) in ERRNO_TABLE {
+            assert!(seen.insert(*errno), "errno {errno} is listed twice");
+        }
+        assert_eq!(errno_classes().len(), ERRNO_TABLE.len());
     }
 
     #[test]
