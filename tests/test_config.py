@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
+import vmstore.config
 from vmstore import ErrorType, InvalidConfigError, StorageConfig
 
 SECRETS = {
@@ -159,3 +164,90 @@ def test_from_env_validates_like_the_constructor(monkeypatch: pytest.MonkeyPatch
         StorageConfig.from_env()
 
     assert "type" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("chunk_size", 1 << 40),  # aborted the process on NFS (allocation of the whole chunk)
+        ("chunk_size", (5 << 30) + 1),
+        ("timeout", float("inf")),  # a raw OverflowError on HTTP, a NetworkError on S3
+        ("timeout", float("nan")),
+        ("timeout", 86400.0 * 2),
+        ("timeout", 10**400),
+        ("timeout", 0),
+        ("max_retries", 10**9),
+        ("max_retries", 101),
+        ("max_retries", 2.5),
+    ],
+)
+def test_values_nothing_can_use_are_invalid_config_at_construction(field: str, value: Any) -> None:
+    fields: dict[str, Any] = {"type": "s3", field: value}
+
+    with pytest.raises(InvalidConfigError) as caught:
+        StorageConfig(**fields)
+
+    assert field in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("chunk_size", 5 << 30), ("timeout", 86400), ("timeout", 0.5), ("max_retries", 100)],
+)
+def test_largest_usable_values_are_accepted(field: str, value: int) -> None:
+    fields: dict[str, Any] = {"type": "s3", field: value}
+
+    assert getattr(StorageConfig(**fields), field) == value
+
+
+@pytest.mark.parametrize(
+    "field",
+    ["endpoint", "bucket", "region", "access_key", "secret_key", "session_token", "token",
+     "ca_bundle"],
+)  # fmt: skip
+def test_none_for_a_text_field_means_not_set(field: str) -> None:
+    fields: dict[str, Any] = {"type": "http", field: None}
+
+    assert getattr(StorageConfig(**fields), field) == ""
+
+
+def test_a_nul_character_in_a_text_field_is_invalid_config() -> None:
+    with pytest.raises(InvalidConfigError) as caught:
+        StorageConfig(type="nfs", endpoint="/mnt/share\x00/x")
+
+    assert "endpoint" in str(caught.value)
+
+
+def test_config_does_not_import_the_storage_module() -> None:
+    # The circle config.py <-> storage.py: config now asks the backend registry itself.
+    source = Path(vmstore.config.__file__).read_text()
+    imported = {
+        node.module
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.ImportFrom) and node.module
+    } | {
+        alias.name
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
+
+    assert "vmstore.storage" not in imported
+    assert "vmstore._registry" in imported
+
+
+def test_registry_keeps_its_public_import_paths() -> None:
+    from vmstore.storage import backend_names, new_storage, register_backend
+
+    assert callable(new_storage)
+    assert "nfs" in backend_names()
+    register_backend("test-config-backend", lambda config: None)  # type: ignore[arg-type,return-value]
+    assert StorageConfig(type="test-config-backend").type == "test-config-backend"
+
+
+def test_each_module_imports_on_its_own() -> None:
+    for module in ("vmstore.config", "vmstore.storage", "vmstore._registry"):
+        result = subprocess.run(
+            [sys.executable, "-c", f"import {module}"], capture_output=True, text=True, check=False
+        )
+        assert result.returncode == 0, result.stderr

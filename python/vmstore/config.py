@@ -3,18 +3,37 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from vmstore._registry import BUILTIN_BACKEND_TYPES, backend_names
 from vmstore.errors import InvalidConfigError
 
-BUILTIN_BACKEND_TYPES = ("s3", "minio", "http", "https", "nfs")
-
 MIN_CHUNK_SIZE = 64 << 10
+MAX_CHUNK_SIZE = 5 << 30
+"""5 GiB, S3's largest part. A chunk is held in memory (NFS copies allocate it whole, times
+the buffers in flight), so a larger one is a mistake, not a tuning: refused up front."""
 MAX_CONCURRENCY = 64
+MAX_TIMEOUT = 86400.0
+"""One day of no progress at all: beyond that a "timeout" is a typo (or inf), and values near
+the float limits overflow the socket and retry arithmetic."""
+MAX_RETRIES = 100
+"""With exponential back-off 100 retries already span hours; more is a mistake (or 10**9)."""
+
+_STRING_FIELDS = (
+    "endpoint",
+    "bucket",
+    "region",
+    "access_key",
+    "secret_key",
+    "session_token",
+    "token",
+    "ca_bundle",
+)
 
 _SECRET_FIELDS = frozenset({"access_key", "secret_key", "session_token", "token"})
 _MASK = "***"
@@ -96,39 +115,43 @@ class StorageConfig:
 
     def __post_init__(self) -> None:
         self.type = _check_type(self.type)
-        for name in (
-            "endpoint",
-            "bucket",
-            "region",
-            "access_key",
-            "secret_key",
-            "session_token",
-            "token",
-            "ca_bundle",
-        ):
+        for name in _STRING_FIELDS:
             value = getattr(self, name)
-            if isinstance(value, os.PathLike):
+            if value is None:
+                # None means "not set", as an unset environment variable or flag does.
+                value = ""
+            elif isinstance(value, os.PathLike):
                 value = os.fspath(value)
-                setattr(self, name, value)
             if not isinstance(value, str):
                 raise _invalid(name, "must be a string")
+            if "\x00" in value:
+                raise _invalid(name, "must not contain a NUL character")
+            setattr(self, name, value)
         for name in ("use_ssl", "insecure_skip_verify"):
             if not isinstance(getattr(self, name), bool):
                 raise _invalid(name, "must be True or False")
         if isinstance(self.timeout, bool) or not isinstance(self.timeout, int | float):
             raise _invalid("timeout", "must be a number of seconds")
-        if not self.timeout > 0:
-            raise _invalid("timeout", "must be greater than 0 (idle seconds before giving up)")
-        self.timeout = float(self.timeout)
-        if not _is_int(self.max_retries) or self.max_retries < 0:
-            raise _invalid("max_retries", "must be an integer >= 0")
+        try:
+            timeout = float(self.timeout)
+        except OverflowError as exc:  # an int too large for a float
+            raise _invalid("timeout", "is too large") from exc
+        if not math.isfinite(timeout) or not 0 < timeout <= MAX_TIMEOUT:
+            raise _invalid(
+                "timeout",
+                f"must be greater than 0 and at most {MAX_TIMEOUT:.0f} (one day) seconds "
+                f"without progress before giving up, got {self.timeout!r}",
+            )
+        self.timeout = timeout
+        if not _is_int(self.max_retries) or not 0 <= self.max_retries <= MAX_RETRIES:
+            raise _invalid("max_retries", f"must be an integer from 0 to {MAX_RETRIES}")
         if self.chunk_size is not None and (
-            not _is_int(self.chunk_size) or self.chunk_size < MIN_CHUNK_SIZE
+            not _is_int(self.chunk_size) or not MIN_CHUNK_SIZE <= self.chunk_size <= MAX_CHUNK_SIZE
         ):
             raise _invalid(
                 "chunk_size",
-                f"must be an integer >= {MIN_CHUNK_SIZE} (64 KiB), or None for the "
-                "backend's default",
+                f"must be an integer from {MIN_CHUNK_SIZE} (64 KiB) to {MAX_CHUNK_SIZE} "
+                "(5 GiB, S3's largest part), or None for the backend's default",
             )
         if not _is_int(self.concurrency) or not 1 <= self.concurrency <= MAX_CONCURRENCY:
             raise _invalid("concurrency", f"must be an integer from 1 to {MAX_CONCURRENCY}")
@@ -179,10 +202,8 @@ def _check_type(value: object) -> str:
     if not isinstance(value, str) or not value.strip():
         raise _invalid("type", f"is required: one of {', '.join(BUILTIN_BACKEND_TYPES)}")
     name = value.strip().lower()
-    # Imported here: storage.py imports this module, and the registry (which may hold
-    # backends added by register_backend) decides which names are valid.
-    from vmstore.storage import backend_names
-
+    # The registry (which may hold backends added by register_backend) decides which names
+    # are valid.
     names = backend_names()
     if name not in names:
         raise _invalid("type", f"{value!r} is not a known backend; use one of {', '.join(names)}")
