@@ -115,10 +115,23 @@ def normalize_endpoint(endpoint: str, *, use_ssl: bool = True) -> str:
     return endpoint.rstrip("/")
 
 
+S3_MAX_KEY_BYTES = 1024
+"""S3's limit on an object key, in bytes of UTF-8 (some servers store longer keys; AWS does not)."""
+
+
 def _check_key(key: str, url: str) -> str:
     if not key or key.endswith("/"):
         raise InvalidConfigError(
             f"S3 URL {url!r} names no object (empty key, or one ending in '/'); use s3://bucket/key"
+        )
+    try:
+        length = len(key.encode("utf-8"))
+    except UnicodeEncodeError as exc:  # a lone surrogate, e.g. from a badly decoded name
+        raise InvalidConfigError(f"S3 key in {url!r} is not valid Unicode text", cause=exc) from exc
+    if length > S3_MAX_KEY_BYTES:
+        raise InvalidConfigError(
+            f"S3 key of {url[:80]!r}... is {length} bytes of UTF-8; S3 allows at most "
+            f"{S3_MAX_KEY_BYTES}: choose a shorter name"
         )
     return key
 
