@@ -34,6 +34,7 @@ EXIT_PERMISSION_DENIED = 4
 EXIT_NETWORK_ERROR = 5
 EXIT_CHECKSUM_MISMATCH = 6
 EXIT_INVALID_CONFIG = 7
+EXIT_OPERATION_FAILED = 8
 EXIT_DESTINATION_EXISTS = 10
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
@@ -901,6 +902,9 @@ def test_dash_is_stdin_never_a_file_named_dash(cli: Cli, host: Path, share: Path
     assert result.returncode == EXIT_OK, result.stderr.decode()
     assert (share / "piped.raw").read_bytes() == data
     assert (host / "-").read_bytes() == b"a file that happens to be called -"
+    # The file is still reachable, by a path that is not exactly "-".
+    stored = cli.json("upload", "./-", "nfs://file.raw")
+    assert stored["checksum"] == sha256_bytes(b"a file that happens to be called -")
 
 
 def test_upload_from_a_slow_pipe_logs_bytes_and_rate(cli: Cli, share: Path) -> None:
@@ -980,6 +984,56 @@ def test_download_to_stdout_with_a_wrong_checksum_says_the_reader_has_the_bytes(
     line = assert_error_line(result.stderr.decode(), "ChecksumMismatch")
     assert "already written to stdout" in line and "discard" in line
     assert result.stdout == data  # streamed before the end could be checked
+
+
+def test_a_reader_that_closes_stdout_early_gets_a_message_and_exit_8(
+    cli: Cli, image: tuple[Path, bytes]
+) -> None:
+    source, data = image
+    cli.json("upload", source, "nfs://disk.qcow2")
+    process = subprocess.Popen(
+        cli.argv("download", "nfs://disk.qcow2", "-"),
+        cwd=cli.cwd,
+        env=cli.env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None and process.stderr is not None
+
+    head = process.stdout.read(1000)  # like `| head -c 1000`, then the reader exits
+    process.stdout.close()
+    err = process.stderr.read().decode()
+    process.wait(timeout=60)
+
+    xfail_without_backend_streams(err, process.returncode)
+    assert head == data[:1000]
+    assert process.returncode == EXIT_OPERATION_FAILED, err
+    assert "stdout was closed before the download finished" in assert_error_line(
+        err, "OperationFailed"
+    )
+    assert "Traceback" not in err and "Exception ignored" not in err
+
+
+def test_upload_from_stdin_refuses_a_terminal(cli: Cli) -> None:
+    master, slave = pty.openpty()
+    try:
+        result = subprocess.run(
+            cli.argv("upload", "-", "nfs://typed.raw"),
+            cwd=cli.cwd,
+            env=cli.env,
+            stdin=slave,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(slave)
+        os.close(master)
+
+    assert result.returncode == EXIT_USAGE
+    assert "stdin, which is a terminal" in result.stderr
 
 
 def test_a_failed_download_to_stdout_puts_the_json_error_on_stderr(cli: Cli) -> None:

@@ -24,6 +24,7 @@ from vmstore.cli._commands import (
     Invocation,
     SettingOrigins,
     _settings,
+    stdout_closed_failure,
 )
 from vmstore.cli._output import Console, Failure, configure_logging
 from vmstore.cli._parser import (
@@ -35,7 +36,7 @@ from vmstore.cli._parser import (
     build_parser,
 )
 from vmstore.cli._progress import PROGRESS_MODES
-from vmstore.errors import ErrorType, StorageError
+from vmstore.errors import StorageError
 
 __all__ = ["EXIT_CODE_BY_ERROR_TYPE", "build_parser", "main"]
 
@@ -117,8 +118,11 @@ def _usage_failure(error: UsageError, argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
-    arguments = list(sys.argv[1:] if argv is None else argv)
-    environ = os.environ
+    with _sigterm_as_interrupt():
+        return _run(list(sys.argv[1:] if argv is None else argv), os.environ)
+
+
+def _run(arguments: list[str], environ: Mapping[str, str]) -> int:
     try:
         args = build_parser().parse_args(arguments)
     except UsageError as exc:
@@ -132,8 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.progress_interval = args.progress_interval
         configure_logging(console, args.verbose)
         run.origins = _settings(args, environ)
-        with _sigterm_as_interrupt():
-            return HANDLERS[args.command](run)
+        return HANDLERS[args.command](run)
     except Terminated:
         failure = _interrupted_failure(args, terminated=True)
     except KeyboardInterrupt:
@@ -143,26 +146,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StorageError as exc:
         failure = run.failure_of(exc)
     except BrokenPipeError:
-        failure = _stdout_closed(args)
+        failure = stdout_closed_failure()
     except OSError as exc:  # from Python-side file access the backends did not map
         path = str(exc.filename) if exc.filename is not None else "a file"
         failure = run.failure_of(storage_error_from_oserror(exc, "access", path))
     console.failure(failure)
     return failure.exit_status
-
-
-def _stdout_closed(args: argparse.Namespace) -> Failure:
-    # Whatever is still buffered for stdout can never be delivered; point the descriptor at
-    # /dev/null so the interpreter's final flush does not fail a second time.
-    with contextlib.suppress(OSError):
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    return Failure(
-        ErrorType.OPERATION_FAILED.value,
-        "stdout was closed before the command finished (the reading end of the pipe exited); "
-        "what it received is incomplete",
-        EXIT_CODE_BY_ERROR_TYPE[ErrorType.OPERATION_FAILED],
-    )
 
 
 if __name__ == "__main__":

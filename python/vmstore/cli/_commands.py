@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import re
@@ -56,6 +57,7 @@ def usage_failure(message: str) -> CommandFailed:
 # --- where each setting came from, so messages name what the user typed ------------------
 
 _FIELD_REFERENCE = re.compile(r"StorageConfig\.(\w+)(?: \([A-Z_]+(?:, [A-Z_]+)*\))?")
+_VARIABLE_ASIDE = re.compile(r" \((VMSTORE_[A-Z_]+|AWS_[A-Z_]+)\)")
 
 
 @dataclass
@@ -80,7 +82,12 @@ class SettingOrigins:
     def explain(self, message: str) -> str:
         """``message`` with StorageConfig field names put as the user would set them."""
         message = _FIELD_REFERENCE.sub(lambda match: self.name_of(match.group(1)), message)
-        return message.replace("insecure_skip_verify=True", self.name_of("insecure_skip_verify"))
+        message = message.replace("insecure_skip_verify=True", self.name_of("insecure_skip_verify"))
+        # "set --endpoint (or VMSTORE_ENDPOINT) ... (VMSTORE_ENDPOINT)": say it once.
+        return _VARIABLE_ASIDE.sub(
+            lambda match: "" if match.group(1) in message[: match.start()] else match.group(0),
+            message,
+        )
 
 
 def _settings(args: argparse.Namespace, environ: Mapping[str, str]) -> SettingOrigins:
@@ -158,12 +165,38 @@ class Invocation:
                 label="OutsideShare",
                 reason="OutsideShare",
             )
+        if self.stream_destination and _caused_by(error, BrokenPipeError):
+            return stdout_closed_failure()
         if isinstance(error, ChecksumMismatchError) and self.stream_destination:
             message += (
                 "; the bytes were already written to stdout: whatever read them has received "
                 "a corrupt image and must discard it"
             )
         return Failure(error.type.value, message, exit_status)
+
+
+def _caused_by(error: BaseException, kind: type[BaseException]) -> bool:
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, kind):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def stdout_closed_failure() -> Failure:
+    """The reader of ``download URL -`` went away (``| head``, a consumer that crashed)."""
+    # Whatever is still buffered for stdout can never be delivered; point the descriptor at
+    # /dev/null so the interpreter's final flush does not fail a second time.
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return Failure(
+        ErrorType.OPERATION_FAILED.value,
+        "stdout was closed before the download finished (the reading end of the pipe exited); "
+        "what it received is incomplete and unverified",
+        EXIT_CODE_BY_ERROR_TYPE[ErrorType.OPERATION_FAILED],
+    )
 
 
 # --- the commands -------------------------------------------------------------------------
