@@ -7,20 +7,28 @@ particular properties); the backend treats both exactly like a mounted NFS expor
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
+import io
 import json
+import logging
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 from vmstore import (
+    ChecksumMismatchError,
     DownloadRequest,
     ErrorType,
     InvalidConfigError,
@@ -761,3 +769,532 @@ def test_upload_resume_never_reuses_a_corrupted_chunk(
     assert up.resumed_from <= CHUNK
     assert up.checksum == sha256_bytes(data)
     assert (share / "disk.img").read_bytes() == data
+
+
+# --- a sidecar is believed only for the data it was written for ---------------------------
+
+
+def sidecar_path(share: Path, name: str) -> Path:
+    return share / f"{name}.vmstore.json"
+
+
+def test_sidecar_of_another_upload_of_the_same_size_is_not_believed(
+    nfs_store: Storage, share: Path, host: Path
+) -> None:
+    # What two racing writers can leave: the data of the second, the sidecar of the first.
+    first = random_bytes(MiB, seed=40)
+    second = random_bytes(MiB, seed=41)
+    nfs_store.upload(UploadRequest(str(write_file(host / "a.img", first)), "nfs://disk.img"))
+    first_sidecar = sidecar_path(share, "disk.img").read_bytes()
+    nfs_store.upload(UploadRequest(str(write_file(host / "b.img", second)), "nfs://disk.img"))
+    sidecar_path(share, "disk.img").write_bytes(first_sidecar)
+
+    md = nfs_store.get_metadata("nfs://disk.img")
+    down = nfs_store.download(DownloadRequest("nfs://disk.img", str(host / "back.img")))
+
+    assert md.checksum is None  # unknown, not the first upload's checksum
+    assert md.custom_metadata == {}
+    assert down.checksum == sha256_bytes(second)
+    assert (host / "back.img").read_bytes() == second
+
+
+def test_racing_uploads_of_one_name_never_leave_a_checksum_that_lies(
+    nfs_config: StorageConfig, share: Path, host: Path
+) -> None:
+    # Same sizes, so only the data's identity can tell the two sidecars apart.
+    contents = [random_bytes(512 * KiB, seed=42), random_bytes(512 * KiB, seed=43)]
+    sources = [write_file(host / f"w{i}.img", data) for i, data in enumerate(contents)]
+    stores = [new_storage(nfs_config) for _ in sources]
+    try:
+        for _round in range(10):
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                list(
+                    pool.map(
+                        lambda pair: pair[0].upload(UploadRequest(str(pair[1]), "nfs://race.img")),
+                        zip(stores, sources, strict=True),
+                    )
+                )
+            final = sha256_path(share / "race.img")
+            assert stores[0].get_metadata("nfs://race.img").checksum in (None, final)
+    finally:
+        for store in stores:
+            store.close()
+    assert files_under(share) == {"race.img", "race.img.vmstore.json"}
+
+
+def test_sidecar_is_bound_to_the_committed_files_identity(
+    nfs_store: Storage, share: Path, host: Path
+) -> None:
+    data = random_bytes(100 * KiB, seed=44)
+    nfs_store.upload(UploadRequest(str(write_file(host / "d.img", data)), "nfs://d.img"))
+    st = os.stat(share / "d.img")
+
+    sidecar = json.loads(sidecar_path(share, "d.img").read_text())
+
+    assert sidecar["version"] == 2
+    assert sidecar["etag"] == f"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"
+    assert sidecar["etag"] == nfs_store.get_metadata("nfs://d.img").etag
+
+
+def test_file_rewritten_in_place_with_the_same_size_loses_its_checksum(
+    nfs_store: Storage, share: Path, host: Path
+) -> None:
+    data = random_bytes(64 * KiB, seed=45)
+    nfs_store.upload(UploadRequest(str(write_file(host / "d.img", data)), "nfs://d.img"))
+    time.sleep(0.01)  # a later mtime, even on a coarse clock
+    with open(share / "d.img", "r+b") as f:
+        f.write(b"edited by another tool")
+
+    assert nfs_store.get_metadata("nfs://d.img").checksum is None
+
+
+def write_release_1_sidecar(share: Path, name: str, data: bytes, mtime_ns: int) -> None:
+    """A sidecar exactly as vmstore 0.1 wrote it (no version, no etag)."""
+    sidecar_path(share, name).write_text(
+        json.dumps(
+            {
+                "content_type": "application/x-qemu-disk",
+                "metadata": {"vm-name": "old-vm"},
+                "mtime_ns": mtime_ns,
+                "sha256": sha256_bytes(data),
+                "size": len(data),
+                "uploaded_at": "2026-01-05T10:00:00+00:00",
+            },
+            indent=2,
+            sort_keys=True,
+        )
+    )
+
+
+def test_sidecar_written_by_release_1_is_still_believed_for_its_file(
+    nfs_store: Storage, share: Path
+) -> None:
+    data = random_bytes(70 * KiB, seed=46)
+    write_file(share / "old.img", data)
+    write_release_1_sidecar(share, "old.img", data, os.stat(share / "old.img").st_mtime_ns)
+
+    md = nfs_store.get_metadata("nfs://old.img")
+
+    assert md.checksum == sha256_bytes(data)
+    assert md.content_type == "application/x-qemu-disk"
+    assert md.custom_metadata == {"vm-name": "old-vm"}
+
+
+def test_sidecar_written_by_release_1_for_another_mtime_is_ignored(
+    nfs_store: Storage, share: Path
+) -> None:
+    data = random_bytes(70 * KiB, seed=47)
+    write_file(share / "old.img", data)
+    write_release_1_sidecar(share, "old.img", data, os.stat(share / "old.img").st_mtime_ns - 1)
+
+    assert nfs_store.get_metadata("nfs://old.img").checksum is None
+
+
+# --- FIFOs, sockets, directories: refused before anything blocks ---------------------------
+
+
+def run_with_deadline(call: Any, fifo: Path, seconds: float = 10.0) -> BaseException | None:
+    """Run call() in a thread; if it is still blocked after ``seconds`` (in open() of the
+    FIFO, waiting for a writer), release it by opening the FIFO's other end and fail."""
+    outcome: list[BaseException | None] = []
+
+    def target() -> None:
+        try:
+            call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test, which asserts on it
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        for flags in (os.O_WRONLY | os.O_NONBLOCK, os.O_RDONLY | os.O_NONBLOCK):
+            with contextlib.suppress(OSError):
+                os.close(os.open(fifo, flags))
+        thread.join(seconds)
+        pytest.fail(f"the call blocked on the FIFO {fifo} for {seconds}s")
+    return outcome[0]
+
+
+def test_download_of_a_fifo_placed_in_the_share_is_refused_without_blocking(
+    nfs_store: Storage, share: Path, host: Path
+) -> None:
+    fifo = share / "pipe.img"
+    os.mkfifo(fifo)
+
+    error = run_with_deadline(
+        lambda: nfs_store.download(DownloadRequest("nfs://pipe.img", str(host / "out.img"))),
+        fifo,
+    )
+
+    assert isinstance(error, InvalidConfigError), error
+    assert "FIFO" in str(error)
+    assert files_under(host) == set()
+
+
+def test_stream_download_of_a_fifo_placed_in_the_share_is_refused_without_blocking(
+    nfs_store: Storage, share: Path
+) -> None:
+    fifo = share / "pipe.img"
+    os.mkfifo(fifo)
+    sink = io.BytesIO()
+
+    error = run_with_deadline(
+        lambda: nfs_store.download(DownloadRequest("nfs://pipe.img", destination_stream=sink)),
+        fifo,
+    )
+
+    assert isinstance(error, InvalidConfigError), error
+    assert sink.getvalue() == b""
+
+
+def test_metadata_of_a_fifo_in_the_share_is_invalid_config(nfs_store: Storage, share: Path) -> None:
+    os.mkfifo(share / "pipe.img")
+
+    with pytest.raises(InvalidConfigError):
+        nfs_store.get_metadata("nfs://pipe.img")
+
+
+def test_upload_of_a_fifo_source_is_refused_without_blocking(
+    nfs_store: Storage, share: Path, host: Path
+) -> None:
+    fifo = host / "source.fifo"
+    os.mkfifo(fifo)
+
+    error = run_with_deadline(
+        lambda: nfs_store.upload(UploadRequest(str(fifo), "nfs://disk.img")), fifo
+    )
+
+    assert isinstance(error, InvalidConfigError), error
+    assert files_under(share) == set()
+
+
+def test_upload_of_a_unix_socket_source_is_invalid_config(
+    nfs_store: Storage, share: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "s.sock"  # short: AF_UNIX paths are limited to 108 bytes
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(path))
+
+        with pytest.raises(InvalidConfigError) as caught:
+            nfs_store.upload(UploadRequest(str(path), "nfs://disk.img"))
+
+    assert "socket" in str(caught.value)
+    assert files_under(share) == set()
+
+
+def test_upload_of_a_character_device_is_invalid_config(nfs_store: Storage, share: Path) -> None:
+    # /dev/zero would "upload" as an empty file (st_size 0), or forever if read to its end.
+    with pytest.raises(InvalidConfigError) as caught:
+        nfs_store.upload(UploadRequest("/dev/zero", "nfs://disk.img"))
+
+    assert "device" in str(caught.value)
+    assert files_under(share) == set()
+
+
+def test_download_to_an_existing_fifo_is_invalid_config(
+    nfs_store: Storage, share: Path, host: Path
+) -> None:
+    write_file(share / "d.img", random_bytes(4 * KiB, seed=48))
+    fifo = host / "out.fifo"
+    os.mkfifo(fifo)
+
+    with pytest.raises(InvalidConfigError):
+        nfs_store.download(DownloadRequest("nfs://d.img", str(fifo)))
+
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert files_under(host) == {"out.fifo"}
+
+
+# --- a full destination disk leaves nothing on it ------------------------------------------
+
+
+def test_download_onto_a_disk_that_is_full_from_the_start_leaves_nothing(
+    nfs_store: Storage, mount_tmpfs: Any, host: Path
+) -> None:
+    small = mount_tmpfs("full-host", size="16m")
+    up = nfs_store.upload(
+        UploadRequest(str(write_file(host / "d.img", random_bytes(2 * MiB, seed=49))), "nfs://d")
+    )
+    fill_completely(small / "filler")
+
+    with pytest.raises(OperationFailedError) as caught:
+        nfs_store.download(DownloadRequest(up.url, str(small / "vm" / "imported.img")))
+
+    assert "space" in str(caught.value).lower()
+    assert files_under(small) == {"filler"}
+
+
+def test_download_that_fills_the_disk_midway_leaves_nothing_even_when_resumable(
+    nfs_store: Storage, mount_tmpfs: Any, host: Path
+) -> None:
+    small = mount_tmpfs("filling-host", size="16m")
+    data = random_bytes(20 * MiB, seed=50)
+    up = nfs_store.upload(UploadRequest(str(write_file(host / "big.img", data)), "nfs://big"))
+    dest = small / "imported.img"
+    # What a first attempt interrupted early leaves: a valid prefix, resumable ...
+    write_file(small / "imported.img.vmstore-partial", data[: 4 * MiB])
+
+    # ... and the retry that runs out of space removes it: keeping it keeps the disk full.
+    with pytest.raises(OperationFailedError):
+        nfs_store.download(DownloadRequest(up.url, str(dest), resume=True))
+
+    assert files_under(small) == set()
+    assert os.statvfs(small).f_bfree * os.statvfs(small).f_frsize > 15 * MiB
+
+
+def fill_completely(path: Path) -> None:
+    """Write until the file system has not one byte left (unbuffered: nothing pending)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for size in (MiB, 4 * KiB, 1):
+            block = random_bytes(size, seed=51)
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, block)
+    finally:
+        os.close(fd)
+
+
+# --- streams --------------------------------------------------------------------------------
+
+
+class ReadOnlyStream:
+    """A source with read() only (no readinto), handing out at most 10,000 bytes per call,
+    as a pipe does."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = io.BytesIO(data)
+        self.reads = 0
+
+    def read(self, size: int = -1, /) -> bytes:
+        self.reads += 1
+        return self._data.read(min(size, 10_000))
+
+
+def test_upload_from_a_stream_stores_the_bytes_and_their_checksum(
+    nfs_store: Storage, share: Path
+) -> None:
+    data = random_bytes(3 * CHUNK + 17, seed=52)
+
+    up = nfs_store.upload(
+        UploadRequest(source_stream=ReadOnlyStream(data), destination_url="nfs://s.img")
+    )
+
+    assert (share / "s.img").read_bytes() == data
+    assert (up.checksum, up.size, up.bytes_transferred) == (
+        sha256_bytes(data),
+        len(data),
+        len(data),
+    )
+    assert up.resumed_from == 0
+    assert nfs_store.get_metadata("nfs://s.img").checksum == sha256_bytes(data)
+    assert files_under(share) == {"s.img", "s.img.vmstore.json"}
+
+
+def test_upload_from_a_pipe_reads_it_once_and_keeps_trailing_zeros(
+    nfs_store: Storage, share: Path
+) -> None:
+    data = random_bytes(CHUNK, seed=53) + bytes(2 * CHUNK + 5)  # ends in zero chunks
+    read_end, write_end = os.pipe()
+
+    def produce() -> None:
+        with open(write_end, "wb") as pipe:
+            pipe.write(data)
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    with open(read_end, "rb") as pipe:
+        up = nfs_store.upload(
+            UploadRequest(source_stream=pipe, destination_url="nfs://p.img", size_hint=len(data))
+        )
+    producer.join()
+
+    assert (share / "p.img").read_bytes() == data
+    assert up.checksum == sha256_bytes(data)
+    assert allocated_bytes(share / "p.img") <= CHUNK + 64 * KiB  # the zeros stayed holes
+
+
+@pytest.mark.parametrize("size_hint", [0, 100, 5 * CHUNK])
+def test_stream_upload_whose_size_hint_is_wrong_commits_nothing(
+    nfs_store: Storage, share: Path, size_hint: int
+) -> None:
+    data = random_bytes(2 * CHUNK, seed=54)
+    write_file(share / "s.img", b"previous version")
+
+    with pytest.raises(InvalidConfigError) as caught:
+        nfs_store.upload(
+            UploadRequest(
+                source_stream=io.BytesIO(data), destination_url="nfs://s.img", size_hint=size_hint
+            )
+        )
+
+    assert "size_hint" in str(caught.value)
+    assert (share / "s.img").read_bytes() == b"previous version"
+    assert files_under(share) == {"s.img"}
+
+
+def test_interrupted_stream_upload_leaves_nothing_to_resume(
+    nfs_store: Storage, share: Path
+) -> None:
+    data = random_bytes(4 * CHUNK, seed=55)
+
+    with pytest.raises(Interrupted):
+        nfs_store.upload(
+            UploadRequest(
+                source_stream=io.BytesIO(data),
+                destination_url="nfs://s.img",
+                size_hint=len(data),
+                progress_callback=InterruptAt(CHUNK),
+            )
+        )
+
+    assert files_under(share) == set()
+
+
+def test_stream_upload_failing_read_is_a_storage_error_and_commits_nothing(
+    nfs_store: Storage, share: Path
+) -> None:
+    class BrokenStream:
+        def read(self, size: int = -1, /) -> bytes:
+            raise OSError(errno.EIO, "Input/output error")
+
+    with pytest.raises(OperationFailedError):
+        nfs_store.upload(UploadRequest(source_stream=BrokenStream(), destination_url="nfs://x"))
+
+    assert files_under(share) == set()
+
+
+def test_download_to_a_stream_delivers_the_bytes_in_order(
+    nfs_store: Storage, share: Path, host: Path
+) -> None:
+    data = random_bytes(5 * CHUNK + 3, seed=56)
+    up = nfs_store.upload(UploadRequest(str(write_file(host / "d.img", data)), "nfs://d.img"))
+    sink = io.BytesIO()
+
+    down = nfs_store.download(DownloadRequest(up.url, destination_stream=sink))
+
+    assert sink.getvalue() == data
+    assert (down.checksum, down.content_length, down.bytes_transferred) == (
+        sha256_bytes(data),
+        len(data),
+        len(data),
+    )
+    assert down.destination_path is None
+
+
+def test_stream_download_with_a_wrong_checksum_says_the_consumer_has_the_bytes(
+    nfs_store: Storage, share: Path, host: Path
+) -> None:
+    data = random_bytes(2 * CHUNK, seed=57)
+    up = nfs_store.upload(UploadRequest(str(write_file(host / "d.img", data)), "nfs://d.img"))
+    sink = io.BytesIO()
+
+    with pytest.raises(ChecksumMismatchError) as caught:
+        nfs_store.download(
+            DownloadRequest(up.url, destination_stream=sink, expected_checksum="0" * 64)
+        )
+
+    assert "already received" in str(caught.value).lower()
+    assert sink.getvalue() == data
+
+
+def test_stream_download_verifies_against_the_stored_checksum(
+    nfs_store: Storage, share: Path, host: Path
+) -> None:
+    data = random_bytes(2 * CHUNK, seed=58)
+    up = nfs_store.upload(UploadRequest(str(write_file(host / "d.img", data)), "nfs://d.img"))
+    with open(share / "d.img", "r+b") as f:  # a bit flipped in place: same inode and size
+        f.seek(1000)
+        f.write(bytes([data[1000] ^ 1]))
+    # Keep the mtime so that the sidecar still describes the file: only the bytes differ.
+    st = os.stat(share / "d.img")
+    os.utime(
+        share / "d.img",
+        ns=(st.st_atime_ns, json.loads(sidecar_path(share, "d.img").read_text())["mtime_ns"]),
+    )
+
+    with pytest.raises(ChecksumMismatchError):
+        nfs_store.download(DownloadRequest(up.url, destination_stream=io.BytesIO()))
+
+
+# --- the "not NFS" notice ---------------------------------------------------------------------
+
+
+def test_a_local_directory_is_warned_about_once_per_process(
+    share: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="vmstore.nfs")
+
+    for _ in range(3):
+        new_storage(nfs(share)).close()
+
+    warnings = [
+        r for r in caplog.records if r.levelno >= logging.WARNING and "not NFS" in r.message
+    ]
+    assert len(warnings) == 1
+    assert "local filesystem" in warnings[0].message
+
+
+def test_a_shared_filesystem_that_is_not_nfs_is_named_not_warned_about(
+    share: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A mock of statfs's answer: no CephFS can be mounted here (the magic-number table and
+    # the FUSE subtype lookup are tested in rust/src/fsinfo.rs).
+    from vmstore.backends import nfs as nfs_backend
+
+    monkeypatch.setattr(nfs_backend._native, "is_network_filesystem", lambda path: (True, "cephfs"))
+    caplog.set_level(logging.INFO, logger="vmstore.nfs")
+
+    new_storage(nfs(share)).close()
+
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("cephfs" in r.message and "not NFS" in r.message for r in caplog.records)
+
+
+# --- delete cleans up after every transfer to the URL -----------------------------------------
+
+
+def test_delete_removes_partials_of_every_host_and_leftover_temp_files(
+    nfs_store: Storage, share: Path, host: Path
+) -> None:
+    nfs_store.upload(
+        UploadRequest(str(write_file(host / "d.img", random_bytes(KiB))), "nfs://vm/d.img")
+    )
+    for leftover in (
+        "d.img.vmstore-partial-other-host",
+        "d.img.vmstore-tmp-other-host-123-abcd1234",
+        "d.img.vmstore.json.vmstore-tmp-other-host-123-ef567890",
+    ):
+        write_file(share / "vm" / leftover, b"left by a crashed transfer")
+    write_file(share / "vm" / "d.img2", b"another object")
+    write_file(share / "vm" / "d.img2.vmstore-partial-other-host", b"another object's partial")
+
+    nfs_store.delete("nfs://vm/d.img")
+
+    assert files_under(share) == {"vm/d.img2", "vm/d.img2.vmstore-partial-other-host"}
+
+
+def test_delete_keeps_a_partial_that_a_running_transfer_holds(
+    nfs_store: Storage, share: Path
+) -> None:
+    write_file(share / "d.img", b"data")
+    partial = write_file(share / "d.img.vmstore-partial-other-host", b"being written")
+
+    with open(partial, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what the writing transfer holds
+        nfs_store.delete("nfs://d.img")
+
+    assert files_under(share) == {partial.name}
+
+
+# --- absurd chunk sizes are refused before any allocation -------------------------------------
+
+
+def test_a_terabyte_chunk_size_is_invalid_config_not_a_process_abort(share: Path) -> None:
+    with pytest.raises(InvalidConfigError) as caught:
+        new_storage(StorageConfig(type="nfs", endpoint=str(share), chunk_size=1 << 40))
+
+    assert "chunk_size" in str(caught.value)

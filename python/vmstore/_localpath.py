@@ -130,3 +130,14 @@ def open_regular_file(path: str, what: str) -> tuple[int, os.stat_result]:
             raise storage_error_from_oserror(exc, f"open {what}", text) from exc
         raise
     return fd, st
+
+
+def stream_label(stream: object) -> str:
+    """How messages name a source or destination stream: its file name, ``<stream fd N>``
+    for a pipe or socket opened from a descriptor, else ``<TypeName stream>``."""
+    name = getattr(stream, "name", None)
+    if isinstance(name, str) and name:
+        return name
+    if isinstance(name, int) and not isinstance(name, bool):
+        return f"<stream fd {name}>"
+    return f"<{type(stream).__name__} stream>"

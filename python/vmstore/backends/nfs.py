@@ -1,25 +1,33 @@
 """NFS backend: the share is a directory mounted on this host.
 
 Bytes move through the native core (``copy_file`` into a ``ChunkWriter`` temp file beside
-the final name, hashed while copied); this module decides names, checks that every path
-stays inside the mount point, keeps the checksum in a sidecar file, and decides when a
-partial file is worth keeping for a resume.
+the final name, hashed while copied; a stream is written chunk by chunk through the same
+writer); this module decides names, checks that every path stays inside the mount point,
+keeps the checksum in a sidecar file, and decides when a partial file is worth keeping for a
+resume.
 
 Files beside a stored ``<name>``:
 
-- ``<name>.vmstore.json``: the sidecar (sha256, size, content type, metadata), replaced
-  atomically *before* the data is renamed into place, so a reader never finds new data
-  with an old checksum.
+- ``<name>.vmstore.json``: the sidecar (:mod:`vmstore._sidecar`: sha256, size, content type,
+  metadata), replaced atomically just *before* the data is renamed into place. It is bound
+  to the data it describes by the committed file's identity (inode, size, mtime; not the
+  device number, which differs on every client of the share): a reader believes it only for
+  that very file, so two writers racing on one name can never leave a checksum that lies.
+  After its commit, a writer whose data is in place re-writes its sidecar if a racing
+  writer's replaced it (or if the server changed the mtime on the final flush).
 - ``<name>.vmstore-partial-<host>``: an upload in progress or interrupted on ``<host>``,
   locked with ``flock`` while written; reused by the next upload from that host.
 - ``<name>.vmstore-tmp-<host>-<pid>-<random>``: a one-off temp file for a writer that
-  found the partial locked by another; never resumed.
+  found the partial locked by another, or for a stream (which cannot resume); never resumed.
+
+``delete`` removes all of them that no transfer holds locked.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import errno
+import fcntl
 import logging
 import mimetypes
 import os
@@ -27,17 +35,27 @@ import re
 import secrets
 import socket
 import stat
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Self
+from typing import Protocol, Self
 
 from vmstore import _native
+from vmstore._localpath import (
+    check_destination_file,
+    check_source_file,
+    open_regular_file,
+    refuse_non_regular,
+    stream_label,
+)
 from vmstore._oserrors import is_disk_full, storage_error_from_oserror
+from vmstore._sidecar import MAX_SIDECAR_BYTES, SIDECAR_SUFFIX, Sidecar, SidecarFormatError
 from vmstore.config import StorageConfig
 from vmstore.errors import (
+    CancelledError,
     ChecksumMismatchError,
     InvalidConfigError,
     NotFoundError,
@@ -51,21 +69,27 @@ from vmstore.models import (
     DownloadResponse,
     FileMetadata,
     ProgressCallback,
+    ReadableStream,
     UploadRequest,
     UploadResponse,
+    WritableStream,
     normalize_custom_metadata,
     parse_sha256_hex,
 )
-from vmstore.progress import ProgressReporter
+from vmstore.progress import PROGRESS_INTERVAL_SECONDS, ProgressReporter
 from vmstore.urls import nfs_url, parse_nfs_url
 
 logger = logging.getLogger("vmstore.nfs")
 
 DEFAULT_CHUNK_SIZE = 32 << 20
 
-SIDECAR_SUFFIX = ".vmstore.json"
 PARTIAL_SUFFIX = ".vmstore-partial"
 TEMP_MARKER = ".vmstore-tmp-"
+
+# Mount points whose filesystem type was already reported: a controller that builds a store
+# per transfer gets one warning per process, not one per transfer.
+_reported_mounts: set[str] = set()
+_reported_mounts_lock = threading.Lock()
 
 _RESERVED_NAME = re.compile(
     rf"({re.escape(SIDECAR_SUFFIX)}$|{re.escape(PARTIAL_SUFFIX)}|{re.escape(TEMP_MARKER)})"
@@ -84,6 +108,14 @@ def _unique_temp_path(final_path: str) -> str:
 def _etag(st: os.stat_result) -> str:
     # The inode changes with every atomic replace, size and mtime with any edit in place.
     return f"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"
+
+
+def _written_for_this_file(sidecar: Sidecar, st: os.stat_result) -> bool:
+    """Whether sidecar was written for this very file (its inode), which may have been
+    changed in place since; a release-1 sidecar (no etag) is judged by size, as then."""
+    if not sidecar.etag:
+        return sidecar.size == st.st_size
+    return sidecar.etag.split("-", 1)[0] == f"{st.st_ino:x}"
 
 
 def _keeps_partial(exc: BaseException) -> bool:
@@ -113,54 +145,102 @@ class _Target:
     url: str
 
 
-@dataclass(frozen=True)
-class _Sidecar:
-    """What ``<name>.vmstore.json`` holds about the data file beside it."""
+class _CopyOutcome(Protocol):
+    """What a finished copy reports: a native CopyResult or a stream copy's _StreamCopy."""
 
+    @property
+    def sha256(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def bytes_copied(self) -> int: ...
+    @property
+    def resumed_from(self) -> int: ...
+    @property
+    def holes_skipped(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class _StreamCopy:
     sha256: str
     size: int
-    mtime_ns: int
-    content_type: str
-    metadata: dict[str, str] = field(default_factory=dict)
-    uploaded_at: str = ""
+    bytes_copied: int
+    resumed_from: int = 0
+    holes_skipped: int = 0
 
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "sha256": self.sha256,
-                "size": self.size,
-                "mtime_ns": self.mtime_ns,
-                "content_type": self.content_type,
-                "metadata": self.metadata,
-                "uploaded_at": self.uploaded_at,
-            },
-            indent=2,
-            sort_keys=True,
-        )
 
-    @classmethod
-    def from_json(cls, text: str) -> _Sidecar:
-        """Parse a sidecar; raises ValueError for anything that is not one."""
-        data: Any = json.loads(text)
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-        metadata = data.get("metadata") or {}
-        if not isinstance(metadata, dict) or not all(
-            isinstance(key, str) and isinstance(value, str) for key, value in metadata.items()
-        ):
-            raise ValueError("metadata is not an object of strings")
-        size = data.get("size")
-        mtime_ns = data.get("mtime_ns", 0)
-        if not isinstance(size, int) or not isinstance(mtime_ns, int):
-            raise ValueError("size or mtime_ns is not an integer")
-        return cls(
-            sha256=parse_sha256_hex(str(data.get("sha256", "")), "sidecar sha256"),
-            size=size,
-            mtime_ns=mtime_ns,
-            content_type=str(data.get("content_type") or DEFAULT_CONTENT_TYPE),
-            metadata={key.lower(): value for key, value in metadata.items()},
-            uploaded_at=str(data.get("uploaded_at", "")),
-        )
+def _check_cancel(cancel: _native.CancelToken | None, what: str) -> None:
+    if cancel is not None and cancel.is_cancelled:
+        raise CancelledError(f"{what} cancelled")
+
+
+def _fill_from_stream(
+    stream: ReadableStream, view: memoryview, cancel: _native.CancelToken | None, label: str
+) -> int:
+    """Read from stream until view is full or the stream ends; returns the bytes read.
+
+    A pipe hands out what it has (often 64 KiB), so one read rarely fills a chunk; filling
+    it keeps chunks aligned, which lets all-zero chunks stay holes.
+    """
+    readinto = getattr(stream, "readinto", None)
+    filled = 0
+    while filled < len(view):
+        try:
+            if callable(readinto):
+                got = readinto(view[filled:])
+            else:
+                data = stream.read(len(view) - filled)
+                got = None if data is None else len(data)
+                if got is not None and got > len(view) - filled:
+                    raise InvalidConfigError(
+                        f"source_stream.read({len(view) - filled}) returned {got} bytes"
+                    )
+                if got:
+                    view[filled : filled + got] = data
+        except OSError as exc:
+            raise storage_error_from_oserror(
+                exc, "read", f"the source stream {label}", advice="nothing was stored; retry"
+            ) from exc
+        except ValueError as exc:  # read from a closed file
+            raise InvalidConfigError(
+                f"could not read the source stream {label}: {exc}", cause=exc
+            ) from exc
+        if got is None:
+            # A non-blocking stream with nothing to read yet: wait for it, cancellably.
+            _check_cancel(cancel, "upload of <stream>")
+            time.sleep(0.01)
+            continue
+        if got == 0:
+            break
+        filled += got
+    return filled
+
+
+def _write_to_stream(stream: WritableStream, data: bytes, label: str) -> None:
+    """Write all of data (a raw stream may take only part of it per call)."""
+    view = memoryview(data)
+    while view:
+        try:
+            # bytes, never a view of a reused buffer: a consumer may keep what it is given.
+            written = stream.write(data if len(view) == len(data) else bytes(view))
+        except OSError as exc:
+            raise storage_error_from_oserror(
+                exc,
+                "write to",
+                f"the destination stream {label}",
+                advice="the consumer stopped"
+                " reading (or failed); what it received is incomplete: discard it and retry",
+            ) from exc
+        except ValueError as exc:  # write to a closed file
+            raise InvalidConfigError(
+                f"could not write to the destination stream {label}: {exc}", cause=exc
+            ) from exc
+        if written is None:
+            time.sleep(0.01)  # a non-blocking stream that is full; try again
+            continue
+        if not isinstance(written, int) or isinstance(written, bool):
+            return  # a stream whose write() returns nothing useful took it all
+        view = view[written:]
 
 
 class NfsStorage:
@@ -181,7 +261,11 @@ class NfsStorage:
         target = self._resolve(request.destination_url)
         metadata = normalize_custom_metadata(request.metadata)
         source_path = request.source_path
-        source_size = self._stat_source_file(source_path).st_size
+        source_size: int | None = request.size_hint
+        if source_path is not None:
+            # stat, never open: a FIFO would block open() forever (the core re-checks the
+            # descriptor it opens, so a FIFO swapped in meanwhile is refused too).
+            source_size = check_source_file(source_path).st_size
         if os.path.isdir(target.path):
             raise InvalidConfigError(
                 f"cannot upload to {target.url}: a directory of that name exists; "
@@ -189,40 +273,64 @@ class NfsStorage:
             )
         self._make_parent_directories(target)
         content_type = request.content_type or (
-            mimetypes.guess_type(source_path)[0] or DEFAULT_CONTENT_TYPE
+            (mimetypes.guess_type(source_path)[0] if source_path else None) or DEFAULT_CONTENT_TYPE
         )
+        sidecar_written: list[tuple[Sidecar, os.stat_result]] = []
 
-        def write_sidecar(result: _native.CopyResult, temp_path: str) -> None:
+        def write_sidecar(sha256: str, temp_path: str) -> None:
+            # Bound to the temp file's identity, which the rename into place keeps.
             temp_stat = self._stat(temp_path, "read the size of")
-            sidecar = _Sidecar(
-                sha256=result.sha256,
-                size=result.size,
+            sidecar = Sidecar(
+                sha256=sha256,
+                size=temp_stat.st_size,
+                etag=_etag(temp_stat),
                 mtime_ns=temp_stat.st_mtime_ns,
                 content_type=content_type,
                 metadata=metadata,
                 uploaded_at=datetime.now(UTC).isoformat(),
             )
             self._write_sidecar(target.path, sidecar)
+            sidecar_written.append((sidecar, temp_stat))
 
-        logger.info("uploading %s (%d bytes) to %s", source_path, source_size, target.url)
-        started = time.monotonic()
-        result = self._copy(
-            source_path,
-            source_label=source_path,
-            final_path=target.path,
-            partial_path=f"{target.path}{PARTIAL_SUFFIX}-{_host_label()}",
-            resume=request.resume,
-            progress_callback=request.progress_callback,
-            cancel=request.cancel,
-            expected_sha256=None,
-            before_commit=write_sidecar,
+        logger.info(
+            "uploading %s (%s bytes) to %s",
+            request.source_name,
+            "unknown" if source_size is None else source_size,
+            target.url,
         )
+        started = time.monotonic()
+        result: _CopyOutcome
+        if request.source_stream is not None:
+            result = self._copy_stream_in(
+                request.source_stream,
+                size_hint=request.size_hint,
+                final_path=target.path,
+                progress_callback=request.progress_callback,
+                cancel=request.cancel,
+                before_commit=write_sidecar,
+            )
+        else:
+            assert source_path is not None  # UploadRequest guarantees one source
+            result = self._copy(
+                source_path,
+                source_label=source_path,
+                final_path=target.path,
+                partial_path=f"{target.path}{PARTIAL_SUFFIX}-{_host_label()}",
+                resume=request.resume,
+                progress_callback=request.progress_callback,
+                cancel=request.cancel,
+                expected_sha256=None,
+                before_commit=lambda copied, temp_path: write_sidecar(copied.sha256, temp_path),
+            )
+        final_stat = self._stat(target.path, "read the metadata of")
+        if sidecar_written:
+            self._confirm_sidecar(target, final_stat, *sidecar_written[-1])
         self._log_done("uploaded", target.url, result, started)
         return UploadResponse(
             url=target.url,
             checksum=result.sha256,
             bytes_transferred=result.bytes_copied,
-            etag=_etag(self._stat(target.path, "read the metadata of")),
+            etag=_etag(final_stat),
             size=result.size,
             resumed_from=result.resumed_from,
         )
@@ -231,23 +339,11 @@ class NfsStorage:
         self._check_open()
         target = self._resolve(request.source_url)
         source_stat = self._stat_stored_file(target)
-        expected_sha256: str | None = None
-        if request.expected_checksum is not None:
-            expected_sha256 = parse_sha256_hex(request.expected_checksum)
-        elif request.verify_checksum:
-            sidecar = self._read_sidecar(target.path, source_stat)
-            if sidecar is None:
-                logger.info(
-                    "%s has no stored checksum; the download cannot be verified against one",
-                    target.url,
-                )
-            else:
-                expected_sha256 = sidecar.sha256
-        destination_path = os.path.abspath(request.destination_path)
-        if os.path.isdir(destination_path):
-            raise InvalidConfigError(
-                f"cannot download to {destination_path}: it is a directory; give a file path"
-            )
+        if request.destination_stream is not None:
+            return self._download_to_stream(request, target, request.destination_stream)
+        assert request.destination_path is not None  # DownloadRequest guarantees one
+        expected_sha256 = self._expected_sha256(request, target, source_stat)
+        destination_path = check_destination_file(request.destination_path)
         self._make_directories(os.path.dirname(destination_path))
 
         logger.info(
@@ -290,27 +386,33 @@ class NfsStorage:
         )
 
     def delete(self, url: str) -> None:
+        """Remove the object, its sidecar, and every partial or temp file a transfer to this
+        URL left in the share (from any host), except those a running transfer holds locked."""
         self._check_open()
         target = self._resolve(url)
         if os.path.isdir(target.path):
             raise InvalidConfigError(f"{target.url} is a directory; vmstore deletes files only")
         # Data first: a reader that races with us sees no file rather than a file whose
         # checksum has already gone.
-        removed = []
-        for path in (
-            target.path,
-            target.path + SIDECAR_SUFFIX,
-            f"{target.path}{PARTIAL_SUFFIX}-{_host_label()}",
-        ):
-            try:
-                os.unlink(path)
-            except (FileNotFoundError, NotADirectoryError):
-                continue
-            except OSError as exc:
-                raise storage_error_from_oserror(exc, "delete", path) from exc
-            removed.append(os.path.basename(path))
+        removed = [p for p in (target.path, target.path + SIDECAR_SUFFIX) if self._unlink(p)]
+        in_use = []
+        for path in self._leftovers(target.path):
+            outcome = self._unlink_unless_locked(path)
+            if outcome is None:
+                in_use.append(os.path.basename(path))
+            elif outcome:
+                removed.append(path)
+        if in_use:
+            logger.warning(
+                "left %s beside %s: a transfer in progress holds %s",
+                ", ".join(in_use),
+                target.url,
+                "it" if len(in_use) == 1 else "them",
+            )
         if removed:
-            logger.info("deleted %s (%s)", target.url, ", ".join(removed))
+            logger.info(
+                "deleted %s (%s)", target.url, ", ".join(os.path.basename(p) for p in removed)
+            )
         else:
             logger.info("nothing to delete at %s", target.url)
 
@@ -419,6 +521,227 @@ class NfsStorage:
         if keep:
             logger.info("kept %s for a later resume", writer.temp_path)
 
+    # --- streams --------------------------------------------------------------------------
+
+    def _copy_stream_in(
+        self,
+        stream: ReadableStream,
+        *,
+        size_hint: int | None,
+        final_path: str,
+        progress_callback: ProgressCallback | None,
+        cancel: _native.CancelToken | None,
+        before_commit: Callable[[str, str], None],
+    ) -> _StreamCopy:
+        """Read stream once, front to back, into a one-off temp file beside final_path,
+        hashing in the same pass; then commit atomically.
+
+        A stream cannot be read again, so this never resumes: an interrupted stream upload
+        leaves nothing behind (the temp file is removed) and must start over. A size_hint
+        that differs from the bytes the stream held fails the upload, committing nothing.
+        """
+        temp_path = _unique_temp_path(final_path)
+        label = stream_label(stream)
+        try:
+            writer = _native.ChunkWriter(final_path, temp_path, resume=False)
+        except OSError as exc:
+            raise storage_error_from_oserror(exc, "create temporary file", temp_path) from exc
+        hasher = _native.Sha256()
+        reporter = ProgressReporter(progress_callback)
+        buffer = bytearray(self._chunk_size)
+        view = memoryview(buffer)
+        offset = 0
+        last_report = float("-inf")
+        try:
+            while True:
+                _check_cancel(cancel, "upload of <stream>")
+                length = _fill_from_stream(stream, view, cancel, label)
+                if length:
+                    if size_hint is not None and offset + length > size_hint:
+                        raise InvalidConfigError(
+                            f"the stream {label} holds more than its size_hint of {size_hint} "
+                            f"bytes; nothing was stored at {final_path}: give the right "
+                            "size_hint or none"
+                        )
+                    chunk = view[:length]
+                    hasher.update(chunk)
+                    writer.write_at(offset, chunk)
+                    offset += length
+                    now = time.monotonic()
+                    if size_hint is not None or now - last_report >= PROGRESS_INTERVAL_SECONDS:
+                        # Without a hint the total grows with the stream; the reporter's
+                        # throttle lets a call with done == total through, so throttle here.
+                        last_report = now
+                        reporter(offset, max(offset, size_hint or 0))
+                if length < len(view):
+                    break  # the stream is at its end
+            if size_hint is not None and offset != size_hint:
+                raise InvalidConfigError(
+                    f"the stream {label} held {offset} bytes, not its size_hint of {size_hint}; "
+                    f"nothing was stored at {final_path}: give the right size_hint or none"
+                )
+            # All-zero blocks at the end were not written: the file must still be whole.
+            writer.set_len(offset)
+            reporter.finish(offset)
+            sha256 = hasher.hexdigest()
+            before_commit(sha256, writer.temp_path)
+            writer.commit()
+        except BaseException as exc:
+            self._abort(writer, keep=False)
+            if isinstance(exc, OSError):
+                raise storage_error_from_oserror(exc, "write", temp_path) from exc
+            raise
+        return _StreamCopy(sha256=sha256, size=offset, bytes_copied=offset)
+
+    def _download_to_stream(
+        self, request: DownloadRequest, target: _Target, stream: WritableStream
+    ) -> DownloadResponse:
+        """Read the stored file in order into stream, hashing as it goes; verify at the end.
+
+        The consumer has every byte before the checksum is known, so a mismatch can only be
+        reported, not undone: ChecksumMismatchError says the bytes were already handed over.
+        A stream download cannot resume.
+        """
+        fd, opened = open_regular_file(target.path, f"stored file of {target.url}")
+        label = stream_label(stream)
+        started = time.monotonic()
+        hasher = _native.Sha256()
+        reporter = ProgressReporter(request.progress_callback, opened.st_size)
+        done = 0
+        with os.fdopen(fd, "rb", buffering=0) as source:
+            # Judged against the file actually opened: a racing upload cannot slip another
+            # file's checksum in between.
+            expected_sha256 = self._expected_sha256(request, target, opened)
+            logger.info("downloading %s (%d bytes) to %s", target.url, opened.st_size, label)
+            while True:
+                _check_cancel(request.cancel, f"download of {target.url}")
+                try:
+                    data = source.read(self._chunk_size)
+                except OSError as exc:
+                    raise storage_error_from_oserror(exc, "read", target.path) from exc
+                if not data:
+                    break
+                hasher.update(data)
+                _write_to_stream(stream, data, label)
+                done += len(data)
+                reporter(done, max(done, opened.st_size))
+        if done != opened.st_size:
+            raise OperationFailedError(
+                f"{target.url} changed size while it was read ({opened.st_size} bytes when "
+                f"opened, {done} read); the stream received {done} bytes: discard them and retry"
+            )
+        reporter.finish(done)
+        sha256 = hasher.hexdigest()
+        if expected_sha256 is not None and sha256 != expected_sha256:
+            raise ChecksumMismatchError(
+                f"checksum mismatch for {target.url}: expected sha256 {expected_sha256}, got "
+                f"{sha256}; the destination stream {label} already received all {done} bytes: "
+                "discard what it received, check the source, then retry"
+            )
+        copied = _StreamCopy(sha256=sha256, size=done, bytes_copied=done)
+        self._log_done("downloaded", target.url, copied, started)
+        return DownloadResponse(
+            checksum=sha256,
+            content_length=done,
+            bytes_transferred=done,
+            destination_path=None,
+        )
+
+    def _expected_sha256(
+        self, request: DownloadRequest, target: _Target, data_stat: os.stat_result
+    ) -> str | None:
+        """The checksum a download must match: the caller's, else the sidecar's (if any)."""
+        if request.expected_checksum is not None:
+            return parse_sha256_hex(request.expected_checksum)
+        if not request.verify_checksum:
+            return None
+        sidecar = self._load_sidecar(target.path)
+        if sidecar is None:
+            logger.info(
+                "%s has no stored checksum; the download cannot be verified against one",
+                target.url,
+            )
+            return None
+        reason = sidecar.mismatch(
+            size=data_stat.st_size, etag=_etag(data_stat), mtime_ns=data_stat.st_mtime_ns
+        )
+        if reason is None:
+            return sidecar.sha256
+        if _written_for_this_file(sidecar, data_stat):
+            # The file vmstore committed was changed in place since (bit rot, another tool):
+            # what it held then is what the download must deliver, so verify against that.
+            logger.warning(
+                "%s changed since vmstore stored it (%s); verifying it against the checksum "
+                "recorded at upload",
+                target.url,
+                reason,
+            )
+            return sidecar.sha256
+        logger.warning(
+            "ignoring the sidecar of %s, written for another file (%s); the download cannot "
+            "be verified",
+            target.url,
+            reason,
+        )
+        return None
+
+    # --- leftovers --------------------------------------------------------------------------
+
+    @staticmethod
+    def _leftovers(data_path: str) -> list[str]:
+        """Partials (any host) and one-off temp files of data_path and of its sidecar."""
+        directory, name = os.path.split(data_path)
+        prefixes = (
+            name + PARTIAL_SUFFIX + "-",
+            name + TEMP_MARKER,
+            name + SIDECAR_SUFFIX + TEMP_MARKER,
+        )
+        try:
+            entries = os.listdir(directory)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except OSError as exc:
+            raise storage_error_from_oserror(exc, "list", directory) from exc
+        return sorted(
+            os.path.join(directory, entry) for entry in entries if entry.startswith(prefixes)
+        )
+
+    @staticmethod
+    def _unlink(path: str) -> bool:
+        try:
+            os.unlink(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        except OSError as exc:
+            raise storage_error_from_oserror(exc, "delete", path) from exc
+        return True
+
+    @classmethod
+    def _unlink_unless_locked(cls, path: str) -> bool | None:
+        """Remove path unless a transfer holds its flock (then None); False if it is gone.
+
+        Writers lock their temp files with flock (NFS carries it to the server as a byte
+        range lock), so a lock we can take means nobody is writing it.
+        """
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise storage_error_from_oserror(exc, "open", path) from exc
+            return cls._unlink(path)  # a symlink with our name: nothing can lock it
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return None
+            except OSError as exc:
+                logger.debug("could not lock %s (%s); removing it anyway", path, exc)
+            return cls._unlink(path)
+        finally:
+            os.close(fd)
+
     # --- paths ----------------------------------------------------------------------------
 
     def _resolve(self, url: str) -> _Target:
@@ -476,21 +799,6 @@ class NfsStorage:
         except OSError as exc:
             raise storage_error_from_oserror(exc, action, path) from exc
 
-    def _stat_source_file(self, source_path: str) -> os.stat_result:
-        try:
-            st = os.stat(source_path)
-        except FileNotFoundError as exc:
-            raise NotFoundError(
-                f"source file {source_path} does not exist; check the path", cause=exc
-            ) from exc
-        except OSError as exc:
-            raise storage_error_from_oserror(exc, "read source file", source_path) from exc
-        if not stat.S_ISREG(st.st_mode):
-            raise InvalidConfigError(
-                f"source {source_path} is not a regular file; give the disk image's path"
-            )
-        return st
-
     def _stat_stored_file(self, target: _Target) -> os.stat_result:
         try:
             st = os.stat(target.path)
@@ -503,33 +811,81 @@ class NfsStorage:
             raise storage_error_from_oserror(exc, "read the metadata of", target.path) from exc
         if stat.S_ISDIR(st.st_mode):
             raise InvalidConfigError(f"{target.url} is a directory, not a file")
+        # A FIFO, socket or device placed in the share: opening one could block forever.
+        refuse_non_regular(
+            st, f"{target.url} ({target.path})", "stored object", advice="vmstore stores files"
+        )
         return st
 
     @staticmethod
-    def _read_sidecar(data_path: str, data_stat: os.stat_result) -> _Sidecar | None:
-        """The sidecar of data_path, or None when missing, unreadable or stale."""
+    def _load_sidecar(data_path: str) -> Sidecar | None:
+        """The sidecar beside data_path as written, or None when missing or unreadable."""
         sidecar_path = data_path + SIDECAR_SUFFIX
         try:
-            with open(sidecar_path, encoding="utf-8") as sidecar_file:
-                sidecar = _Sidecar.from_json(sidecar_file.read())
+            with open(sidecar_path, "rb") as sidecar_file:
+                return Sidecar.from_json(sidecar_file.read(MAX_SIDECAR_BYTES + 1))
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, StorageError) as exc:
+        except (OSError, SidecarFormatError) as exc:
             logger.warning("ignoring unreadable sidecar %s: %s", sidecar_path, exc)
             return None
-        if sidecar.size != data_stat.st_size:
-            # The data was replaced or changed by something other than vmstore.
+
+    @classmethod
+    def _read_sidecar(cls, data_path: str, data_stat: os.stat_result) -> Sidecar | None:
+        """The sidecar of data_path, or None when missing, unreadable, or written for other
+        data than the file data_stat describes (a racing writer's, or a stale one)."""
+        sidecar = cls._load_sidecar(data_path)
+        if sidecar is None:
+            return None
+        reason = sidecar.mismatch(
+            size=data_stat.st_size, etag=_etag(data_stat), mtime_ns=data_stat.st_mtime_ns
+        )
+        if reason is not None:
             logger.warning(
-                "ignoring stale sidecar %s: it describes %d bytes, the file has %d",
-                sidecar_path,
-                sidecar.size,
-                data_stat.st_size,
+                "ignoring sidecar %s%s, which does not describe the file beside it (%s); "
+                "the file's checksum is unknown",
+                data_path,
+                SIDECAR_SUFFIX,
+                reason,
             )
             return None
         return sidecar
 
+    def _confirm_sidecar(
+        self,
+        target: _Target,
+        final_stat: os.stat_result,
+        written: Sidecar,
+        temp_stat: os.stat_result,
+    ) -> None:
+        """After our commit: if our data is in place but its sidecar is not ours (a racing
+        writer replaced it between our sidecar and our rename) or no longer matches (the
+        server changed the mtime on the final flush), write ours again.
+
+        If another writer's data has replaced ours already, its sidecar is its own to write;
+        whichever pair a race leaves, a reader believes only a sidecar bound to the file.
+        """
+        if (final_stat.st_dev, final_stat.st_ino) != (temp_stat.st_dev, temp_stat.st_ino):
+            return
+        current = self._read_sidecar(target.path, final_stat)
+        if current is not None and current.sha256 == written.sha256:
+            return
+        logger.info("re-writing the sidecar of %s, replaced by a concurrent upload", target.url)
+        self._write_sidecar(
+            target.path,
+            Sidecar(
+                sha256=written.sha256,
+                size=final_stat.st_size,
+                etag=_etag(final_stat),
+                mtime_ns=final_stat.st_mtime_ns,
+                content_type=written.content_type,
+                metadata=written.metadata,
+                uploaded_at=written.uploaded_at,
+            ),
+        )
+
     @staticmethod
-    def _write_sidecar(data_path: str, sidecar: _Sidecar) -> None:
+    def _write_sidecar(data_path: str, sidecar: Sidecar) -> None:
         """Replace data_path's sidecar atomically: temp file, fsync, rename.
 
         The directory is fsynced by the data commit that follows (same directory), which
@@ -539,8 +895,8 @@ class NfsStorage:
         temp_path = _unique_temp_path(sidecar_path)
         try:
             fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            with os.fdopen(fd, "w", encoding="utf-8") as temp_file:
-                temp_file.write(sidecar.to_json())
+            with os.fdopen(fd, "wb") as temp_file:
+                temp_file.write(sidecar.to_bytes())
                 temp_file.flush()
                 os.fsync(temp_file.fileno())
             os.replace(temp_path, sidecar_path)
@@ -582,17 +938,34 @@ class NfsStorage:
         return mount_point
 
     def _log_filesystem_type(self) -> None:
+        """Say what the mount point is on, once per mount point and process.
+
+        Only a local filesystem earns a warning (other hosts will not see the files unless
+        the directory is exported); NFS and other shared filesystems (CephFS, GlusterFS,
+        Lustre, FUSE, SMB, ...) work the same way for vmstore and are logged as info.
+        """
+        with _reported_mounts_lock:
+            if self._mount_real in _reported_mounts:
+                return
+            _reported_mounts.add(self._mount_real)
         try:
-            is_nfs, filesystem = _native.is_network_filesystem(self._mount_real)
+            shared, filesystem = _native.is_network_filesystem(self._mount_real)
         except (OSError, StorageError) as exc:
             logger.warning("could not tell the filesystem type of %s: %s", self._mount_real, exc)
             return
-        if is_nfs:
+        if filesystem == "nfs":
             logger.info("NFS mount point %s is on %s", self._mount_point, filesystem)
+        elif shared:
+            logger.info(
+                "mount point %s is on %s, a shared filesystem but not NFS; vmstore uses it "
+                "like an NFS share (atomic renames, flock) ",
+                self._mount_point,
+                filesystem,
+            )
         else:
             logger.warning(
-                "mount point %s is on %s, not NFS: transfers work, but other hosts see the "
-                "files only if this directory is shared with them",
+                "mount point %s is on %s (a local filesystem), not NFS: transfers work, but "
+                "other hosts see the files only if this directory is shared with them",
                 self._mount_point,
                 filesystem,
             )
@@ -605,7 +978,7 @@ class NfsStorage:
             )
 
     @staticmethod
-    def _log_done(verb: str, url: str, result: _native.CopyResult, started: float) -> None:
+    def _log_done(verb: str, url: str, result: _CopyOutcome, started: float) -> None:
         elapsed = max(time.monotonic() - started, 1e-9)
         logger.info(
             "%s %s: %d bytes (%d copied, %d resumed, %d in holes) in %.2fs (%.1f MiB/s), sha256 %s",
