@@ -1298,3 +1298,38 @@ def test_a_terabyte_chunk_size_is_invalid_config_not_a_process_abort(share: Path
         new_storage(StorageConfig(type="nfs", endpoint=str(share), chunk_size=1 << 40))
 
     assert "chunk_size" in str(caught.value)
+
+
+def test_upload_whose_commit_fails_leaves_the_previous_object_and_its_checksum(
+    nfs_store: Storage, share: Path, host: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A mock: on NFS a full server is often reported only by the fsync of the commit, after
+    # the sidecar was written; no local file system fails an fsync on demand.
+    from vmstore.backends import nfs as nfs_backend
+
+    v1 = random_bytes(MiB, seed=59)
+    nfs_store.upload(UploadRequest(str(write_file(host / "v1.img", v1)), "nfs://disk.img"))
+    real_writer = nfs_backend._native.ChunkWriter
+
+    class FsyncFailsWriter:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self._writer = real_writer(*args, **kwargs)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._writer, name)
+
+        def commit(self) -> None:
+            self._writer.abort()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(nfs_backend._native, "ChunkWriter", FsyncFailsWriter)
+    v2 = io.BytesIO(random_bytes(MiB, seed=60))  # same size as v1; a stream, whose writer
+    # is driven from Python (copy_file takes only the native writer)
+
+    with pytest.raises(OperationFailedError):
+        nfs_store.upload(UploadRequest(source_stream=v2, destination_url="nfs://disk.img"))
+
+    md = nfs_store.get_metadata("nfs://disk.img")
+    assert (share / "disk.img").read_bytes() == v1
+    assert md.checksum == sha256_bytes(v1)
+    assert files_under(share) == {"disk.img", "disk.img.vmstore.json"}

@@ -300,28 +300,36 @@ class NfsStorage:
         )
         started = time.monotonic()
         result: _CopyOutcome
-        if request.source_stream is not None:
-            result = self._copy_stream_in(
-                request.source_stream,
-                size_hint=request.size_hint,
-                final_path=target.path,
-                progress_callback=request.progress_callback,
-                cancel=request.cancel,
-                before_commit=write_sidecar,
-            )
-        else:
-            assert source_path is not None  # UploadRequest guarantees one source
-            result = self._copy(
-                source_path,
-                source_label=source_path,
-                final_path=target.path,
-                partial_path=f"{target.path}{PARTIAL_SUFFIX}-{_host_label()}",
-                resume=request.resume,
-                progress_callback=request.progress_callback,
-                cancel=request.cancel,
-                expected_sha256=None,
-                before_commit=lambda copied, temp_path: write_sidecar(copied.sha256, temp_path),
-            )
+        # What the sidecar held before, so that an upload failing after its sidecar was
+        # written (the commit's fsync or rename) leaves the previous object's sidecar.
+        previous_sidecar = self._sidecar_bytes(target.path)
+        try:
+            if request.source_stream is not None:
+                result = self._copy_stream_in(
+                    request.source_stream,
+                    size_hint=request.size_hint,
+                    final_path=target.path,
+                    progress_callback=request.progress_callback,
+                    cancel=request.cancel,
+                    before_commit=write_sidecar,
+                )
+            else:
+                assert source_path is not None  # UploadRequest guarantees one source
+                result = self._copy(
+                    source_path,
+                    source_label=source_path,
+                    final_path=target.path,
+                    partial_path=f"{target.path}{PARTIAL_SUFFIX}-{_host_label()}",
+                    resume=request.resume,
+                    progress_callback=request.progress_callback,
+                    cancel=request.cancel,
+                    expected_sha256=None,
+                    before_commit=lambda copied, temp_path: write_sidecar(copied.sha256, temp_path),
+                )
+        except BaseException:
+            if sidecar_written:
+                self._restore_sidecar(target.path, sidecar_written[-1][0], previous_sidecar)
+            raise
         final_stat = self._stat(target.path, "read the metadata of")
         if sidecar_written:
             self._confirm_sidecar(target, final_stat, *sidecar_written[-1])
@@ -850,6 +858,35 @@ class NfsStorage:
             )
             return None
         return sidecar
+
+    @staticmethod
+    def _sidecar_bytes(data_path: str) -> bytes | None:
+        try:
+            with open(data_path + SIDECAR_SUFFIX, "rb") as sidecar_file:
+                return sidecar_file.read(MAX_SIDECAR_BYTES + 1)
+        except OSError:
+            return None
+
+    def _restore_sidecar(self, data_path: str, ours: Sidecar, previous: bytes | None) -> None:
+        """Put the previous sidecar back if the one there is still ours (a failed commit
+        left the old data in place); a racing writer's newer sidecar is left alone."""
+        if self._sidecar_bytes(data_path) != ours.to_bytes():
+            return
+        sidecar_path = data_path + SIDECAR_SUFFIX
+        temp_path = _unique_temp_path(sidecar_path)
+        try:
+            if previous is None:
+                os.unlink(sidecar_path)
+            else:
+                with open(temp_path, "xb") as temp_file:
+                    temp_file.write(previous)
+                os.replace(temp_path, sidecar_path)
+        except OSError as exc:
+            # Never hide the error that failed the upload; the old data is then without a
+            # checksum (its sidecar describes another file), which is ignored, not believed.
+            logger.warning("could not restore the previous sidecar %s: %s", sidecar_path, exc)
+            with contextlib.suppress(OSError):
+                os.unlink(temp_path)
 
     def _confirm_sidecar(
         self,
