@@ -1333,3 +1333,22 @@ def test_upload_whose_commit_fails_leaves_the_previous_object_and_its_checksum(
     assert (share / "disk.img").read_bytes() == v1
     assert md.checksum == sha256_bytes(v1)
     assert files_under(share) == {"disk.img", "disk.img.vmstore.json"}
+
+
+def test_stream_upload_of_unknown_size_reports_progress_with_a_total_of_0_until_the_end(
+    nfs_store: Storage,
+) -> None:
+    data = random_bytes(6 * CHUNK, seed=64)
+    calls: list[tuple[int, int]] = []
+
+    nfs_store.upload(
+        UploadRequest(
+            source_stream=ReadOnlyStream(data),
+            destination_url="nfs://s.img",
+            progress_callback=lambda done, total: calls.append((done, total)),
+        )
+    )
+
+    assert calls[-1] == (len(data), len(data))
+    assert all(total == 0 for _done, total in calls[:-1])
+    assert [done for done, _total in calls] == sorted(done for done, _total in calls)

@@ -76,7 +76,7 @@ from vmstore.models import (
     normalize_custom_metadata,
     parse_sha256_hex,
 )
-from vmstore.progress import PROGRESS_INTERVAL_SECONDS, ProgressReporter
+from vmstore.progress import ProgressReporter
 from vmstore.urls import nfs_url, parse_nfs_url
 
 logger = logging.getLogger("vmstore.nfs")
@@ -555,11 +555,10 @@ class NfsStorage:
         except OSError as exc:
             raise storage_error_from_oserror(exc, "create temporary file", temp_path) from exc
         hasher = _native.Sha256()
-        reporter = ProgressReporter(progress_callback)
+        reporter = ProgressReporter(progress_callback, size_hint or 0)
         buffer = bytearray(self._chunk_size)
         view = memoryview(buffer)
         offset = 0
-        last_report = float("-inf")
         try:
             while True:
                 _check_cancel(cancel, "upload of <stream>")
@@ -575,12 +574,9 @@ class NfsStorage:
                     hasher.update(chunk)
                     writer.write_at(offset, chunk)
                     offset += length
-                    now = time.monotonic()
-                    if size_hint is not None or now - last_report >= PROGRESS_INTERVAL_SECONDS:
-                        # Without a hint the total grows with the stream; the reporter's
-                        # throttle lets a call with done == total through, so throttle here.
-                        last_report = now
-                        reporter(offset, max(offset, size_hint or 0))
+                    # Without a hint the total is 0 until finish(): (done, 0), as for every
+                    # stream of unknown size.
+                    reporter.advance(length)
                 if length < len(view):
                     break  # the stream is at its end
             if size_hint is not None and offset != size_hint:
