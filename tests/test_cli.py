@@ -426,6 +426,29 @@ def test_a_bad_setting_is_named_the_way_the_user_set_it(
     assert "StorageConfig" not in line
 
 
+def test_a_bad_expected_checksum_is_named_as_the_flag(cli: Cli, image: tuple[Path, bytes]) -> None:
+    source, _data = image
+    cli.json("upload", source, "nfs://disk.qcow2")
+
+    result = cli("download", "nfs://disk.qcow2", "x.qcow2", "--expected-checksum", "abc")
+
+    assert result.returncode == EXIT_INVALID_CONFIG
+    line = assert_error_line(result.stderr, "InvalidConfig")
+    assert "--expected-checksum 'abc'" in line and "expected_checksum" not in line
+
+
+def test_a_stream_longer_than_its_size_names_the_flag_and_stores_nothing(
+    cli: Cli, share: Path
+) -> None:
+    result = cli.binary("upload", "-", "nfs://piped.raw", "--size", "1k", stdin=bytes(5000))
+
+    xfail_without_backend_streams(result.stderr, result.returncode)
+    assert result.returncode == EXIT_INVALID_CONFIG
+    line = assert_error_line(result.stderr.decode(), "InvalidConfig")
+    assert "--size" in line and "size_hint" not in line
+    assert not (share / "piped.raw").exists()
+
+
 # --- progress ---------------------------------------------------------------------------
 
 
@@ -593,6 +616,34 @@ def test_the_terminal_bar_fits_the_width_and_redraws_in_place(
         assert re.search(r"\[#+\]", bars[-1])
 
 
+@pytest.mark.parametrize(
+    "label",
+    [
+        "upload disk.qcow2",
+        "download s3://bucket/" + "very/" * 30 + "deep.qcow2",
+        "upload 仮想ディスク.raw",
+    ],
+    ids=["short", "long", "wide-characters"],
+)
+def test_the_bar_line_never_reaches_the_last_column_at_any_width(label: str) -> None:
+    # The pty test above runs the real command at three widths; this walks every width
+    # through the same rendering function, in-process, for the corner cases.
+    from vmstore.cli._progress import cell_width, render_bar_line
+    from vmstore.progress import ProgressSample
+
+    samples = [
+        ProgressSample(0, 0, None, None, 0.0),
+        ProgressSample(3 << 40, 5 << 40, 987654321.0, 7200.0, 60.0),
+        ProgressSample(5 << 40, 5 << 40, 987654321.0, 0.0, 60.0),
+        ProgressSample(123456789, None, 1024.0, None, 3.0),
+    ]
+    for columns in range(1, 200):
+        for sample in samples:
+            line = render_bar_line(label, sample, columns)
+            assert cell_width(line) <= max(columns - 1, 1), (columns, line)
+            assert "\n" not in line and "\r" not in line
+
+
 def test_download_to_stdout_refuses_a_terminal(cli: Cli, image: tuple[Path, bytes]) -> None:
     source, _data = image
     cli.json("upload", source, "nfs://disk.qcow2")
@@ -674,10 +725,9 @@ def test_a_signal_keeps_the_partial_download_and_the_next_run_says_it_resumed(
     assert dest.stat().st_size == source.stat().st_size
 
 
-def test_sigterm_without_a_transfer_exits_143_with_a_message(cli: Cli) -> None:
-    # `checksum -` blocks reading a pipe nobody writes to: a command stopped while waiting.
+def test_sigterm_while_waiting_for_stdin_exits_143_with_a_message(cli: Cli) -> None:
     process = subprocess.Popen(
-        cli.argv("checksum", "-"),
+        cli.argv("checksum", "-", "--progress", "json", "--progress-interval", "0"),
         cwd=cli.cwd,
         env=cli.env,
         stdin=subprocess.PIPE,
@@ -685,12 +735,19 @@ def test_sigterm_without_a_transfer_exits_143_with_a_message(cli: Cli) -> None:
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(1.0)  # let the interpreter start and install its handler
+    assert process.stdin is not None and process.stderr is not None
+    process.stdin.write("some bytes, and then the producer stalls")
+    process.stdin.flush()
+    # The first progress event: vmstore is running its command and blocks on the pipe.
+    assert json.loads(process.stderr.readline())["event"] == "progress"
+
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=30)
 
     assert process.returncode == EXIT_TERMINATED
-    assert "vmstore: terminated (SIGTERM)" in err
+    assert [e["message"] for e in json_lines(err) if e["event"] == "error"] == [
+        "terminated (SIGTERM)"
+    ]
     assert out == ""
 
 

@@ -23,7 +23,7 @@ from vmstore.cli._commands import (
     CommandFailed,
     Invocation,
     SettingOrigins,
-    _settings,
+    setting_origins,
     stdout_closed_failure,
 )
 from vmstore.cli._output import Console, Failure, configure_logging
@@ -135,7 +135,7 @@ def _run(arguments: list[str], environ: Mapping[str, str]) -> int:
         console.progress_mode = _progress_mode(args, environ)
         console.progress_interval = args.progress_interval
         configure_logging(console, args.verbose)
-        run.origins = _settings(args, environ)
+        run.origins = setting_origins(args, environ)
         return HANDLERS[args.command](run)
     except Terminated:
         failure = _interrupted_failure(args, terminated=True)

@@ -58,6 +58,11 @@ def usage_failure(message: str) -> CommandFailed:
 
 _FIELD_REFERENCE = re.compile(r"StorageConfig\.(\w+)(?: \([A-Z_]+(?:, [A-Z_]+)*\))?")
 _VARIABLE_ASIDE = re.compile(r" \((VMSTORE_[A-Z_]+|AWS_[A-Z_]+)\)")
+# Request fields that messages name, and the flag that sets each.
+_FLAG_BY_REQUEST_FIELD = {"size_hint": "--size", "expected_checksum": "--expected-checksum"}
+_REQUEST_FIELD = re.compile(
+    r"\b(?:UploadRequest\.|DownloadRequest\.)?(" + "|".join(_FLAG_BY_REQUEST_FIELD) + r")\b"
+)
 
 
 @dataclass
@@ -83,6 +88,7 @@ class SettingOrigins:
         """``message`` with StorageConfig field names put as the user would set them."""
         message = _FIELD_REFERENCE.sub(lambda match: self.name_of(match.group(1)), message)
         message = message.replace("insecure_skip_verify=True", self.name_of("insecure_skip_verify"))
+        message = _REQUEST_FIELD.sub(lambda match: _FLAG_BY_REQUEST_FIELD[match.group(1)], message)
         # "set --endpoint (or VMSTORE_ENDPOINT) ... (VMSTORE_ENDPOINT)": say it once.
         return _VARIABLE_ASIDE.sub(
             lambda match: "" if match.group(1) in message[: match.start()] else match.group(0),
@@ -90,7 +96,7 @@ class SettingOrigins:
         )
 
 
-def _settings(args: argparse.Namespace, environ: Mapping[str, str]) -> SettingOrigins:
+def setting_origins(args: argparse.Namespace, environ: Mapping[str, str]) -> SettingOrigins:
     origins = SettingOrigins(environ)
     for field_name, flag in FLAG_BY_FIELD.items():
         if getattr(args, field_name, None) is not None:
@@ -223,25 +229,16 @@ def run_upload(run: Invocation) -> int:
         )
         summary: TransferSummary | None = None
         try:
-            if from_stdin:
-                request = UploadRequest(
-                    source_stream=sys.stdin.buffer,
-                    size_hint=args.size,
-                    destination_url=args.url,
-                    metadata=dict(args.metadata),
-                    progress_callback=_callback(display),
-                    content_type=args.content_type,
-                    resume=False,  # a stream cannot be read again
-                )
-            else:
-                request = UploadRequest(
-                    source_path=args.source,
-                    destination_url=args.url,
-                    metadata=dict(args.metadata),
-                    progress_callback=_callback(display),
-                    content_type=args.content_type,
-                    resume=not args.no_resume,
-                )
+            request = UploadRequest(
+                source_path=None if from_stdin else args.source,
+                source_stream=sys.stdin.buffer if from_stdin else None,
+                size_hint=args.size,
+                destination_url=args.url,
+                metadata=dict(args.metadata),
+                progress_callback=_callback(display),
+                content_type=args.content_type,
+                resume=not from_stdin and not args.no_resume,  # a stream cannot be re-read
+            )
             response = store.upload(request)
             summary = TransferSummary(
                 response.bytes_transferred, response.size, response.resumed_from
@@ -287,25 +284,16 @@ def run_download(run: Invocation) -> int:
         display = run.console.start_progress(label)
         summary: TransferSummary | None = None
         try:
-            if to_stdout:
-                stdout: BinaryIO = sys.stdout.buffer
-                request = DownloadRequest(
-                    source_url=args.url,
-                    destination_stream=stdout,
-                    verify_checksum=not args.no_verify,
-                    expected_checksum=args.expected_checksum,
-                    progress_callback=_callback(display),
-                    resume=False,  # what went to the consumer cannot be taken back
-                )
-            else:
-                request = DownloadRequest(
-                    source_url=args.url,
-                    destination_path=args.destination,
-                    verify_checksum=not args.no_verify,
-                    expected_checksum=args.expected_checksum,
-                    progress_callback=_callback(display),
-                    resume=not args.no_resume,
-                )
+            request = DownloadRequest(
+                source_url=args.url,
+                destination_path=None if to_stdout else args.destination,
+                destination_stream=sys.stdout.buffer if to_stdout else None,
+                verify_checksum=not args.no_verify,
+                expected_checksum=args.expected_checksum,
+                progress_callback=_callback(display),
+                # What went to a stream's reader cannot be taken back and re-sent.
+                resume=not to_stdout and not args.no_resume,
+            )
             response = store.download(request)
             if to_stdout:
                 sys.stdout.buffer.flush()
@@ -370,7 +358,9 @@ def run_checksum(run: Invocation) -> int:
 
 
 def _hash_stream(stream: BinaryIO, display: Display) -> tuple[str, int]:
-    readinto = cast("io.BufferedIOBase", stream).readinto  # sys.stdin.buffer has it
+    # readinto1: what the pipe holds now (one read), not a full buffer, so progress moves
+    # with a slow producer.
+    readinto = cast("io.BufferedIOBase", stream).readinto1
     hasher = _native.Sha256()
     buffer = bytearray(STDIN_BLOCK)
     view = memoryview(buffer)
