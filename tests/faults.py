@@ -3,7 +3,7 @@
 No server drops a connection in the middle of a request on demand, so this proxy does it:
 it forwards bytes between vmstore and a real server on 127.0.0.1 and, for the first
 ``drops`` connections whose traffic in one direction passes ``after_bytes``, closes both
-sockets at that point. With ``rate`` it also limits the counted direction to that many
+sockets at that point (or, with ``flip``, flips one bit there and goes on). With ``rate`` it also limits the counted direction to that many
 bytes per second, like a slow link, so a test can kill a transfer while it is under way.
 Everything else is the real server's behaviour.
 """
@@ -26,6 +26,9 @@ class DroppingProxy:
     stall: bool = False
     """At ``after_bytes``, stop forwarding (the peer sees a silent connection) instead of
     cutting it; ``drops`` still counts how many connections this happens to."""
+    flip: bool = False
+    """At ``after_bytes``, flip one bit of the byte there and forward everything (a corrupting
+    NIC or middlebox) instead of cutting; ``drops`` counts the connections it happens to."""
     direction: str = "upload"  # "upload": client->server bytes count; "download": server->client
     port: int = 0
     dropped: int = 0
@@ -104,7 +107,14 @@ class DroppingProxy:
                             break
                         if counts and self.rate:
                             time.sleep(len(data) / self.rate)
-                        if counts:
+                        if counts and self.flip:
+                            start = counted[0]
+                            counted[0] += len(data)
+                            if start <= self.after_bytes < counted[0] and self._take_drop():
+                                flipped = bytearray(data)
+                                flipped[self.after_bytes - start] ^= 0x01
+                                data = bytes(flipped)
+                        elif counts:
                             counted[0] += len(data)
                             if counted[0] > self.after_bytes and self._take_drop():
                                 if self.stall:

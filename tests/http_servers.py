@@ -411,8 +411,11 @@ class _PlainHandler(BaseHTTPRequestHandler):
     def do_PUT(self) -> None:
         if self._pre():
             return
-        state = self.server_state
         fault = self._fault
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            # HTTP/1.1 servers must take chunked bodies (a stream of unknown size is one).
+            self._store_put(self._read_chunked())
+            return
         length = int(self.headers.get("Content-Length") or 0)
         received = bytearray()
         limit = fault.after if fault is not None and fault.kind == "reset" else length
@@ -428,6 +431,22 @@ class _PlainHandler(BaseHTTPRequestHandler):
             with contextlib.suppress(OSError):
                 self.connection.shutdown(socket.SHUT_RDWR)
             return
+        self._store_put(received)
+
+    def _read_chunked(self) -> bytearray:
+        body = bytearray()
+        while True:
+            size_line = self.rfile.readline(1024)
+            size = int(size_line.split(b";", 1)[0].strip() or b"0", 16)
+            if size == 0:
+                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                    pass  # trailers
+                return body
+            body += self.rfile.read(size)
+            self.rfile.readline(1024)  # the CRLF after the chunk
+
+    def _store_put(self, received: bytearray) -> None:
+        state = self.server_state
         kept: dict[str, str] = {}
         if state.keeps_metadata:
             for name, value in self.headers.items():

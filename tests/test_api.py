@@ -100,6 +100,8 @@ def test_request_dataclasses_have_the_documented_fields_and_defaults() -> None:
         "content_type",
         "resume",
         "cancel",
+        "source_stream",
+        "size_hint",
     ]
     assert (up.metadata, up.progress_callback, up.content_type, up.resume, up.cancel) == (
         {},
@@ -116,6 +118,7 @@ def test_request_dataclasses_have_the_documented_fields_and_defaults() -> None:
         "progress_callback",
         "resume",
         "cancel",
+        "destination_stream",
     ]
     assert (
         down.verify_checksum,

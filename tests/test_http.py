@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import io
 import json
 import signal
 import subprocess
@@ -169,13 +170,15 @@ def test_scheme_less_endpoint_takes_the_scheme_of_the_type(nginx: Nginx, area: s
 # --- upload details -----------------------------------------------------------------------
 
 
-def test_upload_streams_with_content_length_checksum_and_metadata_headers(
+def test_upload_of_a_large_file_is_one_pass_with_content_length_and_a_sidecar_after(
     plain: PlainServer, tmp_path: Path
 ) -> None:
+    """The SHA-256 is known only when the last byte has been read, after the headers went
+    out: the body is sent as it is hashed, and the checksum follows in the sidecar."""
     data = random_bytes(MiB + 3, seed=5)
     source = write_file(tmp_path / "disk.img", data)
     with new_storage(plain_config(plain)) as store:
-        store.upload(
+        up = store.upload(
             UploadRequest(
                 str(source),
                 "/disk.img",
@@ -183,27 +186,58 @@ def test_upload_streams_with_content_length_checksum_and_metadata_headers(
                 content_type="application/x-qemu-disk",
             )
         )
+        assert store.get_metadata(up.url).checksum == sha256_bytes(data)
 
+    put = plain.requests("PUT")[0]
+    assert put.headers["Content-Length"] == str(len(data))
+    assert "Transfer-Encoding" not in put.headers
+    assert "X-Checksum-SHA256" not in put.headers
+    assert put.headers["X-Metadata-vm-name"] == "vm-01"
+    assert put.headers["X-Metadata-note"] == "caf%C3%A9 100%25"
+    assert put.headers["Content-Type"] == "application/x-qemu-disk"
+    assert plain.files["/disk.img"].data == data
+    sidecar = json.loads(plain.files["/disk.img.vmstore.json"].data)
+    assert sidecar["sha256"] == up.checksum == sha256_bytes(data)
+
+
+def test_upload_of_a_file_within_one_chunk_sends_its_checksum_headers(
+    plain: PlainServer, tmp_path: Path
+) -> None:
+    data = random_bytes(CHUNK - 5, seed=55)
+    source = write_file(tmp_path / "small.img", data)
+    with new_storage(plain_config(plain)) as store:
+        store.upload(UploadRequest(str(source), "/small.img"))
     put = plain.requests("PUT")[0]
     digest = sha256_bytes(data)
     assert put.headers["Content-Length"] == str(len(data))
-    assert "Transfer-Encoding" not in put.headers
     assert put.headers["X-Checksum-SHA256"] == digest
     assert (
         put.headers["Repr-Digest"]
         == f"sha-256=:{base64.b64encode(bytes.fromhex(digest)).decode()}:"
     )
-    assert put.headers["X-Metadata-vm-name"] == "vm-01"
-    assert put.headers["X-Metadata-note"] == "caf%C3%A9 100%25"
-    assert put.headers["Content-Type"] == "application/x-qemu-disk"
-    assert plain.files["/disk.img"].data == data
+    assert plain.files["/small.img"].data == data
+
+
+def test_upload_of_a_stream_of_unknown_size_is_sent_chunked(
+    plain: PlainServer, tmp_path: Path
+) -> None:
+    data = random_bytes(3 * CHUNK + 11, seed=56)
+    with new_storage(plain_config(plain)) as store:
+        up = store.upload(UploadRequest(source_stream=io.BytesIO(data), destination_url="/s.img"))
+    put = plain.requests("PUT")[0]
+    assert put.headers.get("Transfer-Encoding") == "chunked"
+    assert "Content-Length" not in put.headers
+    assert plain.files["/s.img"].data == data
+    assert up.checksum == sha256_bytes(data)
 
 
 @pytest.mark.parametrize("style", ["X-Checksum-SHA256", "Repr-Digest", "Digest"])
 def test_server_that_keeps_checksum_and_metadata_needs_no_sidecar(
     tmp_path: Path, style: str
 ) -> None:
-    data = random_bytes(2 * CHUNK + 1, seed=6)
+    # Within one chunk: read before the PUT, so its checksum can go in the headers (a larger
+    # body's checksum is known only after its headers went out, and takes a sidecar).
+    data = random_bytes(CHUNK - 1, seed=6)
     source = write_file(tmp_path / "disk.img", data)
     with PlainServer(keeps_metadata=True, checksum_header=style) as server:
         with new_storage(plain_config(server)) as store:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import fcntl
 import hashlib
+import io
 import os
 import random
 import threading
@@ -23,6 +24,7 @@ from vmstore import (
     InvalidConfigError,
     NotFoundError,
     OperationFailedError,
+    StorageError,
 )
 
 from tests.support import (
@@ -83,36 +85,102 @@ def test_sha256_file_of_a_cancelled_token_raises_cancelled(sparse_file: Path) ->
         native.sha256_file(str(sparse_file), cancel=token)
 
 
+def read_all_parts(source: native.UploadSource, part: int) -> list[native.SourcePart]:
+    parts = []
+    while (piece := source.next_part(part)) is not None:
+        parts.append(piece)
+    return parts
+
+
 @pytest.mark.parametrize("size", [0, 1, 3 * MiB, 3 * MiB + 1])
-def test_hash_parts_gives_the_whole_digest_and_one_digest_per_part(
+def test_upload_source_hashes_each_part_and_the_whole_from_the_bytes_it_hands_out(
     tmp_path: Path, size: int
 ) -> None:
     data = random_bytes(size, seed=84)
     path = write_file(tmp_path / "f", data)
-    part = MiB
 
-    whole, parts = native.hash_parts(str(path), part, threads=2)
+    source = native.UploadSource.file(str(path), part_sha256=True)
+    parts = read_all_parts(source, MiB)
 
-    expected_parts = [sha256_bytes(data[i : i + part]) for i in range(0, size, part)] or [
-        sha256_bytes(b"")
-    ]
-    assert whole == sha256_bytes(data)
-    assert parts == expected_parts
+    assert [p.number for p in parts] == list(range(1, len(parts) + 1))
+    assert b"".join(bytes(memoryview(p.data)) for p in parts if p.data is not None) == data
+    for p in parts:
+        assert p.sha256 == sha256_bytes(data[p.offset : p.end])
+    assert source.sha256() == sha256_bytes(data)
+    assert source.position == size and source.exhausted
 
 
-def test_chunk_reader_reports_data_extents_and_reads_at_offsets(sparse_file: Path) -> None:
+def test_upload_source_reads_holes_as_zeros_and_the_file_only_once(sparse_file: Path) -> None:
     data = sparse_file.read_bytes()
-    with native.ChunkReader(str(sparse_file)) as reader:
-        extents = reader.data_extents()
-        assert reader.size == 16 * MiB
-        assert reader.read(MiB - 10, 20) == data[MiB - 10 : MiB + 10]
-        assert reader.read(16 * MiB - 5, 100) == data[-5:]  # clipped at end of file
+    before = _read_chars()
+    source = native.UploadSource.file(str(sparse_file))
+    parts = read_all_parts(source, 3 * MiB)
+    read = _read_chars() - before
 
-    covered = bytearray(len(data))
-    for offset, length in extents:
-        covered[offset : offset + length] = data[offset : offset + length]
-    assert bytes(covered) == data, "a data region lies outside the reported extents"
-    assert sum(length for _o, length in extents) < 4 * MiB, "holes were reported as data"
+    assert b"".join(bytes(memoryview(p.data)) for p in parts if p.data is not None) == data
+    assert source.sha256() == sha256_bytes(data)
+    # One pass, and holes are not read at all: far less than the file's 16 MiB.
+    assert read <= 1.05 * len(data)
+    assert read < 4 * MiB
+
+
+def test_upload_source_part_without_its_bytes_still_counts_in_the_whole(tmp_path: Path) -> None:
+    data = random_bytes(3 * MiB, seed=86)
+    path = write_file(tmp_path / "f", data)
+    kept = native.UploadSource.file(str(path))
+    hashed_only = native.UploadSource.file(str(path))
+
+    full = read_all_parts(kept, MiB)
+    first = hashed_only.next_part(MiB, keep=False)
+    rest = read_all_parts(hashed_only, MiB)
+
+    assert first is not None and first.data is None
+    assert first.crc64nvme == full[0].crc64nvme
+    assert [p.crc64nvme for p in rest] == [p.crc64nvme for p in full[1:]]
+    assert hashed_only.sha256() == kept.sha256() == sha256_bytes(data)
+    assert hashed_only.crc64nvme() == kept.crc64nvme()
+
+
+def test_upload_source_reads_a_pipe_and_an_object_without_readinto_alike(tmp_path: Path) -> None:
+    data = random_bytes(2 * MiB + 5, seed=87)
+    read_fd, write_fd = os.pipe()
+    writer = threading.Thread(target=lambda: (os.write(write_fd, data), os.close(write_fd)))
+    writer.start()
+
+    class ReadOnly:
+        def __init__(self, payload: bytes) -> None:
+            self._stream = io.BytesIO(payload)
+
+        def read(self, size: int = -1) -> bytes:
+            return self._stream.read(min(size, 70_000))  # short reads, as a socket gives
+
+    with open(read_fd, "rb") as pipe:
+        from_pipe = native.UploadSource.stream(pipe)
+        pipe_parts = read_all_parts(from_pipe, MiB)
+    writer.join()
+    from_reader = native.UploadSource.stream(ReadOnly(data))
+    reader_parts = read_all_parts(from_reader, MiB)
+
+    for parts in (pipe_parts, reader_parts):
+        assert [p.length for p in parts] == [MiB, MiB, 5]
+        assert b"".join(bytes(p.data) for p in parts if p.data is not None) == data
+    assert from_pipe.sha256() == from_reader.sha256() == sha256_bytes(data)
+    assert from_pipe.size is None
+
+
+def test_upload_source_of_a_file_that_shrinks_while_read_is_an_error(tmp_path: Path) -> None:
+    path = write_file(tmp_path / "f", random_bytes(2 * MiB, seed=88))
+    source = native.UploadSource.file(str(path))
+    assert source.next_part(MiB) is not None
+    os.truncate(path, MiB + 10)
+    with pytest.raises(StorageError, match="shrank"):
+        source.next_part(MiB)
+
+
+def _read_chars() -> int:
+    with open("/proc/self/io") as handle:
+        fields = dict(line.split(": ") for line in handle.read().splitlines())
+    return int(fields["rchar"])
 
 
 def test_chunk_writer_commits_atomically_and_skips_zero_chunks(tmp_path: Path) -> None:

@@ -14,6 +14,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,14 @@ from vmstore._parts import S3_MAX_PARTS, s3_part_size
 
 from tests.faults import DroppingProxy
 from tests.s3_servers import S3_SERVERS, S3Server, free_port, running_s3_server, unique_prefix
-from tests.support import MiB, random_bytes, sha256_bytes, write_file
+from tests.support import (
+    InterruptAt,
+    Interrupted,
+    MiB,
+    random_bytes,
+    sha256_bytes,
+    write_file,
+)
 
 PART = 5 * MiB  # the S3 minimum part size; moto enforces it like AWS does
 
@@ -546,3 +555,145 @@ def test_upload_state_of_an_older_release_is_not_resumed(state_dir: Path) -> Non
     )  # fmt: skip
     assert journal.load() is None
     assert journal.load_any_upload_id() == "old-1"  # so that upload can be aborted
+
+
+# --- one pass over the source -------------------------------------------------------------
+
+
+def test_missing_bucket_fails_before_the_source_is_read(
+    config: StorageConfig, tmp_path: Path, prefix: str
+) -> None:
+    """CreateMultipartUpload goes out before any byte is read or hashed: a 4 GiB image to a
+    bucket that does not exist fails in well under a second, having read nothing of it."""
+    source = tmp_path / "big.img"
+    with open(source, "wb") as handle:
+        handle.truncate(4 << 30)  # sparse: hashing it would still take seconds
+    with new_storage(config) as store:
+        store.validate_url(f"s3://no-such-bucket-{prefix}/big.img")  # imports done, not counted
+        before = _read_chars()
+        started = time.monotonic()
+        with pytest.raises(NotFoundError, match="bucket"):
+            store.upload(UploadRequest(str(source), f"s3://no-such-bucket-{prefix}/big.img"))
+        took = time.monotonic() - started
+        read = _read_chars() - before
+    assert took < 1.0
+    assert read < MiB  # the error response, nothing of the image
+
+
+def test_racing_uploads_never_leave_an_object_with_the_other_uploads_checksum(
+    config: StorageConfig, s3_server: S3Server, tmp_path: Path, prefix: str
+) -> None:
+    """Two writers at once to one key, ten rounds: whatever wins, the checksum that
+    get_metadata reports is the stored bytes' own, or None; never the other upload's."""
+    sources = [
+        write_file(tmp_path / f"{name}.img", random_bytes(2 * PART + 17 * (i + 1), seed=90 + i))
+        for i, name in enumerate("ab")
+    ]
+    url = f"s3://{s3_server.bucket}/{prefix}/raced.img"
+    for _round in range(10):
+        with new_storage(config) as store:
+            threads = [
+                threading.Thread(target=store.upload, args=(UploadRequest(str(s), url),))
+                for s in sources
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            stored = get(s3_server, f"{prefix}/raced.img")
+            reported = store.get_metadata(url).checksum
+        assert reported in (None, sha256_bytes(stored))
+
+
+def test_a_sidecar_written_for_another_upload_is_not_believed(
+    config: StorageConfig, s3_server: S3Server, tmp_path: Path, prefix: str
+) -> None:
+    first = write_file(tmp_path / "first.img", random_bytes(2 * PART + 1, seed=92))
+    second = write_file(tmp_path / "second.img", random_bytes(2 * PART + 1, seed=93))
+    url = f"s3://{s3_server.bucket}/{prefix}/disk.img"
+    client = s3_server.client()  # type: ignore[attr-defined]
+    with new_storage(config) as store:
+        store.upload(UploadRequest(str(first), url))
+        first_sidecar = get(s3_server, f"{prefix}/disk.img.vmstore.json")
+        up = store.upload(UploadRequest(str(second), url))
+        # The first upload's sidecar lands after the second object (a slow writer).
+        client.put_object(
+            Bucket=s3_server.bucket, Key=f"{prefix}/disk.img.vmstore.json", Body=first_sidecar
+        )
+        assert store.get_metadata(url).checksum is None
+        down = store.download(
+            DownloadRequest(url, str(tmp_path / "back.img"), expected_checksum=up.checksum)
+        )
+    assert down.checksum == sha256_bytes(second.read_bytes())
+
+
+def test_an_unchanged_file_is_not_sent_again(
+    config: StorageConfig, s3_server: S3Server, tmp_path: Path, prefix: str
+) -> None:
+    data = random_bytes(2 * PART + 5, seed=94)
+    source = write_file(tmp_path / "disk.img", data)
+    url = f"s3://{s3_server.bucket}/{prefix}/disk.img"
+    with new_storage(config) as store:
+        first = store.upload(UploadRequest(str(source), url))
+        started = time.monotonic()
+        again = store.upload(UploadRequest(str(source), url))
+        took = time.monotonic() - started
+        assert (again.bytes_transferred, again.resumed_from) == (0, len(data))
+        assert again.checksum == first.checksum == sha256_bytes(data)
+        assert took < 1.0
+
+        # Touched (a VM booted from it): the recorded upload no longer describes it.
+        os.utime(source, ns=(time.time_ns(), time.time_ns()))
+        touched = store.upload(UploadRequest(str(source), url))
+        assert touched.bytes_transferred == len(data)
+
+        # The object was replaced behind vmstore's back: sent again too.
+        client = s3_server.client()  # type: ignore[attr-defined]
+        client.put_object(Bucket=s3_server.bucket, Key=f"{prefix}/disk.img", Body=b"other")
+        replaced = store.upload(UploadRequest(str(source), url))
+        assert replaced.bytes_transferred == len(data)
+        # resume=False means "send it again", whatever was recorded.
+        forced = store.upload(UploadRequest(str(source), url, resume=False))
+        assert forced.bytes_transferred == len(data)
+    assert get(s3_server, f"{prefix}/disk.img") == data
+
+
+def test_delete_aborts_unfinished_uploads_of_the_key_and_forgets_their_state(
+    config: StorageConfig, s3_server: S3Server, tmp_path: Path, prefix: str, state_dir: Path
+) -> None:
+    data = random_bytes(3 * PART, seed=95)
+    source = write_file(tmp_path / "disk.img", data)
+    url = f"s3://{s3_server.bucket}/{prefix}/disk.img"
+    with new_storage(config) as store:
+        with pytest.raises(Interrupted):
+            store.upload(UploadRequest(str(source), url, progress_callback=InterruptAt(PART)))
+        assert len(open_uploads(s3_server, prefix)) == 1  # kept for a resume
+        assert list(state_dir.glob("*.json"))
+        store.delete(url)
+    assert open_uploads(s3_server, prefix) == []
+    assert list(state_dir.glob("*.json")) == []
+
+
+def test_a_bit_flipped_in_transit_is_rejected_by_a_validating_server_and_sent_again(
+    config: StorageConfig, s3_server: S3Server, tmp_path: Path, prefix: str
+) -> None:
+    """SeaweedFS checks each part's CRC-64/NVME: the corrupted part is refused (BadDigest)
+    and re-sent from memory. (rclone and moto store whatever arrives; on them the download's
+    SHA-256 check is what catches it, see the conformance suite.)"""
+    if s3_server.name != "seaweedfs":
+        pytest.skip("only SeaweedFS validates part checksums")
+    data = random_bytes(2 * PART + 100, seed=96)
+    source = write_file(tmp_path / "disk.img", data)
+    with DroppingProxy(_port(s3_server), after_bytes=PART + MiB, drops=1, flip=True) as proxy:
+        flaky = StorageConfig(**json.loads(_config_json(config, proxy.port)))
+        with new_storage(flaky) as store:
+            up = store.upload(UploadRequest(str(source), f"/{prefix}/disk.img"))
+        assert proxy.dropped == 1
+    assert up.checksum == sha256_bytes(data)
+    assert get(s3_server, f"{prefix}/disk.img") == data
+
+
+def _read_chars() -> int:
+    with open("/proc/self/io") as handle:
+        fields = dict(line.split(": ") for line in handle.read().splitlines())
+    return int(fields["rchar"])

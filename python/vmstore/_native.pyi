@@ -44,39 +44,6 @@ def sha256_file(
 ) -> str:
     """Whole-file SHA-256 as 64 lowercase hex digits; holes are hashed as zeros, never read."""
 
-def hash_parts(
-    path: str,
-    part_size: int,
-    *,
-    threads: int = 2,
-    progress: ProgressCallback | None = None,
-    cancel: CancelToken | None = None,
-) -> tuple[str, list[str]]:
-    """One pass over the file: (whole-file SHA-256 hex, [SHA-256 hex of each part]).
-
-    The whole-file digest runs on one thread while the per-part digests run on ``threads``
-    workers, each reading through its own 8 MiB buffer (memory does not grow with the
-    file; holes are hashed as zeros, never read); the number of parts is
-    ceil(size / part_size) (one empty part for an empty file).
-    """
-
-@final
-class ChunkReader:
-    """Reads a source file at offsets; knows its data extents so holes are never read."""
-
-    def __init__(self, path: str) -> None: ...
-    @property
-    def path(self) -> str: ...
-    @property
-    def size(self) -> int: ...
-    def data_extents(self) -> list[tuple[int, int]]:
-        """(offset, length) of every data region, in order; the rest of the file is holes."""
-    def read(self, offset: int, length: int) -> bytes:
-        """Bytes [offset, offset+length), clipped at end of file; preads with the GIL released."""
-    def close(self) -> None: ...
-    def __enter__(self) -> ChunkReader: ...
-    def __exit__(self, *exc: object) -> None: ...
-
 @final
 class ChunkWriter:
     """Writes chunks at offsets into a temporary file beside the destination, hashing them in
@@ -109,7 +76,9 @@ class ChunkWriter:
         crc: tuple[str, ...] | list[str] = (),
     ) -> None: ...
     @staticmethod
-    def for_stream(sink: Callable[[Buffer], object], *, crc: tuple[str, ...] | list[str] = ()) -> ChunkWriter:
+    def for_stream(
+        sink: Callable[[Buffer], object], *, crc: tuple[str, ...] | list[str] = ()
+    ) -> ChunkWriter:
         """A writer without a file: bytes go to ``sink(data)`` strictly in order as the hash
         frontier passes them (SHA-256 always, plus ``crc``), from whichever thread's
         ``write_at`` moved the frontier, with the GIL taken for the call. ``data`` is the
@@ -197,3 +166,65 @@ def copy_file(
 
 def is_network_filesystem(path: str) -> tuple[bool, str]:
     """(True if ``path`` lives on NFS, name of the filesystem type) from statfs(2)."""
+
+@final
+class PartBuffer:
+    """A part's bytes in native memory (pooled); ``memoryview(buffer)`` reads them without a
+    copy. Read-only."""
+
+    def __len__(self) -> int: ...
+    def __buffer__(self, flags: int, /) -> memoryview: ...
+
+@final
+class SourcePart:
+    """One part of an upload's source, as read and hashed by :class:`UploadSource`."""
+
+    @property
+    def number(self) -> int:
+        """1-based, in source order."""
+    @property
+    def offset(self) -> int: ...
+    @property
+    def length(self) -> int: ...
+    @property
+    def end(self) -> int: ...
+    @property
+    def crc64nvme(self) -> int:
+        """CRC-64/NVME of this part's bytes (S3's wire form: base64 of 8 big-endian bytes)."""
+    @property
+    def sha256(self) -> str | None:
+        """SHA-256 hex of this part, when the source was opened with ``part_sha256``."""
+    @property
+    def data(self) -> PartBuffer | bytearray | None:
+        """The bytes (None when read with ``keep=False``: hashed only)."""
+
+@final
+class UploadSource:
+    """The one sequential pass over an upload's source: each part is read once, into memory
+    handed to the HTTP body, and hashed from that memory (whole-object SHA-256 and
+    CRC-64/NVME in order, and the part's own checksum), with the GIL released."""
+
+    @staticmethod
+    def file(path: str, *, part_sha256: bool = False, drop_cache: bool = False) -> UploadSource:
+        """A regular file; holes are zeros, never read. ``drop_cache`` drops each part's
+        pages from the page cache once read."""
+    @staticmethod
+    def stream(
+        stream: object, *, name: str = "<stream>", part_sha256: bool = False
+    ) -> UploadSource:
+        """A binary stream, read with ``readinto`` when it has one (else ``read``)."""
+    def next_part(self, length: int, *, keep: bool = True) -> SourcePart | None:
+        """The next part, at most ``length`` bytes (fewer only at the end), None at the end."""
+    @property
+    def position(self) -> int: ...
+    @property
+    def size(self) -> int | None:
+        """The file's size when opened; None for a stream."""
+    @property
+    def name(self) -> str: ...
+    @property
+    def exhausted(self) -> bool: ...
+    def sha256(self) -> str:
+        """SHA-256 hex of every byte consumed so far."""
+    def crc64nvme(self) -> int:
+        """CRC-64/NVME of every byte consumed so far."""

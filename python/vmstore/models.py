@@ -15,7 +15,10 @@ if TYPE_CHECKING:
     from vmstore._native import CancelToken
 
 ProgressCallback = Callable[[int, int], object]
-"""``callback(transferred, total)``: at most every 100 ms, monotonic, last call (total, total)."""
+"""``callback(transferred, total)``: at most every 100 ms, monotonic, last call (total, total).
+
+It is called from one of vmstore's threads (not necessarily the caller's). For a stream of
+unknown size ``total`` is 0 until the last call."""
 
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 

@@ -77,7 +77,10 @@ class ProgressReporter:
             return
         with self._lock:
             now = self._clock()
-            report = (min(self._transferred, self._total), self._total)
+            # A total of 0 with bytes moving is a stream of unknown size: report what has
+            # moved, (n, 0), until finish() knows the total.
+            done = min(self._transferred, self._total) if self._total else self._transferred
+            report = (done, self._total)
             if report == self._last_reported:
                 return
             if not final and now - self._last_report_time < self._interval:

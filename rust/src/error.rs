@@ -71,7 +71,6 @@ pub enum IoClass {
 
 impl IoClass {
     /// The `vmstore.errors` class an error of this kind is raised as.
-    #[allow(dead_code)] // used by errno_classes; drop with the one below once lib.rs registers it
     pub fn class_name(self) -> &'static str {
         match self {
             IoClass::NotFound => "NotFoundError",
@@ -135,7 +134,6 @@ pub fn classify_errno(code: i32) -> IoClass {
 /// `[(errno, class name)]` for every errno the table lists, so Python can check that its
 /// mapping of OSError agrees with the core's. Registered in lib.rs as `errno_classes`.
 #[pyfunction]
-#[allow(dead_code)] // until lib.rs registers it: m.add_function(wrap_pyfunction!(error::errno_classes, m)?)?;
 pub fn errno_classes() -> Vec<(i32, &'static str)> {
     ERRNO_TABLE.iter().map(|(errno, class)| (*errno, class.class_name())).collect()
 }

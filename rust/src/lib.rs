@@ -87,23 +87,6 @@ fn sha256_file(
 }
 
 #[pyfunction]
-#[pyo3(signature = (path, part_size, *, threads = 2, progress = None, cancel = None))]
-fn hash_parts(
-    py: Python<'_>,
-    path: PathBuf,
-    part_size: u64,
-    threads: usize,
-    progress: Option<Py<PyAny>>,
-    cancel: Option<&Bound<'_, CancelToken>>,
-) -> PyResult<(String, Vec<String>)> {
-    let mut reporter = progress_for(progress, cancel);
-    let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-    reporter.set_total(size);
-    let digests = py.detach(|| hash::hash_parts(&path, part_size, threads, &mut reporter))?;
-    Ok((digests.whole, digests.parts))
-}
-
-#[pyfunction]
 fn is_network_filesystem(py: Python<'_>, path: PathBuf) -> PyResult<(bool, String)> {
     let result = py.detach(|| fsinfo::filesystem_type(&path).context(|| format!("statfs {}", path.display())));
     Ok(result?)
@@ -113,7 +96,6 @@ fn is_network_filesystem(py: Python<'_>, path: PathBuf) -> PyResult<(bool, Strin
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<CancelToken>()?;
     m.add_class::<hash::PySha256>()?;
-    m.add_class::<reader::ChunkReader>()?;
     m.add_class::<ChunkWriter>()?;
     m.add_class::<CopyResult>()?;
     m.add_class::<source::UploadSource>()?;
@@ -121,8 +103,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<source::PartBuffer>()?;
     m.add_function(wrap_pyfunction!(copy_file, m)?)?;
     m.add_function(wrap_pyfunction!(sha256_file, m)?)?;
-    m.add_function(wrap_pyfunction!(hash_parts, m)?)?;
     m.add_function(wrap_pyfunction!(is_network_filesystem, m)?)?;
+    m.add_function(wrap_pyfunction!(error::errno_classes, m)?)?;
     m.add("DEFAULT_PROGRESS_INTERVAL_MS", progress::DEFAULT_INTERVAL_MS)?;
     Ok(())
 }

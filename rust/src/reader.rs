@@ -1,16 +1,12 @@
-//! ChunkReader: positioned reads of a source file, and its data extents so holes are
-//! neither read nor sent.
+//! Positioned reads of a source file, and its data extents so holes are neither read nor
+//! sent (the upload pass in `source` and the local copy in `copy` read through these).
 
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
-use pyo3::exceptions::PyValueError;
-use pyo3::prelude::*;
-use pyo3::types::PyBytes;
 
 use crate::error::{CoreError, CoreResult, IoContext};
 
@@ -88,86 +84,6 @@ impl SourceFile {
     pub fn extents(&self) -> CoreResult<Vec<(u64, u64)>> {
         data_extents(&self.file, self.size)
             .context(|| format!("finding data extents of {}", self.path.display()))
-    }
-}
-
-#[pyclass(module = "vmstore._native", frozen)]
-pub struct ChunkReader {
-    source: Mutex<Option<std::sync::Arc<SourceFile>>>,
-    path: String,
-    size: u64,
-}
-
-impl ChunkReader {
-    fn source(&self) -> PyResult<std::sync::Arc<SourceFile>> {
-        self.source
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .ok_or_else(|| PyValueError::new_err("ChunkReader is closed"))
-    }
-}
-
-#[pymethods]
-impl ChunkReader {
-    #[new]
-    fn new(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
-        let source = py.detach(|| SourceFile::open(&path))?;
-        Ok(ChunkReader {
-            size: source.size,
-            path: path.to_string_lossy().into_owned(),
-            source: Mutex::new(Some(std::sync::Arc::new(source))),
-        })
-    }
-
-    #[getter]
-    fn path(&self) -> &str {
-        &self.path
-    }
-
-    #[getter]
-    fn size(&self) -> u64 {
-        self.size
-    }
-
-    fn data_extents(&self, py: Python<'_>) -> PyResult<Vec<(u64, u64)>> {
-        let source = self.source()?;
-        Ok(py.detach(|| source.extents())?)
-    }
-
-    fn read<'py>(&self, py: Python<'py>, offset: u64, length: u64) -> PyResult<Bound<'py, PyBytes>> {
-        let source = self.source()?;
-        let len = length.min(self.size.saturating_sub(offset)) as usize;
-        PyBytes::new_with(py, len, |buf| {
-            // The bytes object is not visible to any other code until we return it.
-            let filled = py
-                .detach(|| read_full_at(&source.file, buf, offset))
-                .context(|| format!("reading {} at offset {offset}", source.path.display()))?;
-            if filled < len {
-                return Err(CoreError::io(
-                    format!("reading {} at offset {offset}", source.path.display()),
-                    io::Error::new(io::ErrorKind::UnexpectedEof, "file shrank while being read"),
-                )
-                .into());
-            }
-            Ok(())
-        })
-    }
-
-    fn close(&self) {
-        self.source.lock().unwrap_or_else(|p| p.into_inner()).take();
-    }
-
-    fn __enter__(slf: Py<Self>) -> Py<Self> {
-        slf
-    }
-
-    fn __exit__(&self, _exc_type: Py<PyAny>, _exc: Py<PyAny>, _tb: Py<PyAny>) {
-        self.close();
-    }
-
-    fn __repr__(&self) -> String {
-        format!("ChunkReader(path={:?}, size={})", self.path, self.size)
     }
 }
 

@@ -30,8 +30,6 @@ from .harness import CHUNK, BackendHarness, Capability
 
 @pytest.fixture
 def stream_backend(backend: BackendHarness) -> BackendHarness:
-    if backend.name == "nfs":
-        pytest.skip("stream destinations on NFS come with the NFS backend's stream support")
     return backend
 
 

@@ -33,18 +33,16 @@ from __future__ import annotations
 
 import base64
 import binascii
-import concurrent.futures as cf
 import contextlib
 import email.utils
 import http.client
 import ipaddress
-import json
 import logging
 import mimetypes
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -55,10 +53,20 @@ import requests.adapters
 import requests.auth
 import urllib3.exceptions
 
-from vmstore import _native
 from vmstore._download import DownloadSettings, RemoteObject, download_object
 from vmstore._oserrors import storage_error_from_oserror
 from vmstore._retry import RetryableError, RetryPolicy
+from vmstore._sidecar import SIDECAR_SUFFIX, Sidecar, SidecarFormatError
+from vmstore._upload import (
+    BODY_BLOCK,
+    CallbackAbort,
+    PartBody,
+    PartFeed,
+    SourcePlan,
+    part_view,
+    plan_source,
+    progress_for,
+)
 from vmstore.config import StorageConfig
 from vmstore.errors import (
     CancelledError,
@@ -79,9 +87,7 @@ from vmstore.models import (
     UploadRequest,
     UploadResponse,
     normalize_custom_metadata,
-    parse_sha256_hex,
 )
-from vmstore.progress import ProgressReporter
 from vmstore.urls import normalize_endpoint, parse_http_url
 
 T = TypeVar("T")
@@ -89,7 +95,6 @@ T = TypeVar("T")
 log = logging.getLogger("vmstore.http")
 
 DEFAULT_CHUNK_SIZE = 16 << 20
-SIDECAR_SUFFIX = ".vmstore.json"
 CHECKSUM_HEADER = "X-Checksum-SHA256"
 METADATA_PREFIX = "x-metadata-"
 MAX_REDIRECTS = 10
@@ -122,15 +127,6 @@ class HttpStatusError(Exception):
 
 class _ResourceChangedError(OperationFailedError):
     """The object is no longer the version HEAD described; the download starts over."""
-
-
-class _CallbackAbort(BaseException):
-    """Carries a progress callback's exception out through requests and the retry policy
-    (neither touches a BaseException), so the caller gets it back unchanged and unretried."""
-
-    def __init__(self, error: BaseException) -> None:
-        super().__init__(repr(error))
-        self.error = error
 
 
 # --- small pure helpers -------------------------------------------------------------------
@@ -479,67 +475,6 @@ class _Head:
         )
 
 
-@dataclass(frozen=True)
-class _Sidecar:
-    """``<path>.vmstore.json``: what a plain server cannot keep about the file beside it."""
-
-    sha256: str
-    size: int
-    etag: str = ""
-    content_type: str = DEFAULT_CONTENT_TYPE
-    metadata: dict[str, str] = field(default_factory=dict)
-    uploaded_at: str = ""
-
-    def to_json(self) -> bytes:
-        return json.dumps(
-            {
-                "sha256": self.sha256,
-                "size": self.size,
-                "etag": self.etag,
-                "content_type": self.content_type,
-                "metadata": self.metadata,
-                "uploaded_at": self.uploaded_at,
-            },
-            indent=2,
-            sort_keys=True,
-        ).encode()
-
-    @classmethod
-    def from_json(cls, text: bytes) -> _Sidecar:
-        """Parse a sidecar (the NFS backend's too); ValueError for anything else."""
-        data: Any = json.loads(text)
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-        metadata = data.get("metadata") or {}
-        if not isinstance(metadata, dict) or not all(
-            isinstance(key, str) and isinstance(value, str) for key, value in metadata.items()
-        ):
-            raise ValueError("metadata is not an object of strings")
-        size = data.get("size")
-        if not isinstance(size, int):
-            raise ValueError("size is not an integer")
-        try:
-            sha256 = parse_sha256_hex(str(data.get("sha256", "")), "sidecar sha256")
-        except InvalidConfigError as exc:
-            raise ValueError(str(exc)) from exc
-        return cls(
-            sha256=sha256,
-            size=size,
-            etag=str(data.get("etag") or ""),
-            content_type=str(data.get("content_type") or DEFAULT_CONTENT_TYPE),
-            metadata={key.lower(): value for key, value in metadata.items()},
-            uploaded_at=str(data.get("uploaded_at") or ""),
-        )
-
-    def describes(self, head: _Head) -> bool:
-        """Trusted only for the data it was written for: same size, and same ETag when
-        both have one (a file replaced by another tool keeps no stale checksum)."""
-        if head.size is not None and self.size != head.size:
-            return False
-        etag = head.validator.etag
-        return not (self.etag and etag and not _weak_equal(self.etag, etag))
-
-
 # --- transport ----------------------------------------------------------------------------
 
 
@@ -730,73 +665,80 @@ class _ObjectReader:
                 yield block
 
 
-class _SourceBody:
-    """A PUT body read block by block from the source through the native ChunkReader.
+class _PipelineBody:
+    """One PUT body: the source's parts as the one pass reads and hashes them
+    (:class:`vmstore._upload.PartFeed`), handed to the socket in 1 MiB views of the native
+    buffers.
 
-    ``len()`` gives requests the Content-Length (no chunked encoding); every iteration reads
-    the file again from its start, so a retried or redirected PUT re-sends the source's bytes,
-    never a consumed stream. Progress is reported before a block goes out, so a callback that
-    raises (or a cancel) stops the PUT with its body incomplete and nothing is stored.
+    ``len()`` gives requests the Content-Length when the size is known (a file, a stream's size
+    hint; 0 makes requests send it chunked). Progress is reported before a block goes out, and
+    the last block is held back until the source is known to be complete, of the announced
+    size and unchanged: otherwise the body stays incomplete and the server stores nothing.
+    Iterating again (a retried or redirected PUT) reads a file again from its start; a stream
+    cannot be read twice.
     """
 
     def __init__(
         self,
-        reader: _native.ChunkReader,
-        size: int,
-        block: int,
-        digest: str,
+        open_plan: Callable[[], SourcePlan],
+        size: int | None,
         report: Callable[[int], None],
         cancelled: Callable[[], bool],
     ) -> None:
-        self._reader = reader
+        self._open_plan = open_plan
         self._size = size
-        self._block = block
-        self._digest = digest
         self._report = report
         self._cancelled = cancelled
+        self.plan: SourcePlan | None = None
+        self.sent = 0
 
     def __len__(self) -> int:
-        return self._size
+        return self._size or 0
 
-    def _read(self, offset: int, hasher: _native.Sha256) -> bytes:
-        length = min(self._block, self._size - offset)
-        data = self._reader.read(offset, length)
-        if len(data) != length:
-            raise ChecksumMismatchError(
-                f"{self._reader.path} shrank during the upload; nothing was stored, upload it again"
-            )
-        hasher.update(data)
-        return data
+    def __bool__(self) -> bool:
+        # requests replaces a falsy body with an empty one (`data or {}`): an unsized stream
+        # (len 0) is still a body.
+        return True
 
-    def __iter__(self) -> Iterator[bytes]:
-        hasher = _native.Sha256()
-        # One block is read and hashed ahead on a helper thread while the previous one is on
-        # the wire (both release the GIL): the re-hash costs no time, two blocks of memory.
-        with cf.ThreadPoolExecutor(1, thread_name_prefix="vmstore-put-read") as ahead:
-            offset = 0
-            upcoming = ahead.submit(self._read, 0, hasher) if self._size else None
-            while upcoming is not None:
+    def _blocks(self, feed: PartFeed) -> Iterator[memoryview]:
+        for part in feed:
+            view = part_view(part)
+            for start in range(0, len(view), BODY_BLOCK):
+                yield view[start : start + BODY_BLOCK]
+
+    def __iter__(self) -> Iterator[memoryview]:
+        plan = self._open_plan()
+        self.plan, self.sent = plan, 0
+        with PartFeed(plan, cancel=None) as feed:
+            blocks = self._blocks(feed)
+            held = next(blocks, None)
+            while held is not None:
                 if self._cancelled():
-                    upcoming.cancel()
-                    raise CancelledError(
-                        f"upload of {self._reader.path} cancelled; nothing was stored"
-                    )
-                data = upcoming.result()
-                offset += len(data)
-                upcoming = ahead.submit(self._read, offset, hasher) if offset < self._size else None
-                # Blocks are hashed in order on the one helper thread: after the last, the
-                # digest covers every byte about to be sent.
-                if upcoming is None and hasher.hexdigest() != self._digest:
-                    # Held back: without its last block the server never stores the object.
-                    raise ChecksumMismatchError(
-                        f"{self._reader.path} changed during the upload (its bytes no longer "
-                        f"hash to {self._digest}); nothing was stored, upload it again"
-                    )
+                    raise CancelledError(f"upload of {plan.name} cancelled; nothing was stored")
+                following = next(blocks, None)
+                if following is None:
+                    # The last block: only a complete, unchanged source gets it sent.
+                    _check_complete(plan, plan.source.position, self._size)
+                self.sent += len(held)
                 try:
-                    self._report(offset)
+                    self._report(self.sent)
                 except Exception as exc:  # noqa: BLE001 - the caller's own exception, carried out
-                    raise _CallbackAbort(exc) from None
-                yield data
+                    raise CallbackAbort(exc) from None
+                yield held
+                held = following
+
+
+def _check_complete(plan: SourcePlan, size: int, expected: int | None) -> None:
+    if expected is not None and size != expected:
+        if plan.is_stream:
+            raise InvalidConfigError(
+                f"the stream held {'more' if size > expected else size} bytes, not the "
+                f"{expected} its size_hint announced; nothing was stored"
+            )
+        raise ChecksumMismatchError(
+            f"{plan.name} changed size during the upload; nothing was stored, upload it again"
+        )
+    plan.check_unchanged()
 
 
 # --- the backend --------------------------------------------------------------------------
@@ -892,7 +834,7 @@ class HttpStorage:
 
     # -- sidecar --------------------------------------------------------------------------
 
-    def _read_sidecar(self, url: str, head: _Head) -> _Sidecar | None:
+    def _read_sidecar(self, url: str, head: _Head) -> Sidecar | None:
         sidecar_url = _with_path_suffix(url, SIDECAR_SUFFIX)
 
         def get() -> bytes:
@@ -904,11 +846,11 @@ class HttpStorage:
         except NotFoundError:
             return None
         try:
-            sidecar = _Sidecar.from_json(text)
-        except ValueError as exc:
+            sidecar = Sidecar.from_json(text)
+        except SidecarFormatError as exc:
             log.warning("ignoring unreadable sidecar %s: %s", _display(sidecar_url), exc)
             return None
-        if not sidecar.describes(head):
+        if not sidecar.describes(size=head.size, etag=head.validator.etag):
             log.warning(
                 "ignoring stale sidecar %s: it describes another version of the file",
                 _display(sidecar_url),
@@ -916,8 +858,8 @@ class HttpStorage:
             return None
         return sidecar
 
-    def _write_sidecar(self, url: str, sidecar: _Sidecar) -> None:
-        body = sidecar.to_json()
+    def _write_sidecar(self, url: str, sidecar: Sidecar) -> None:
+        body = sidecar.to_bytes()
         sidecar_url = _with_path_suffix(url, SIDECAR_SUFFIX)
         headers = {"Content-Type": "application/json"}
 
@@ -1058,70 +1000,100 @@ class HttpStorage:
     # -- upload ---------------------------------------------------------------------------
 
     def upload(self, request: UploadRequest) -> UploadResponse:
-        """PUT the file (HTTP has no partial PUT: ``request.resume`` has nothing to resume)."""
+        """PUT the source in one pass (HTTP has no partial PUT: ``request.resume`` has nothing
+        to resume). The SHA-256 is known only once the last byte is read, after the headers
+        went out, so a server that keeps no checksum of its own gets a sidecar afterwards;
+        a source that fits in one chunk is read first and its checksum sent as headers."""
         url = self._url(request.destination_url)
-        source = os.path.abspath(request.source_path)
-        try:
-            if not os.path.isfile(source):
-                os.stat(source)  # raises for a missing file, with the right errno
-                raise OperationFailedError(f"could not read {source}: not a regular file")
-        except OSError as exc:
-            raise storage_error_from_oserror(exc, "read", source) from exc
         metadata = normalize_custom_metadata(request.metadata)
-        content_type = (
-            request.content_type or mimetypes.guess_type(source)[0] or DEFAULT_CONTENT_TYPE
-        )
         cancel = request.cancel
 
         def cancelled() -> bool:
             return cancel is not None and cancel.is_cancelled
 
         if cancelled():
-            raise CancelledError(f"upload of {source} cancelled; nothing was stored")
+            raise CancelledError(f"upload of {request.source_name} cancelled; nothing was stored")
+
+        def open_plan() -> SourcePlan:
+            return plan_source(request, lambda _size: self._chunk_size)
+
+        plan = open_plan()
+        content_type = (
+            request.content_type
+            or (mimetypes.guess_type(plan.name)[0] if not plan.is_stream else None)
+            or DEFAULT_CONTENT_TYPE
+        )
+        # The first request, before any byte is read: refused credentials or a read-only
+        # server fail now, not after a 100 GiB body.
         is_new = self._check_write_access(url) == 404
         if is_new:
-            # Before the body goes out: a WebDAV server that does not create missing
-            # directories (Apache mod_dav, nginx without create_full_put_path) would refuse
-            # the PUT only after receiving all of it (409, or 500 from nginx).
+            # A WebDAV server that does not create missing directories (Apache mod_dav,
+            # nginx without create_full_put_path) would refuse the PUT only after receiving
+            # all of it (409, or 500 from nginx).
             self._make_parent_collections(url)
-        with _native.ChunkReader(source) as reader:
-            size = reader.size
-            log.info("hashing %s (%d bytes)", source, size)
-            digest = _native.sha256_file(source, cancel=cancel)
-            reporter = ProgressReporter(request.progress_callback, size)
-            body = _SourceBody(
-                reader,
-                size,
-                self._chunk_size,
-                digest,
-                report=lambda sent: reporter(sent, size),
-                cancelled=cancelled,
-            )
-            if size == 0:
-                reporter.finish(0)  # before the PUT, as every final report precedes the commit
-            headers = _upload_headers(size, digest, content_type, metadata)
-
-            made_parents = is_new
-
-            def put() -> None:
-                nonlocal made_parents
-                response = self._transport.send(
-                    "PUT", url, headers=headers, body=lambda: body if size else b""
+        reporter = progress_for(request, plan.size)
+        size = plan.size
+        digest: str | None = None
+        headers: dict[str, str]
+        body_factory: Callable[[], Any]
+        if size is not None and size <= self._chunk_size:
+            # Small enough to read before the PUT: its checksum goes in the headers, for a
+            # server that keeps it itself.
+            first = plan.source.next_part(max(size, 1))
+            data = part_view(first) if first is not None else memoryview(b"")
+            _check_complete(plan, len(data), size)
+            if plan.source.next_part(1) is not None:
+                raise ChecksumMismatchError(
+                    f"{plan.name} grew while being read; nothing was stored, upload it again"
                 )
-                if response.status_code == 409 and not made_parents:
-                    # WebDAV's answer when the parent collection is missing.
-                    response.close()
-                    made_parents = True
-                    self._make_parent_collections(url)
-                    response = self._transport.send(
-                        "PUT", url, headers=headers, body=lambda: body if size else b""
-                    )
-                _check(response, "PUT").close()
+            digest = plan.source.sha256()
+            reporter.finish(size)  # before the PUT, as every final report precedes the commit
+            headers = _upload_headers(size, digest, content_type, metadata)
+            body_factory = lambda: PartBody(data)  # noqa: E731 - a fresh body per attempt
+            body: _PipelineBody | None = None
+        else:
+            spent = [False]
 
-            try:
-                self._call("upload to", url, put)
-            except _CallbackAbort as abort:
-                raise abort.error from None
+            def reopen() -> SourcePlan:
+                if spent[0]:
+                    if plan.is_stream:
+                        raise _StreamSpent(
+                            f"could not upload {request.source_name} to {_display(url)}: the "
+                            "PUT failed after part of the stream was sent, and a stream cannot "
+                            "be read twice; run the upload again from the start"
+                        )
+                    return open_plan()
+                spent[0] = True
+                return plan
+
+            body = _PipelineBody(reopen, size, lambda sent: reporter(sent, size or 0), cancelled)
+            headers = _upload_headers(size, None, content_type, metadata)
+            body_factory = lambda: body  # noqa: E731
+
+        made_parents = is_new
+
+        def put() -> None:
+            nonlocal made_parents
+            response = self._transport.send("PUT", url, headers=headers, body=body_factory)
+            if response.status_code == 409 and not made_parents:
+                # WebDAV's answer when the parent collection is missing.
+                response.close()
+                made_parents = True
+                self._make_parent_collections(url)
+                response = self._transport.send("PUT", url, headers=headers, body=body_factory)
+            _check(response, "PUT").close()
+
+        try:
+            self._call("upload to", url, put)
+        except CallbackAbort as abort:
+            raise abort.error from None
+        except _StreamSpent as exc:
+            raise NetworkError(str(exc), cause=exc.__context__) from exc
+        if body is not None:
+            assert body.plan is not None
+            digest = body.plan.source.sha256()
+            size = body.sent
+        assert digest is not None and size is not None
         head = self._head(url, "confirm the upload to")
         if head.size is not None and head.size != size:
             raise ChecksumMismatchError(
@@ -1130,7 +1102,7 @@ class HttpStorage:
         if not _stores_natively(head, digest, metadata):
             self._write_sidecar(
                 url,
-                _Sidecar(
+                Sidecar(
                     sha256=digest,
                     size=size,
                     etag=head.validator.etag,
@@ -1174,18 +1146,22 @@ class HttpStorage:
 
 
 def _upload_headers(
-    size: int, digest: str, content_type: str, metadata: dict[str, str]
+    size: int | None, digest: str | None, content_type: str, metadata: dict[str, str]
 ) -> dict[str, str]:
-    headers = {
-        "Content-Length": str(size),
-        "Content-Type": content_type,
-        CHECKSUM_HEADER: digest,
-        "Repr-Digest": f"sha-256=:{base64.b64encode(bytes.fromhex(digest)).decode()}:",
-    }
+    headers = {"Content-Type": content_type}
+    if size is not None:
+        headers["Content-Length"] = str(size)
+    if digest is not None:
+        headers[CHECKSUM_HEADER] = digest
+        headers["Repr-Digest"] = f"sha-256=:{base64.b64encode(bytes.fromhex(digest)).decode()}:"
     for key, value in metadata.items():
         if _TOKEN.match(key):
             headers[f"X-Metadata-{key}"] = quote(value, safe=_HEADER_VALUE_SAFE)
     return headers
+
+
+class _StreamSpent(Exception):
+    """A stream body was asked for a second time (a retried PUT)."""
 
 
 def _stores_natively(head: _Head, digest: str, metadata: dict[str, str]) -> bool:

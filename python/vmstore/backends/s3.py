@@ -304,6 +304,9 @@ class _CompletedUpload:
     mtime_ns: int
     etag: str
     sha256: str
+    token: str = ""
+    """The multipart upload's token (its ETag is not stable on every server: rclone's Complete
+    and HEAD give different ones); "" for a single PUT, which is known by its ETag."""
 
     def to_json(self) -> str:
         return json.dumps({"version": STATE_VERSION, "completed": True, **self.__dict__})
@@ -321,6 +324,7 @@ class _CompletedUpload:
             mtime_ns=int(data["mtime_ns"]),
             etag=str(data["etag"]),
             sha256=parse_sha256_hex(str(data["sha256"]), "recorded sha256"),
+            token=str(data.get("token", "")),
         )
 
 
@@ -861,7 +865,11 @@ class _MultipartUpload:
             head = self.storage._head(self.location)
         except NotFoundError:
             return None
-        if _strip_etag(str(head.get("ETag", ""))) != record.etag:
+        if record.token:
+            token = _lower_metadata(head.get("Metadata", {})).get(UPLOAD_TOKEN_KEY)
+            if token != record.token:
+                return None
+        elif _strip_etag(str(head.get("ETag", ""))) != record.etag:
             return None
         if int(head.get("ContentLength", -1)) != record.size:
             return None
@@ -872,7 +880,7 @@ class _MultipartUpload:
             url=self.url,
             checksum=record.sha256,
             bytes_transferred=0,
-            etag=record.etag,
+            etag=_strip_etag(str(head.get("ETag", ""))),
             size=record.size,
             resumed_from=record.size,
         )
@@ -1071,7 +1079,7 @@ class _MultipartUpload:
         self.reporter.finish(size)
         etag = self._complete(state, source.crc64nvme())
         self._write_sidecar(state, digest, size, etag)
-        self._record_completed(etag, digest, size)
+        self._record_completed(etag, digest, size, token=state.token)
         return UploadResponse(
             url=self.url,
             checksum=digest,
@@ -1192,7 +1200,7 @@ class _MultipartUpload:
                 cause=exc,
             ) from exc
 
-    def _record_completed(self, etag: str, digest: str, size: int) -> None:
+    def _record_completed(self, etag: str, digest: str, size: int, *, token: str = "") -> None:
         if self.state_file is None or self.plan.stat is None or not etag:
             return
         record = _CompletedUpload(
@@ -1203,6 +1211,7 @@ class _MultipartUpload:
             mtime_ns=self.plan.stat.st_mtime_ns,
             etag=etag,
             sha256=digest,
+            token=token,
         )
         try:
             self.state_file.complete(record)
