@@ -210,9 +210,17 @@ class AsyncStorage:
         await self.open()
         return self.storage
 
+    def _submit(self, function: Callable[[Any], T], argument: Any) -> asyncio.Future[T]:
+        # No await between this check and the submit: an aclose() that began while the caller
+        # was waiting in open() is seen here, rather than as the pool's RuntimeError.
+        if self._closed:
+            raise OperationFailedError(
+                "this async storage was closed; create a new one with vmstore.aio.new_storage()"
+            )
+        return asyncio.get_running_loop().run_in_executor(self._executor, function, argument)
+
     async def _call(self, function: Callable[[str], T], url: str) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, function, url)
+        return await self._submit(function, url)
 
     async def _transfer(self, function: Callable[[RequestT], T], request: RequestT) -> T:
         loop = asyncio.get_running_loop()
@@ -221,7 +229,7 @@ class AsyncStorage:
         bridge = _ProgressBridge(callback, loop) if callback is not None else None
         # A copy: the caller's request is not changed (its progress callback stays its own).
         sent = dataclasses.replace(request, cancel=token, progress_callback=bridge)
-        worker = loop.run_in_executor(self._executor, function, sent)
+        worker = self._submit(function, sent)
         self._running.add(token)
         try:
             result = await _to_the_end(worker, on_cancel=token.cancel)
