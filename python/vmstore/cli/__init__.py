@@ -130,7 +130,7 @@ def _run(arguments: list[str], environ: Mapping[str, str]) -> int:
     except SystemExit as exc:  # --help or --version, already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     console = Console(json_result=args.json)
-    run = Invocation(args, console, environ, SettingOrigins(environ))
+    run = Invocation(args, console, SettingOrigins(environ))
     try:
         console.progress_mode = _progress_mode(args, environ)
         console.progress_interval = args.progress_interval

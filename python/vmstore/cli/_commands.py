@@ -154,7 +154,6 @@ class Invocation:
 
     args: argparse.Namespace
     console: Console
-    environ: Mapping[str, str]
     origins: SettingOrigins
     stream_destination: bool = False
 
