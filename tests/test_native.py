@@ -230,7 +230,9 @@ def test_chunk_writer_hashes_early_chunks_from_memory_not_from_the_file(tmp_path
     temp = tmp_path / "disk.img.partial"
     with native.ChunkWriter(str(tmp_path / "disk.img"), str(temp), hash=True) as writer:
         writer.write_at(2 * MiB, data[2 * MiB :])  # bytes: held by reference
-        writer.write_at(MiB, bytearray(data[MiB : 2 * MiB]))  # mutable: held as a copy
+        mutable = bytearray(data[MiB : 2 * MiB])
+        writer.write_at(MiB, mutable)  # held as a copy: the caller may change it
+        mutable[:] = bytes(MiB)
         assert (writer.hashed_length, writer.held_bytes) == (0, 2 * MiB)
         with open(temp, "r+b") as behind_its_back:
             behind_its_back.seek(MiB)
@@ -241,6 +243,19 @@ def test_chunk_writer_hashes_early_chunks_from_memory_not_from_the_file(tmp_path
         assert writer.hashed_length == 3 * MiB
         assert (writer.held_bytes, writer.held_bytes_peak) == (0, 2 * MiB)
         assert writer.hexdigest(3 * MiB) == sha256_bytes(data)
+
+
+def test_a_given_up_buffer_is_held_by_reference_and_cannot_be_resized(tmp_path: Path) -> None:
+    data = random_bytes(2 * MiB, seed=94)
+    early = bytearray(data[MiB:])
+    with native.ChunkWriter(str(tmp_path / "d"), str(tmp_path / "p"), hash=True) as writer:
+        writer.write_at(MiB, early, owned=True)
+        with pytest.raises(BufferError):  # exported to the writer until hashed
+            early.extend(b"x")
+        writer.write_at(0, bytearray(data[:MiB]), owned=True)
+
+        assert writer.hexdigest(2 * MiB) == sha256_bytes(data)
+    early.extend(b"x")  # released once hashed
 
 
 def test_chunk_writer_hashes_in_order_while_threads_write_in_any_order(tmp_path: Path) -> None:

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Protocol, cast
 
 from vmstore import _native
+from vmstore._localpath import check_destination_file, stream_label
 from vmstore._oserrors import storage_error_from_oserror
 from vmstore._parts import Chunk, ChunkSet, split
 from vmstore._retry import RetryableError, RetryPolicy
@@ -109,14 +110,15 @@ class ObjectReader(Protocol):
     or RetryableError / a backend exception that ``classify`` maps to one for a retry."""
 
     def read_range(self, start: int, end: int) -> bytes:
-        """Bytes [start, end) exactly, pinned to the object's ETag (any bytes-like object;
-        ``bytes`` is held for the hash without a copy, anything else is copied)."""
+        """Bytes [start, end) exactly, pinned to the object's ETag: any contiguous bytes-like
+        object that nobody changes afterwards (the writer may hold it, uncopied, until the
+        hash frontier reaches it)."""
         ...
 
     def read_stream(self) -> Iterable[bytes]:
         """The whole object as one stream, for servers without range support; pinned like
         read_range (it raises if the object changed), so a restarted stream carries the
-        same bytes as the one it replaces."""
+        same bytes as the one it replaces. Each block is a fresh object, as for read_range."""
         ...
 
 
@@ -264,12 +266,9 @@ def _download(
     *,
     reuse_partial: bool,
 ) -> DownloadResponse:
-    assert request.destination_path is not None
-    destination = os.path.abspath(request.destination_path)
-    if os.path.isdir(destination):
-        raise OperationFailedError(
-            f"destination {destination} is a directory; give the path of the file to write"
-        )
+    # A directory, or an existing FIFO or device, cannot become the file: refused before
+    # anything is opened (opening a FIFO would wait for a reader).
+    destination = check_destination_file(request.destination_path)
     directory = os.path.dirname(destination)
     try:
         os.makedirs(directory, exist_ok=True)
@@ -384,15 +383,6 @@ def _download(
     )
 
 
-def _stream_name(stream: WritableStream) -> str:
-    name = getattr(stream, "name", None)
-    if isinstance(name, str) and name:
-        return name
-    if isinstance(name, int):
-        return f"<stream fd {name}>"
-    return f"<{type(stream).__name__} stream>"
-
-
 class _StreamSink:
     """``stream.write`` as the writer's sink: short writes are completed, and whatever the
     consumer raises (BrokenPipeError when it went away) becomes an OperationFailedError
@@ -446,7 +436,7 @@ def _download_to_stream(
 ) -> DownloadResponse:
     assert request.destination_stream is not None
     sink = _StreamSink(
-        request.destination_stream, _stream_name(request.destination_stream), obj.url
+        request.destination_stream, stream_label(request.destination_stream), obj.url
     )
     log.info(
         "downloading %s (%d bytes) to %s in order; a stream destination keeps no partial "
@@ -535,7 +525,8 @@ def _fetch_ranges(
             describe=f"reading bytes {chunk.offset}-{chunk.end - 1} of {request.source_url}",
             cancelled=stop,
         )
-        writer.write_at(chunk.offset, data)
+        # The reader's buffer is ours alone: held by reference if it lands early.
+        writer.write_at(chunk.offset, data, owned=True)
         return chunk
 
     pending: set[cf.Future[Chunk]] = set()
@@ -609,7 +600,7 @@ def _fetch_stream(
             if end > written:
                 # The whole block when it is all new: a bytes object goes on uncopied.
                 fresh = block if written <= position else memoryview(block)[written - position :]
-                writer.write_at(end - len(fresh), fresh)
+                writer.write_at(end - len(fresh), fresh, owned=True)
                 written = end
                 reporter.advance(len(fresh))
             position = end

@@ -30,7 +30,7 @@ use crc_fast::{CrcAlgorithm, Digest as CrcDigest};
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict};
+use pyo3::types::{PyBytes, PyDict, PyMemoryView};
 use sha2::{Digest, Sha256};
 
 use crate::error::{CoreError, CoreResult, IoContext};
@@ -181,8 +181,8 @@ pub struct Snapshot {
 /// Bytes of a chunk that arrived before the frontier, kept until it gets there.
 pub enum Held {
     Copied(Vec<u8>),
-    /// An immutable Python `bytes`: the reference keeps it alive, so its bytes can be read
-    /// later without the GIL and without a copy.
+    /// An immutable Python `bytes`, or a memoryview of a buffer its caller gave up: the
+    /// reference keeps the memory alive, so it can be read later without the GIL or a copy.
     Shared { object: Py<PyAny>, address: usize, len: usize },
 }
 
@@ -190,8 +190,9 @@ impl Held {
     fn bytes(&self) -> &[u8] {
         match self {
             Held::Copied(data) => data,
-            // SAFETY: `object` is a `bytes` (immutable, never resized) kept alive by this
-            // reference; address/len were taken from it.
+            // SAFETY: `object` is a `bytes` (immutable, never resized) or a memoryview holding
+            // an export of a given-up buffer, kept alive by this reference; address/len were
+            // taken from it.
             Held::Shared { address, len, .. } => unsafe { std::slice::from_raw_parts(*address as *const u8, *len) },
         }
     }
@@ -1008,11 +1009,14 @@ impl ChunkWriter {
         self.core.is_closed()
     }
 
-    fn write_at(&self, py: Python<'_>, offset: u64, data: &Bound<'_, PyAny>) -> PyResult<()> {
-        let mut object = Some(data.clone().unbind());
+    /// `owned=True`: the caller gives `data` up (it never changes it afterwards), so an early
+    /// chunk of any buffer type is held by reference; otherwise only a `bytes` is.
+    #[pyo3(signature = (offset, data, *, owned = false))]
+    fn write_at(&self, py: Python<'_>, offset: u64, data: &Bound<'_, PyAny>, owned: bool) -> PyResult<()> {
         if let Ok(bytes) = data.downcast::<PyBytes>() {
             let slice = bytes.as_bytes();
             let (address, len) = (slice.as_ptr() as usize, slice.len());
+            let mut object = Some(data.clone().unbind());
             py.detach(|| {
                 // SAFETY: `object` (or the hold it moves into) keeps this immutable bytes
                 // object, and so these bytes, alive.
@@ -1021,16 +1025,21 @@ impl ChunkWriter {
             })?;
             return Ok(());
         }
-        let buffer = PyBuffer::<u8>::get(data)?;
+        // A memoryview of a given-up buffer keeps it exported (alive, not resizable) for as
+        // long as the hold lasts, and is dropped without the GIL.
+        let object = if owned { PyMemoryView::from(data)?.into_any() } else { data.clone() };
+        let buffer = PyBuffer::<u8>::get(&object)?;
         if !buffer.is_c_contiguous() {
             return Err(PyValueError::new_err("expected a contiguous bytes-like object"));
         }
         let (address, len) = (buffer.buf_ptr() as usize, buffer.len_bytes());
+        let mut object = Some(object.unbind());
         let result = py.detach(|| {
             // SAFETY: `buffer` keeps the exporter's memory alive and its size fixed until it
-            // is released below; a mutable buffer is copied if it has to be held (share=false).
+            // is released below; after that only a given-up buffer is held (by its memoryview),
+            // any other is copied if it has to be held.
             let slice = unsafe { std::slice::from_raw_parts(address as *const u8, len) };
-            self.write_and_start_writeback(offset, slice, &mut object, false)
+            self.write_and_start_writeback(offset, slice, &mut object, owned)
         });
         drop(buffer);
         Ok(result?)
