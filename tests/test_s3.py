@@ -697,3 +697,33 @@ def _read_chars() -> int:
     with open("/proc/self/io") as handle:
         fields = dict(line.split(": ") for line in handle.read().splitlines())
     return int(fields["rchar"])
+
+
+@pytest.mark.parametrize("algorithm", ["CRC32", "SHA256"])  # CRC32C needs botocore[crt]
+def test_an_object_another_tool_uploaded_is_verified_against_its_s3_checksum(
+    config: StorageConfig, s3_server: S3Server, tmp_path: Path, prefix: str, algorithm: str
+) -> None:
+    """No vmstore SHA-256 is stored with it, but S3 keeps the checksum boto3 sent: the
+    download is checked against that, and a bit flipped on the way is a mismatch with nothing
+    committed, not an 'unverified' success."""
+    data = random_bytes(3 * MiB + 7, seed=97)
+    client = s3_server.client()  # type: ignore[attr-defined]
+    client.put_object(
+        Bucket=s3_server.bucket, Key=f"{prefix}/foreign.img", Body=data, ChecksumAlgorithm=algorithm
+    )
+    dest = tmp_path / "foreign.img"
+    with new_storage(config) as store:
+        assert store.get_metadata(f"/{prefix}/foreign.img").checksum is None
+        down = store.download(DownloadRequest(f"/{prefix}/foreign.img", str(dest)))
+    assert down.checksum == sha256_bytes(data)
+    assert dest.read_bytes() == data
+
+    dest.unlink()
+    with DroppingProxy(
+        _port(s3_server), after_bytes=2 * MiB, drops=1, flip=True, direction="download"
+    ) as proxy:
+        flaky = StorageConfig(**json.loads(_config_json(config, proxy.port)))
+        with new_storage(flaky) as store, pytest.raises(ChecksumMismatchError):
+            store.download(DownloadRequest(f"/{prefix}/foreign.img", str(dest), resume=False))
+        assert proxy.dropped == 1
+    assert not dest.exists()

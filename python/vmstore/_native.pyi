@@ -208,9 +208,12 @@ class UploadSource:
     CRC-64/NVME in order, and the part's own checksum), with the GIL released."""
 
     @staticmethod
-    def file(path: str, *, part_sha256: bool = False, drop_cache: bool = False) -> UploadSource:
-        """A regular file; holes are zeros, never read. ``drop_cache`` drops each part's
-        pages from the page cache once read."""
+    def file(path: str, *, part_sha256: bool = False, direct: bool = False) -> UploadSource:
+        """A regular file; holes are zeros, never read. ``direct`` reads it with O_DIRECT
+        where the filesystem allows (no page-cache copy; the host's cache left alone)."""
+    @property
+    def direct(self) -> bool:
+        """Whether the file is read with O_DIRECT."""
     @staticmethod
     def stream(
         stream: object, *, name: str = "<stream>", part_sha256: bool = False

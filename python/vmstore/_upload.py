@@ -97,7 +97,7 @@ class SourcePlan:
 
 
 def plan_source(
-    request: UploadRequest, part_size_for: Callable[[int], int], *, drop_cache: bool = False
+    request: UploadRequest, part_size_for: Callable[[int], int], *, direct: bool = False
 ) -> SourcePlan:
     """Open the request's source. ``part_size_for(size)`` gives the fixed part size for a
     source of known size; an unsized stream grows its parts (:func:`stream_part_size`)."""
@@ -118,7 +118,7 @@ def plan_source(
         raise InvalidConfigError(
             f"{path} holds {stat.st_size} bytes, more than the 5 TiB an object may hold"
         )
-    source = _native.UploadSource.file(path, drop_cache=drop_cache)
+    source = _native.UploadSource.file(path, direct=direct)
     fixed = part_size_for(source.size or 0)
     return SourcePlan(source, path, source.size, lambda _n: fixed, stat)
 

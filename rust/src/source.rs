@@ -8,8 +8,8 @@
 //! File parts live in pooled native buffers (`PartBuffer`): a 200 GB upload reuses the same
 //! few part-sized allocations instead of faulting in fresh memory for every part.
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -32,6 +32,46 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// O_DIRECT wants buffers, offsets and lengths aligned to the device's logical block size;
+/// 4096 serves every disk (512-byte sectors included).
+const ALIGN: usize = 4096;
+
+/// A part buffer whose bytes start at a 4096-aligned address, with room to read whole blocks.
+struct AlignedBuf {
+    vec: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    fn new(mut vec: Vec<u8>, len: usize) -> Self {
+        let room = len.next_multiple_of(ALIGN) + ALIGN;
+        if vec.len() < room {
+            // Only growth is zero-filled: a reused buffer is overwritten by the read anyway.
+            vec.resize(room, 0);
+        }
+        let start = vec.as_ptr().align_offset(ALIGN);
+        // align_offset may give up (usize::MAX); then the buffer is used unaligned and the
+        // reads fall back to the page cache.
+        let start = if start < ALIGN { start } else { 0 };
+        AlignedBuf { vec, start, len }
+    }
+
+    fn aligned(&self) -> bool {
+        (self.vec.as_ptr() as usize + self.start).is_multiple_of(ALIGN)
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.vec[self.start..self.start + self.len]
+    }
+
+    /// The part's bytes and the slack after them up to the next block boundary.
+    fn window(&mut self) -> &mut [u8] {
+        let rounded = self.len.next_multiple_of(ALIGN);
+        &mut self.vec[self.start..self.start + rounded]
+    }
+}
+
 /// Part-sized allocations returned by dropped `PartBuffer`s.
 #[derive(Default)]
 struct BufferPool {
@@ -39,30 +79,28 @@ struct BufferPool {
 }
 
 impl BufferPool {
-    /// A buffer of exactly `len` bytes (contents unspecified: the caller overwrites them).
-    fn take(&self, len: usize) -> Vec<u8> {
+    /// A buffer for `len` bytes (contents unspecified: the caller overwrites them).
+    fn take(&self, len: usize) -> AlignedBuf {
+        let room = len.next_multiple_of(ALIGN) + ALIGN;
         let mut spares = lock(&self.spares);
         let best = spares
             .iter()
             .enumerate()
-            .filter(|(_, v)| v.capacity() >= len)
-            .min_by_key(|(_, v)| v.capacity())
+            .filter(|(_, v)| v.len() >= room)
+            .min_by_key(|(_, v)| v.len())
             .map(|(i, _)| i);
-        let mut buf = match best {
+        let vec = match best {
             Some(i) => spares.swap_remove(i),
             None => Vec::new(),
         };
         drop(spares);
-        // Only growth is zero-filled: a reused buffer is overwritten by the read anyway.
-        buf.resize(len, 0);
-        buf.truncate(len);
-        buf
+        AlignedBuf::new(vec, len)
     }
 
-    fn give_back(&self, buf: Vec<u8>) {
+    fn give_back(&self, buf: AlignedBuf) {
         let mut spares = lock(&self.spares);
         if spares.len() < POOL_SPARES {
-            spares.push(buf);
+            spares.push(buf.vec);
         }
     }
 }
@@ -71,13 +109,13 @@ impl BufferPool {
 /// (``memoryview(buffer)``) without a copy. Immutable once made.
 #[pyclass(module = "vmstore._native", frozen)]
 pub struct PartBuffer {
-    data: Option<Vec<u8>>,
+    data: Option<AlignedBuf>,
     pool: Arc<BufferPool>,
 }
 
 impl PartBuffer {
     fn bytes(&self) -> &[u8] {
-        self.data.as_deref().unwrap_or(&[])
+        self.data.as_ref().map(AlignedBuf::bytes).unwrap_or(&[])
     }
 }
 
@@ -149,39 +187,65 @@ impl SourcePart {
 }
 
 enum Input {
-    File { source: SourceFile, extents: Vec<(u64, u64)> },
+    /// `direct`: the same file opened with O_DIRECT, when asked for and possible.
+    File { source: SourceFile, extents: Vec<(u64, u64)>, direct: Option<File> },
     Stream { stream: Py<PyAny>, readinto: bool },
 }
 
 /// The in-order state of the pass.
 struct Pass {
     sha: Sha256,
-    crc: CrcDigest,
+    /// CRC-64/NVME of [0, position), combined from the parts' CRCs (no second CRC pass).
+    crc: u64,
     position: u64,
     parts: u64,
     eof: bool,
     /// Reused for parts that are only hashed (a resumed upload's stored parts).
-    scratch: Vec<u8>,
+    scratch: Option<AlignedBuf>,
 }
 
 impl Pass {
     fn absorb(&mut self, data: &[u8], part_sha256: bool) -> (u64, Option<String>) {
         self.sha.update(data);
-        self.crc.update(data);
         let mut part = CrcDigest::new(CrcAlgorithm::Crc64Nvme);
         part.update(data);
+        let part_crc = part.finalize();
+        self.crc = if self.position == 0 {
+            part_crc
+        } else {
+            crc_fast::checksum_combine(CrcAlgorithm::Crc64Nvme, self.crc, part_crc, data.len() as u64)
+        };
         let sha = part_sha256.then(|| to_hex(&Sha256::digest(data)));
         self.position += data.len() as u64;
-        (part.finalize(), sha)
+        (part_crc, sha)
+    }
+
+    fn new() -> Self {
+        Pass { sha: Sha256::new(), crc: 0, position: 0, parts: 0, eof: false, scratch: None }
     }
 }
 
-/// Fill `buf` with bytes [offset, offset + buf.len()) of the file: data extents are read,
-/// holes are zeros without a read. Returns how many bytes the file still had.
-fn read_file_span(source: &SourceFile, extents: &[(u64, u64)], offset: u64, buf: &mut [u8]) -> CoreResult<usize> {
-    let end = offset + buf.len() as u64;
+/// Fill `buf[..len]` with bytes [offset, offset + len) of the file: data extents are read,
+/// holes are zeros without a read. Returns how many bytes the file still had. `buf` may be
+/// longer than `len` (up to the next block boundary): an O_DIRECT read of the file's last
+/// block fills whole blocks.
+///
+/// With `direct` (the file opened O_DIRECT, `buf` block-aligned), every block-aligned span is
+/// read straight from the device into `buf`: no page-cache copy, and the pages of a 200 GB
+/// image do not evict the host's cache (qemu-img's `-T none`). Anything unaligned, and a
+/// filesystem that refuses O_DIRECT for a span, goes through the page cache.
+fn read_file_span(
+    source: &SourceFile,
+    direct: Option<&File>,
+    extents: &[(u64, u64)],
+    offset: u64,
+    buf: &mut [u8],
+    len: usize,
+) -> CoreResult<usize> {
+    let end = offset + len as u64;
     let mut pos = offset;
     let first = extents.partition_point(|&(o, l)| o + l <= offset);
+    let aligned = |v: u64| v.is_multiple_of(ALIGN as u64);
     for &(o, l) in &extents[first..] {
         if o >= end {
             break;
@@ -190,25 +254,83 @@ fn read_file_span(source: &SourceFile, extents: &[(u64, u64)], offset: u64, buf:
         if start > pos {
             buf[(pos - offset) as usize..(start - offset) as usize].fill(0);
         }
-        let slot = &mut buf[(start - offset) as usize..(stop - offset) as usize];
-        let got = read_full_at(&source.file, slot, start)
-            .context(|| format!("reading {} at offset {start}", source.path.display()))?;
-        if got < slot.len() {
-            return Ok((start - offset) as usize + got);
+        let at = (start - offset) as usize;
+        let want = (stop - start) as usize;
+        let mut got = None;
+        if let Some(file) = direct {
+            let whole_blocks = aligned(start) && (aligned(stop) || stop == source.size);
+            if whole_blocks && at + want.next_multiple_of(ALIGN) <= buf.len() {
+                let slot = &mut buf[at..at + want.next_multiple_of(ALIGN)];
+                match read_full_at(file, slot, start) {
+                    Ok(n) => got = Some(n.min(want)),
+                    Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {}
+                    Err(err) => {
+                        return Err(CoreError::io(format!("reading {} at offset {start}", source.path.display()), err))
+                    }
+                }
+            }
+        }
+        let got = match got {
+            Some(n) => n,
+            None => read_full_at(&source.file, &mut buf[at..at + want], start)
+                .context(|| format!("reading {} at offset {start}", source.path.display()))?,
+        };
+        if got < want {
+            return Ok(at + got);
         }
         pos = stop;
     }
     if pos < end {
-        buf[(pos - offset) as usize..].fill(0);
+        buf[(pos - offset) as usize..len].fill(0);
     }
-    Ok(buf.len())
+    Ok(len)
 }
 
-fn fadvise(file: &File, offset: u64, len: u64, advice: libc::c_int) {
-    // SAFETY: advisory call on a valid fd; it touches no memory, and failure is harmless.
-    unsafe {
-        libc::posix_fadvise(file.as_raw_fd(), offset as libc::off_t, len as libc::off_t, advice);
+/// Direct reads have no kernel readahead: a part is read as `DIRECT_STREAMS` concurrent
+/// pieces, so the device sees several requests at once (the depth readahead would give).
+const DIRECT_STREAMS: usize = 4;
+
+/// `read_file_span` with O_DIRECT, the part cut into block-aligned pieces read at once.
+fn read_direct_span(
+    source: &SourceFile,
+    direct: &File,
+    extents: &[(u64, u64)],
+    offset: u64,
+    buf: &mut [u8],
+    len: usize,
+) -> CoreResult<usize> {
+    let piece = len.div_ceil(DIRECT_STREAMS).next_multiple_of(ALIGN).max(1 << 20);
+    if piece >= len {
+        return read_file_span(source, Some(direct), extents, offset, buf, len);
     }
+    let results: Vec<CoreResult<usize>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = buf
+            .chunks_mut(piece)
+            .enumerate()
+            .filter(|(i, _)| i * piece < len)
+            .map(|(i, window)| {
+                let at = i * piece;
+                let want = piece.min(len - at);
+                scope.spawn(move || read_file_span(source, Some(direct), extents, offset + at as u64, window, want))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| Err(CoreError::InvalidArgument("a read thread panicked".into())))
+            })
+            .collect()
+    });
+    let mut total = 0;
+    for (i, result) in results.into_iter().enumerate() {
+        let got = result?;
+        let want = piece.min(len - i * piece);
+        if got < want {
+            return Ok(i * piece + got);
+        }
+        total += got;
+    }
+    Ok(total)
 }
 
 /// The source of one upload, read once from front to back by `next_part`.
@@ -218,35 +340,28 @@ pub struct UploadSource {
     pass: Mutex<Pass>,
     pool: Arc<BufferPool>,
     part_sha256: bool,
-    drop_cache: bool,
     name: String,
     size: Option<u64>,
 }
 
 impl UploadSource {
-    fn new(input: Input, name: String, size: Option<u64>, part_sha256: bool, drop_cache: bool) -> Self {
+    fn new(input: Input, name: String, size: Option<u64>, part_sha256: bool) -> Self {
         UploadSource {
             input,
-            pass: Mutex::new(Pass {
-                sha: Sha256::new(),
-                crc: CrcDigest::new(CrcAlgorithm::Crc64Nvme),
-                position: 0,
-                parts: 0,
-                eof: false,
-                scratch: Vec::new(),
-            }),
+            pass: Mutex::new(Pass::new()),
             pool: Arc::new(BufferPool::default()),
             part_sha256,
-            drop_cache,
             name,
             size,
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn file_part(
         &self,
         py: Python<'_>,
         source: &SourceFile,
+        direct: Option<&File>,
         extents: &[(u64, u64)],
         pass: &mut Pass,
         length: u64,
@@ -258,14 +373,17 @@ impl UploadSource {
             pass.eof = true;
             return Ok(None);
         }
-        let mut buf = if keep { self.pool.take(len) } else { std::mem::take(&mut pass.scratch) };
-        if !keep {
-            buf.resize(len, 0);
-        }
+        let mut buf = match (keep, pass.scratch.take()) {
+            (false, Some(old)) => AlignedBuf::new(old.vec, len),
+            _ => self.pool.take(len),
+        };
+        let direct = direct.filter(|_| buf.aligned());
         let part_sha256 = self.part_sha256;
-        let drop_cache = self.drop_cache;
         let (crc, sha) = py.detach(|| -> CoreResult<(u64, Option<String>)> {
-            let got = read_file_span(source, extents, offset, &mut buf[..len])?;
+            let got = match direct {
+                Some(file) => read_direct_span(source, file, extents, offset, buf.window(), len)?,
+                None => read_file_span(source, None, extents, offset, buf.window(), len)?,
+            };
             if got < len {
                 return Err(CoreError::io(
                     format!("reading {} at offset {}", source.path.display(), offset + got as u64),
@@ -275,18 +393,13 @@ impl UploadSource {
                     ),
                 ));
             }
-            if drop_cache {
-                // Like qemu-img -T none: a 200 GB export must not evict the host's page
-                // cache; each part's pages are dropped once its bytes are in our buffer.
-                fadvise(&source.file, offset, len as u64, libc::POSIX_FADV_DONTNEED);
-            }
-            Ok(pass.absorb(&buf[..len], part_sha256))
+            Ok(pass.absorb(buf.bytes(), part_sha256))
         })?;
         pass.parts += 1;
         let data = if keep {
             Some(Py::new(py, PartBuffer { data: Some(buf), pool: Arc::clone(&self.pool) })?.into_any())
         } else {
-            pass.scratch = buf;
+            pass.scratch = Some(buf);
             None
         };
         Ok(Some(SourcePart { number: pass.parts, offset, length: len as u64, crc64nvme: crc, sha256: sha, data }))
@@ -373,19 +486,32 @@ impl UploadSource {
 
 #[pymethods]
 impl UploadSource {
-    /// Open a regular file. ``drop_cache`` drops each part's pages from the page cache once
-    /// read; ``part_sha256`` also computes each part's SHA-256.
+    /// Open a regular file. ``direct`` reads it with O_DIRECT where the filesystem allows
+    /// (no page-cache copy, the host's cache left alone); ``part_sha256`` also computes each
+    /// part's SHA-256.
     #[staticmethod]
-    #[pyo3(signature = (path, *, part_sha256 = false, drop_cache = false))]
-    fn file(py: Python<'_>, path: PathBuf, part_sha256: bool, drop_cache: bool) -> PyResult<Self> {
-        let (source, extents) = py.detach(|| -> CoreResult<_> {
+    #[pyo3(signature = (path, *, part_sha256 = false, direct = false))]
+    fn file(py: Python<'_>, path: PathBuf, part_sha256: bool, direct: bool) -> PyResult<Self> {
+        let (source, extents, direct) = py.detach(|| -> CoreResult<_> {
             let source = SourceFile::open(&path)?;
             let extents = source.extents()?;
-            Ok((source, extents))
+            // tmpfs and some FUSE filesystems refuse O_DIRECT (EINVAL): read those cached.
+            let direct = if direct {
+                OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&path).ok()
+            } else {
+                None
+            };
+            Ok((source, extents, direct))
         })?;
         let size = source.size;
         let name = path.display().to_string();
-        Ok(UploadSource::new(Input::File { source, extents }, name, Some(size), part_sha256, drop_cache))
+        Ok(UploadSource::new(Input::File { source, extents, direct }, name, Some(size), part_sha256))
+    }
+
+    /// Whether the file is read with O_DIRECT.
+    #[getter]
+    fn direct(&self) -> bool {
+        matches!(&self.input, Input::File { direct: Some(_), .. })
     }
 
     /// Read a Python binary stream (``readinto`` when it has one, else ``read``).
@@ -396,7 +522,7 @@ impl UploadSource {
         if !readinto && !stream.hasattr("read")? {
             return Err(PyTypeError::new_err(format!("{name} has neither readinto() nor read()")));
         }
-        Ok(UploadSource::new(Input::Stream { stream: stream.unbind(), readinto }, name, None, part_sha256, false))
+        Ok(UploadSource::new(Input::Stream { stream: stream.unbind(), readinto }, name, None, part_sha256))
     }
 
     /// The next part, at most ``length`` bytes (fewer only at the end), or None at the end.
@@ -411,7 +537,9 @@ impl UploadSource {
             return Ok(None);
         }
         match &self.input {
-            Input::File { source, extents } => self.file_part(py, source, extents, &mut pass, length, keep),
+            Input::File { source, extents, direct } => {
+                self.file_part(py, source, direct.as_ref(), extents, &mut pass, length, keep)
+            }
             Input::Stream { stream, readinto } => self.stream_part(py, stream, *readinto, &mut pass, length),
         }
     }
@@ -447,7 +575,7 @@ impl UploadSource {
 
     /// CRC-64/NVME of every byte consumed so far, in order (S3's FULL_OBJECT checksum).
     fn crc64nvme(&self) -> u64 {
-        lock(&self.pass).crc.finalize()
+        lock(&self.pass).crc
     }
 
     fn __repr__(&self) -> String {
@@ -480,7 +608,7 @@ mod tests {
         let source = SourceFile::open(file.path()).expect("open");
         let extents = source.extents().expect("extents");
         let mut buf = vec![0xffu8; 32 << 10];
-        assert_eq!(read_file_span(&source, &extents, 16 << 10, &mut buf).expect("read"), 32 << 10);
+        assert_eq!(read_file_span(&source, None, &extents, 16 << 10, &mut buf, 32 << 10).expect("read"), 32 << 10);
         assert!(buf[..4 << 10].iter().all(|&b| b == 0));
         assert!(buf[4 << 10..8 << 10].iter().all(|&b| b == 7));
         assert!(buf[8 << 10..].iter().all(|&b| b == 0));
@@ -493,34 +621,47 @@ mod tests {
         file.write_all(&data).expect("write");
         let source = SourceFile::open(file.path()).expect("open");
         let extents = source.extents().expect("extents");
-        let mut pass = Pass {
-            sha: Sha256::new(),
-            crc: CrcDigest::new(CrcAlgorithm::Crc64Nvme),
-            position: 0,
-            parts: 0,
-            eof: false,
-            scratch: Vec::new(),
-        };
+        let mut pass = Pass::new();
         for chunk in data.chunks(100_000) {
             let mut buf = vec![0u8; chunk.len()];
-            read_file_span(&source, &extents, pass.position, &mut buf).expect("read");
+            read_file_span(&source, None, &extents, pass.position, &mut buf, chunk.len()).expect("read");
             let (crc, sha) = pass.absorb(&buf, true);
             assert_eq!(crc, crc64(chunk));
             assert_eq!(sha.expect("sha"), to_hex(&Sha256::digest(chunk)));
         }
         assert_eq!(hex_digest(&pass.sha), to_hex(&Sha256::digest(&data)));
-        assert_eq!(pass.crc.finalize(), crc64(&data));
+        assert_eq!(pass.crc, crc64(&data));
     }
 
     #[test]
     fn pool_reuses_buffers_of_sufficient_capacity() {
         let pool = BufferPool::default();
-        let buf = pool.take(1000);
-        let ptr = buf.as_ptr();
+        let buf = pool.take(10_000);
+        assert!(buf.aligned());
+        let ptr = buf.vec.as_ptr();
         pool.give_back(buf);
-        let again = pool.take(600);
-        assert_eq!(again.len(), 600);
-        assert_eq!(again.as_ptr(), ptr);
-        assert_eq!(pool.take(5000).len(), 5000);
+        let again = pool.take(6_000);
+        assert_eq!(again.bytes().len(), 6_000);
+        assert_eq!(again.vec.as_ptr(), ptr);
+        assert_eq!(pool.take(50_000).bytes().len(), 50_000);
+    }
+
+    #[test]
+    fn direct_reads_match_cached_reads_including_the_unaligned_tail() {
+        // In the crate's own directory: /tmp may be a tmpfs, which refuses O_DIRECT.
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).expect("tempdir");
+        let path = dir.path().join("disk.raw");
+        let data: Vec<u8> = (0..(3 * ALIGN as u32 + 1234)).map(|i| (i % 251) as u8 ^ 0x5a).collect();
+        std::fs::write(&path, &data).expect("write");
+        let source = SourceFile::open(&path).expect("open");
+        let extents = source.extents().expect("extents");
+        let Ok(direct) = OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&path) else {
+            return; // this filesystem has no O_DIRECT: nothing to compare
+        };
+        let mut buf = AlignedBuf::new(Vec::new(), data.len() - ALIGN);
+        let got = read_file_span(&source, Some(&direct), &extents, ALIGN as u64, buf.window(), data.len() - ALIGN)
+            .expect("read");
+        assert_eq!(got, data.len() - ALIGN);
+        assert_eq!(buf.bytes(), &data[ALIGN..]);
     }
 }

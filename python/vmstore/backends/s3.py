@@ -32,7 +32,7 @@ import botocore.config
 import botocore.exceptions
 
 from vmstore import _native
-from vmstore._download import DownloadSettings, RemoteObject, download_object
+from vmstore._download import DownloadSettings, RemoteObject, S3Checksum, download_object
 from vmstore._failure import keeps_partial
 from vmstore._oserrors import storage_error_from_oserror
 from vmstore._retry import RetryableError, RetryPolicy
@@ -598,6 +598,8 @@ class S3Storage:
             self._client.head_object,
             Bucket=location.bucket,
             Key=location.key,
+            # The object's own S3 checksum, which verifies an object another tool uploaded.
+            ChecksumMode="ENABLED",
         )
         return response
 
@@ -743,6 +745,7 @@ class S3Storage:
             size=int(head.get("ContentLength", 0)),
             etag=etag,
             checksum=self._stored_sha256(location, head),
+            s3_checksum=_s3_checksum(head),
         )
         settings = DownloadSettings(
             chunk_size=self._chunk_size,
@@ -1294,6 +1297,19 @@ class _FirstThen:
         if self._first is not None:
             yield self._first
         yield from self._feed
+
+
+def _s3_checksum(head: dict[str, Any]) -> S3Checksum | None:
+    """The full-object checksum S3 reports for the object, strongest first; None if none (or
+    only a composite one, a checksum of the parts' checksums, which the bytes cannot be
+    checked against)."""
+    if str(head.get("ChecksumType", "FULL_OBJECT")).upper() != "FULL_OBJECT":
+        return None
+    for algorithm in ("SHA256", "CRC64NVME", "CRC32C", "CRC32"):
+        value = head.get(f"Checksum{algorithm}")
+        if value and "-" not in str(value):
+            return S3Checksum(algorithm, str(value))
+    return None
 
 
 def _create_checksum_args(checksum: str) -> dict[str, str]:
