@@ -3,9 +3,10 @@
 No server drops a connection in the middle of a request on demand, so this proxy does it:
 it forwards bytes between vmstore and a real server on 127.0.0.1 and, for the first
 ``drops`` connections whose traffic in one direction passes ``after_bytes``, closes both
-sockets at that point (or, with ``flip``, flips one bit there and goes on). With ``rate`` it also limits the counted direction to that many
-bytes per second, like a slow link, so a test can kill a transfer while it is under way.
-Everything else is the real server's behaviour.
+sockets at that point (or, with ``flip``, flips one bit there and goes on). With ``rate``
+it also limits the counted direction to that many bytes per second, like a slow link, so a
+test can kill a transfer while it is under way. Everything else is the real server's
+behaviour.
 """
 
 from __future__ import annotations
