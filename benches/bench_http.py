@@ -1,47 +1,43 @@
 #!/usr/bin/env python3
-"""Side-by-side benchmark of vmstore's HTTP backend against nginx (issue 4, item 9).
+"""Cold-cache, side-by-side benchmark of vmstore's HTTP backend against nginx (issue 7).
 
 One nginx (Debian's, WebDAV PUT/DELETE, bearer token; tests/http_servers.py's config) runs
-on 127.0.0.1 for the whole run, its document root under --workdir. The sources are random
-files; each is hard-linked into nginx's root, so the file nginx serves is the same inode
-the upload contenders read (warm in the page cache for every contender, no second copy).
+on 127.0.0.1 for the whole run, its document root under --workdir. Each source is a random
+file hard-linked into nginx's root (the file nginx serves is the inode the uploads read).
 
-For each repetition, in a shuffled order per repetition (these machines are noisy, so
-contenders are interleaved rather than run in blocks), every contender runs in its own
-child process: peak RSS from GNU time's %M, CPU times from os.wait4, nginx's own CPU from
-/proc, the requests it served from its access log. Every result is checked after its
-timed part: the output file (or the stored upload, and vmstore's sidecar) is hashed and
-compared with the source's SHA-256; a wrong byte stops the benchmark.
+Method (benches/coldbench.py): before EACH contender run its outputs are removed, dirty data
+is synced and the page cache dropped (``sync; echo 3 > /proc/sys/vm/drop_caches``; when that
+fails, the report says the run was warm), the tools' code is warmed again (a child imports
+requests/vmstore and makes one HEAD: the data stays cold), --prefault-mib of free memory is
+touched. Sizes 1 GiB and 4 GiB (--size, repeatable), --reps repetitions (3), contenders
+interleaved in a shuffled order per repetition, each its own child process. Per run: wall
+time, client CPU-seconds, bytes read from storage, time to the first progress report, peak
+RSS (coldbench's docstring says how), and nginx's own CPU beside them (not in the client's).
 
 Contenders
-  download (rand-<size>, default 1 GiB)
-    vmstore download      StorageConfig(type="http", token=...), expected_checksum given, so
-                          it verifies; concurrent ranged GETs; commit = fsync, rename,
-                          directory fsync
-    requests + hashlib    one streamed GET, iter_content(--py-chunk), hashed while written,
-                          digest compared, fsync, rename, directory fsync (equal work)
-    curl + sha256sum + sync + mv   curl -o TMP, sha256sum TMP, sync TMP, rename + dir fsync
-    curl -o (no verification)      curl -o FILE: no hash, no fsync (less work than vmstore)
-    limit: curl -o /dev/null       nginx and loopback alone: no disk, no hash
-  upload (rand-<size>)
-    vmstore upload        HEAD, one native hash pass, PUT (re-hashed as sent), HEAD, and the
-                          PUT of the <name>.vmstore.json sidecar nginx needs for the checksum
-    curl -T (no checksum)          PUT only
-    sha256sum + curl -T            the same work as vmstore minus the sidecar
-    requests + hashlib    hashlib pass, then requests PUT of the open file object
-  memory (rand-<rss-size>, default 4 GiB)
-    vmstore download / upload only, and the interpreter with vmstore's HTTP backend imported:
-    peak RSS against concurrency x chunk_size + 100 MiB, at two file sizes.
+  upload    vmstore upload                the library as it is: one pass over the source, the
+                                          sidecar PUT after the data
+            vmstore upload (O_DIRECT)     VMSTORE_BENCH_DIRECT=1: plan_source opens the file
+                                          with O_DIRECT
+            requests PUT                  alone: the open file as the body, no hashing
+            requests PUT + hashlib        a hashlib pass, then the PUT with the digest in a
+                                          header (equal work)
+            curl -T                       ceiling (C, no hashing)
+  download  vmstore download              expected_checksum given, so it verifies; concurrent
+                                          ranged GETs; fsync, rename, directory fsync
+            requests GET                  alone: one streamed GET written to the file
+            requests GET + hashlib + fsync   each block hashed and written, digest compared,
+                                          fsync, rename, directory fsync (equal work)
+            curl -o                       ceiling: writes the file, no hash, no fsync
+            limit: curl -o /dev/null      nginx and loopback alone
 
-Before each run: outputs removed, os.sync(), --settle seconds idle, the source read once (warm),
-and --prefault-mib of free memory touched (see bench_nfs.prefault()).
+Verification, untimed after each run: the output file (downloads) or the stored file in
+nginx's root (uploads; and vmstore's sidecar) is hashed and must equal the source's SHA-256.
 
 Usage
-  python benches/bench_http.py --size 1G --rss-size 4G \\
-      --out benches/results/http-$(date +%F).json
-  python benches/bench_http.py --report benches/results/http-DATE.json            # markdown
+  python benches/bench_http.py --out benches/results/http-cold-$(date +%F).json   # 1G+4G x 3
   python benches/bench_http.py --report RESULTS.json --update-doc docs/BENCHMARKS.md
-  python benches/bench_http.py --size 64M --rss-size 128M --reps 1   # a quick smoke run
+  python benches/bench_http.py --size 64M --reps 1 --prefault-mib 0 --settle 0   # smoke run
 """
 
 from __future__ import annotations
@@ -49,47 +45,58 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import glob
 import hashlib
 import json
 import os
-import random
-import re
 import shutil
-import statistics
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-import bench_nfs as nfs  # noqa: E402 - the shared harness: Proc, measure(), warm(), ...
+for _p in (str(HERE), str(ROOT)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
-KiB, MiB, GiB = nfs.KiB, nfs.MiB, nfs.GiB
+import bench_nfs as nfs  # noqa: E402 - sizes, logging, make_random, machine info
+import coldbench as cb  # noqa: E402 - the cold-cache harness
+from coldbench import Contender, MiB, SizeSpec, Target  # noqa: E402
+
 DOC_START = "<!-- bench_http:table:start (generated by benches/bench_http.py --update-doc) -->"
 DOC_END = "<!-- bench_http:table:end -->"
-DOC_HEADING = "## HTTP backend: vmstore vs curl and requests, against nginx"
+DOC_HEADING = "## HTTP backend (nginx), page cache dropped"
 TOKEN_ENV = "BENCH_HTTP_TOKEN"  # the children's token: kept out of argv
-RSS_SLACK = 100 * MiB  # the memory target: concurrency x chunk_size + this
 
-VM_DL = "vmstore download"
-VM_UP = "vmstore upload"
-RQ_DL = "requests + hashlib + fsync"
-CURL_SHA = "curl + sha256sum + sync + mv"
-CURL_ALONE = "curl -o (no verification, no fsync)"
-CURL_NULL = "limit: curl -o /dev/null"
-RQ_UP = "requests PUT + hashlib"
-CURL_T = "curl -T (no checksum)"
-CURL_T_SHA = "sha256sum + curl -T"
-IDLE = "python idle (import vmstore http backend)"
+VM_UP, VM_UP_DIRECT, VM_DL = "vmstore upload", "vmstore upload (O_DIRECT)", "vmstore download"
+RQ_UP, RQ_UP_H = "requests PUT", "requests PUT + hashlib"
+RQ_DL, RQ_DL_H = "requests GET", "requests GET + hashlib + fsync"
+CURL_T, CURL_O, CURL_NULL = "curl -T", "curl -o", "limit: curl -o /dev/null"
+
+TARGETS = [
+    Target("source bytes read by an upload, x size", "upload", "read", None, "<=", 1.05),
+    Target("upload client CPU / requests + hashlib", "upload", "cpu", RQ_UP_H, "<=", 0.8),
+    Target(
+        "download client CPU / requests + hashlib + fsync", "download", "cpu", RQ_DL_H, "<=", 0.9
+    ),
+    Target("upload speed / requests alone (no hashing)", "upload", "wall", RQ_UP, ">=", 0.9),
+    Target("download speed / requests + hashlib + fsync", "download", "wall", RQ_DL_H, ">=", 1.0),
+    Target("upload first progress, s", "upload", "first", None, "<=", 0.5),
+    Target("download first progress, s", "download", "first", None, "<=", 0.5),
+    Target("upload peak RSS, MiB", "upload", "rss", None, "<=", 0),
+    Target("download peak RSS, MiB", "download", "rss", None, "<=", 0),
+]
+VM_NAMES = {
+    "upload": {"default": VM_UP, "O_DIRECT": VM_UP_DIRECT},
+    "download": {"default": VM_DL},
+}
+PY_BLOCK = MiB  # iter_content block of the requests download baselines
 
 
 # --------------------------------------------------------------------------------------
-# Child side: one operation, timed inside the process (interpreter start-up and imports are
-# excluded for every Python contender alike); prints one JSON line.
+# Child side
 # --------------------------------------------------------------------------------------
 
 
@@ -102,24 +109,32 @@ def vmstore_config(knobs: dict[str, Any]) -> Any:
     )
 
 
-def requests_download(url: str, dst: str, expected: str, block: int) -> str:
-    """The honest requests way: stream, hash and write each block, compare, fsync, rename."""
+def auth() -> dict[str, str]:
+    return {"Authorization": f"Bearer {os.environ[TOKEN_ENV]}"}
+
+
+def requests_download(url: str, dst: str, expected: str | None, meter: cb.OpMeter) -> str | None:
+    """With `expected`: the honest requests way (stream, hash and write each block, compare,
+    fsync, rename, directory fsync). Without: stream into the file, nothing else."""
     import requests
 
-    session = requests.Session()
-    headers = {"Authorization": f"Bearer {os.environ[TOKEN_ENV]}"}
-    tmp = dst + ".tmp"
+    tmp = dst + ".tmp" if expected else dst
     h = hashlib.sha256()
     with (
-        session.get(url, headers=headers, stream=True, timeout=300) as r,
+        requests.Session().get(url, headers=auth(), stream=True, timeout=600) as r,
         open(tmp, "wb") as f,
     ):
         r.raise_for_status()
-        for data in r.iter_content(chunk_size=block):
-            h.update(data)
+        for data in r.iter_content(chunk_size=PY_BLOCK):
+            meter.mark_first()
+            if expected:
+                h.update(data)
             f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        if expected:
+            f.flush()
+            os.fsync(f.fileno())
+    if not expected:
+        return None
     digest = h.hexdigest()
     if digest != expected:
         os.unlink(tmp)
@@ -129,67 +144,88 @@ def requests_download(url: str, dst: str, expected: str, block: int) -> str:
     return digest
 
 
-def requests_upload(src: str, url: str) -> str:
+def requests_upload(src: str, url: str, with_hash: bool, meter: cb.OpMeter) -> str | None:
     import requests
 
-    digest = nfs.hashlib_file(src)
-    headers = {"Authorization": f"Bearer {os.environ[TOKEN_ENV]}", "X-Checksum-SHA256": digest}
+    headers = auth()
+    digest = None
+    if with_hash:
+        digest = nfs.hashlib_file(src)
+        headers["X-Checksum-SHA256"] = digest
     with open(src, "rb") as f:
-        requests.put(url, data=f, headers=headers, timeout=300).raise_for_status()
+        body = cb.FirstRead(f, os.fstat(f.fileno()).st_size, meter)
+        requests.put(url, data=body, headers=headers, timeout=600).raise_for_status()
     return digest
 
 
 def child_main(argv: list[str]) -> None:
     op, *args = argv
     result: dict[str, Any] = {}
-    if op.startswith("vmstore"):
-        import vmstore  # imported before the clock starts, like requests for the baselines
-        import vmstore.backends.http  # new_storage would import it on first use
-    if op.startswith("requests"):
-        import requests  # noqa: F401
+    meter = cb.OpMeter()
+    import requests  # imported before the clock starts, for every contender alike
+    import vmstore
+    import vmstore.backends.http  # new_storage would import it on first use
+
     if op == "vmstore-download":
         knobs, url, dst, expected = args
         store = vmstore.new_storage(vmstore_config(json.loads(knobs)))
-        t0 = time.perf_counter()
-        down = store.download(
-            vmstore.DownloadRequest(
-                source_url=url,
-                destination_path=dst,
-                verify_checksum=True,
-                expected_checksum=expected,
-            )
+        req = vmstore.DownloadRequest(
+            source_url=url,
+            destination_path=dst,
+            verify_checksum=True,
+            expected_checksum=expected,
+            progress_callback=meter.progress,
         )
-        result["seconds"] = time.perf_counter() - t0
+        with meter:
+            down = store.download(req)
         result["sha256"] = down.checksum
         store.close()
     elif op == "vmstore-upload":
+        result["direct"] = cb.apply_direct_env()
         knobs, src, url = args
         store = vmstore.new_storage(vmstore_config(json.loads(knobs)))
-        t0 = time.perf_counter()
-        up = store.upload(vmstore.UploadRequest(source_path=src, destination_url=url))
-        result["seconds"] = time.perf_counter() - t0
+        req = vmstore.UploadRequest(
+            source_path=src, destination_url=url, progress_callback=meter.progress
+        )
+        with meter:
+            up = store.upload(req)
         result["sha256"] = up.checksum
         store.close()
-    elif op == "vmstore-idle":
-        result["seconds"] = 0.0
     elif op == "requests-download":
-        url, dst, expected, block = args
-        t0 = time.perf_counter()
-        result["sha256"] = requests_download(url, dst, expected, int(block))
-        result["seconds"] = time.perf_counter() - t0
+        url, dst, expected = args
+        with meter:
+            digest = requests_download(url, dst, expected or None, meter)
+        if digest:
+            result["sha256"] = digest
     elif op == "requests-upload":
-        src, url = args
-        t0 = time.perf_counter()
-        result["sha256"] = requests_upload(src, url)
-        result["seconds"] = time.perf_counter() - t0
+        src, url, with_hash = args
+        with meter:
+            digest = requests_upload(src, url, with_hash == "1", meter)
+        if digest:
+            result["sha256"] = digest
+    elif op == "warm":
+        # the tools' code back in memory after the drop, and nginx's: one HEAD each
+        knobs, url = args
+        requests.head(url, headers=auth(), timeout=30)
+        store = vmstore.new_storage(vmstore_config(json.loads(knobs)))
+        with contextlib.suppress(vmstore.StorageError):
+            store.get_metadata(url)
+        store.close()
+        meter.__enter__()
+        meter.__exit__()
     else:
         raise SystemExit(f"unknown child op {op!r}")
+    result.update(meter.result)
     print(json.dumps(result), flush=True)
 
 
 # --------------------------------------------------------------------------------------
 # Parent side
 # --------------------------------------------------------------------------------------
+
+
+def py_child(op: str, *args: str) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "--child", op, *args]
 
 
 def nginx_pids(master_pid_file: Path) -> list[int]:
@@ -222,40 +258,19 @@ def cpu_seconds(pids: list[int]) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-class HttpBench(nfs.Bench):
-    """bench_nfs's harness (measure(): outputs removed, sync, settle, warm, prefault, sha256
-    check; commands(): external stages) with nginx in place of the share."""
-
-    script = __file__
-
+class HttpBench:
     def __init__(self, args: argparse.Namespace) -> None:
-        super().__init__(args)
+        self.args = args
+        self.work = os.path.abspath(args.workdir)
         self.src_dir = os.path.join(self.work, "src")
+        self.out = os.path.join(self.work, "out")
         self.srv = Path(self.work, "srv")
-        self.nginx: Any = None  # tests.http_servers.Nginx, while go() runs
         self.header_file = os.path.join(self.work, "curl-headers")
-        self.access_log = self.srv / "nginx" / "access.log"
-        self.pid_file = self.srv / "nginx" / "nginx.pid"
+        self.nginx: Any = None
         self.knobs: dict[str, Any] = {}
         self.settings: dict[str, Any] = {}
-
-    # ---- setup ----------------------------------------------------------------------
-
-    def go(self) -> None:
-        """Start nginx, make the sources, run every repetition, stop nginx."""
-        sys.path.insert(0, str(ROOT))
-        import pytest
-
-        from tests.http_servers import running_nginx
-
-        os.makedirs(self.work, exist_ok=True)
-        with contextlib.ExitStack() as stack:
-            try:
-                self.nginx = stack.enter_context(running_nginx(self.srv))
-            except pytest.skip.Exception as exc:  # how tests/http_servers.py says "no nginx"
-                raise SystemExit(f"cannot start nginx: {exc}") from None
-            self.setup()
-            self.run()
+        self.specs: list[SizeSpec] = []
+        self.runner = cb.ColdRunner(args, self.warm_tools, self.contenders)
 
     def setup(self) -> None:
         import vmstore
@@ -264,12 +279,13 @@ class HttpBench(nfs.Bench):
         a = self.args
         os.makedirs(self.src_dir, exist_ok=True)
         os.makedirs(self.out, exist_ok=True)
+        sizes = a.size or [nfs.GiB, 4 * nfs.GiB]
+        need = sum(sizes) + 2 * max(sizes)
         free = shutil.disk_usage(self.work).free
-        # the sources, plus the largest output (an upload briefly lives in nginx's temp dir,
-        # then is renamed into the root: the same blocks)
-        need = a.size + a.rss_size + max(a.size, a.rss_size)
-        if free < need + GiB:
-            raise SystemExit(f"{self.work}: {free / GiB:.1f} GiB free, need ~{need / GiB:.1f}")
+        if free < need + nfs.GiB:
+            raise SystemExit(
+                f"{self.work}: {free / nfs.GiB:.1f} GiB free, need {need / nfs.GiB:.1f}"
+            )
         ng = self.nginx
         os.environ[TOKEN_ENV] = ng.token
         with open(self.header_file, "w") as f:  # curl -H @FILE: the token stays out of argv
@@ -280,374 +296,229 @@ class HttpBench(nfs.Bench):
             "concurrency": a.concurrency,
         }
         defaults = vmstore.StorageConfig(type="http", endpoint=ng.http_base)
+        chunk = a.chunk_size or vmstore_http.DEFAULT_CHUNK_SIZE
         self.settings = {
-            "chunk_size": a.chunk_size or vmstore_http.DEFAULT_CHUNK_SIZE,
+            "server": "nginx",
+            "chunk_size": chunk,
             "concurrency": a.concurrency or defaults.concurrency,
-            "py_chunk": a.py_chunk,
-            "rss_slack": RSS_SLACK,
+            "from": "flags" if (a.chunk_size or a.concurrency) else "library defaults",
+            "py_block": PY_BLOCK,
         }
-        for kind, size in (("rand", a.size), ("rss", a.rss_size)):
-            name = f"rand-{nfs.fmt_size(size)}"
-            path = os.path.join(self.src_dir, name + ".img")
-            if not (os.path.exists(path) and os.path.getsize(path) == size and a.reuse):
-                nfs.log(f"creating {path} ({nfs.fmt_size(size)} random)")
+        for size in sizes:
+            name = nfs.fmt_size(size)
+            path = os.path.join(self.src_dir, f"rand-{name}.img")
+            if not (a.reuse and os.path.exists(path) and os.path.getsize(path) == size):
+                nfs.log(f"creating {path}")
                 nfs.make_random(path, size)
-            served = ng.root / f"{name}.img"
+            served = ng.root / f"rand-{name}.img"
             nfs.rm(str(served))
             os.link(path, served)  # nginx serves the very inode the uploads read
-            self.files[kind] = {
-                "path": path,
-                "size": size,
-                "name": name,
-                "url": f"{ng.http_base}/{name}.img",
-            }
-            nfs.warm(path)
-            nfs.log(f"hashing {name} for the expected digest")
-            self.expected[kind] = nfs.sha_of_output(
-                nfs.sh(["openssl", "dgst", "-sha256", path])
-            ) or nfs.hashlib_file(path)
+            digest = nfs.hashlib_file(path)
+            # an HTTP upload sends the file in one PUT: the part is the file
+            spec = SizeSpec(
+                name, size, path, digest, chunk, {"url": f"{ng.http_base}/rand-{name}.img"}
+            )
+            self.specs.append(spec)
 
-    # ---- contenders --------------------------------------------------------------------
+    def warm_tools(self) -> None:
+        cb.run_proc(py_child("warm", json.dumps(self.knobs), self.specs[0].extra["url"]))
+        subprocess.run(["curl", "--version"], capture_output=True, check=False)
 
     def curl(self, *args: str) -> list[str]:
         return ["curl", "-sS", "--fail", "-H", f"@{self.header_file}", *args]
 
-    def curl_null(self, url: str, size: int) -> dict[str, Any]:
-        p = nfs.Proc(self.curl("-o", "/dev/null", "-w", "%{size_download}", url))
-        got = int(float(p.stdout.strip() or 0))
-        if got != size:
-            raise RuntimeError(f"curl -o /dev/null: {got} bytes, expected {size}")
-        return {
-            "seconds": p.wall,
-            "maxrss_kib": p.maxrss_kib,
-            "cpu_user": p.cpu_user,
-            "cpu_sys": p.cpu_sys,
-            "check": "size only",
-        }
+    def contenders(self, spec: SizeSpec) -> list[Contender]:
+        src, url, exp = spec.path, spec.extra["url"], spec.sha256
+        root = self.nginx.root
+        knobs = json.dumps(self.knobs)
+        dl = os.path.join(self.out, f"rand-{spec.name}-dl")
+        stored = str(root / f"rand-{spec.name}-up")
+        target = f"{self.nginx.http_base}/rand-{spec.name}-up"
+        pid_file = self.srv / "nginx" / "nginx.pid"
+        access_log = self.srv / "nginx" / "access.log"
 
-    def observed(
-        self, fn: Callable[[], dict[str, Any]], kind: str, check: str | None, sidecar: bool
-    ) -> Callable[[], dict[str, Any]]:
-        """`fn` with nginx's CPU and requests during it, then (untimed) its result checked:
-        the file at `check` hashed, and vmstore's sidecar read."""
+        def server_start() -> None:
+            self._ng_cpu0 = cpu_seconds(nginx_pids(pid_file))
+            self._ng_log0 = access_log.stat().st_size
 
-        def run() -> dict[str, Any]:
-            pids = nginx_pids(self.pid_file)
-            cpu0 = cpu_seconds(pids)
-            pos = self.access_log.stat().st_size
-            res = fn()
-            res["server_cpu_s"] = cpu_seconds(pids) - cpu0
-            with open(self.access_log, "rb") as f:
-                f.seek(pos)
+        def server_end(rec: dict[str, Any]) -> None:
+            rec["server_cpu_s"] = cpu_seconds(nginx_pids(pid_file)) - self._ng_cpu0
+            with open(access_log, "rb") as f:
+                f.seek(self._ng_log0)
                 lines = f.read().decode(errors="replace").splitlines()
             # log_format: $connection $request_method $uri $status $body_bytes_sent
             fields = [ln.split() for ln in lines if len(ln.split()) >= 4]
-            res["server_requests"] = dict(
+            rec["server_requests"] = dict(
                 sorted(collections.Counter(f"{x[1]} {x[3]}" for x in fields).items())
             )
-            res["server_connections"] = len({x[0] for x in fields})
-            if check:
-                digest = nfs.hashlib_file(check)
-                res["output_sha256"] = digest
-                res.setdefault("check", "sha256 of the output")
-                if res.setdefault("sha256", digest) != digest:
-                    raise RuntimeError(f"{check}: reported {res['sha256']}, holds {digest}")
-            if sidecar:
-                car = json.loads(Path(check + ".vmstore.json").read_text()) if check else {}
-                res["sidecar_sha256"] = car.get("sha256")
-                if car.get("sha256") != self.expected[kind]:
-                    raise RuntimeError(f"sidecar of {check}: {car!r}")
-            return res
 
-        return run
+        def clean_up() -> None:
+            nfs.rm(*glob.glob(stored + "*"))
 
-    def contenders(  # type: ignore[override]
-        self, kind: str, mode: str = "prefault"
-    ) -> list[tuple[str, str, Callable[[], dict[str, Any]], list[str], list[str]]]:
-        """(scenario, name, fn, paths to warm, outputs to remove) for one file."""
-        f = self.files[kind]
-        src, name, url, size = f["path"], f["name"], f["url"], f["size"]
-        exp = self.expected[kind]
-        root = self.nginx.root
-        knobs = json.dumps(self.knobs)
-        dl = os.path.join(self.out, f"{name}-dl")
-        dl_outputs = [dl, dl + ".tmp", dl + ".vmstore-partial", dl + ".vmstore-partial.state"]
-        C: list[tuple[str, str, Callable[[], dict[str, Any]], list[str], list[str]]] = []
+        def check_up(rec: dict[str, Any]) -> None:
+            server_end(rec)
+            got = nfs.hashlib_file(stored)
+            if got != exp:
+                raise RuntimeError(f"{stored}: sha256 {got} != {exp}")
+            car = Path(stored + ".vmstore.json")
+            if rec["contender"].startswith("vmstore"):
+                sha = json.loads(car.read_text()).get("sha256") if car.exists() else None
+                if sha != exp:
+                    raise RuntimeError(f"sidecar of {stored}: {sha}")
+            rec["verified"] = "stored file"
 
-        def download(cont: str, fn: Callable[[], dict[str, Any]], check: str | None) -> None:
-            scen = f"{name} download" if kind == "rand" else f"{name} memory"
-            C.append((scen, cont, self.observed(fn, kind, check, False), [src], dl_outputs))
+        def clean_dl() -> None:
+            nfs.rm(*glob.glob(dl + "*"))
 
-        def upload(cont: str, tag: str, fn: Callable[[str], dict[str, Any]]) -> None:
-            scen = f"{name} upload" if kind == "rand" else f"{name} memory"
-            stored = str(root / f"{name}-up-{tag}")
-            target = f"{self.nginx.http_base}/{name}-up-{tag}"
-            run = self.observed(lambda: fn(target), kind, stored, tag == "vmstore")
-            C.append((scen, cont, run, [src], [stored, stored + ".vmstore.json"]))
+        def check_dl(rec: dict[str, Any]) -> None:
+            server_end(rec)
+            got = nfs.hashlib_file(dl)
+            if got != exp:
+                raise RuntimeError(f"{dl}: sha256 {got} != {exp}")
+            rec["verified"] = "output file"
 
-        download(VM_DL, lambda: self.child("vmstore-download", knobs, url, dl, exp), dl)
-        upload(VM_UP, "vmstore", lambda u: self.child("vmstore-upload", knobs, src, u))
-        if kind == "rss":
-            C.append((f"{name} memory", IDLE, lambda: self.child("vmstore-idle"), [], []))
-            return C
-        py_chunk = str(self.args.py_chunk)
-        download(RQ_DL, lambda: self.child("requests-download", url, dl, exp, py_chunk), dl)
-        download(
-            CURL_SHA,
-            lambda: self.commands(
-                self.curl("-o", dl + ".tmp", url),
-                ["sha256sum", dl + ".tmp"],
-                ["sync", dl + ".tmp"],
-                ["mv", dl + ".tmp", dl],
+        def check_null(rec: dict[str, Any]) -> None:
+            server_end(rec)
+            rec["verified"] = "byte count"
+
+        def up(
+            name: str, role: str, argv: list[str], env: dict[str, str] | None = None
+        ) -> Contender:
+            return Contender(
+                name, "upload", argv, role, env or {}, check_up, clean_up, server_start
+            )
+
+        def down(name: str, role: str, argv: list[str]) -> Contender:
+            return Contender(name, "download", argv, role, {}, check_dl, clean_dl, server_start)
+
+        vm_up = py_child("vmstore-upload", knobs, src, target)
+        C = [
+            up(VM_UP, "vmstore", vm_up, {cb.DIRECT_ENV: "0"}),
+            up(VM_UP_DIRECT, "vmstore-direct", vm_up, {cb.DIRECT_ENV: "1"}),
+            up(RQ_UP, "peer", py_child("requests-upload", src, target, "0")),
+            up(RQ_UP_H, "peer+hash", py_child("requests-upload", src, target, "1")),
+            up(CURL_T, "ceiling", self.curl("-T", src, "-o", "/dev/null", target)),
+            down(VM_DL, "vmstore", py_child("vmstore-download", knobs, url, dl, exp)),
+            down(RQ_DL, "peer", py_child("requests-download", url, dl, "")),
+            down(RQ_DL_H, "peer+hash", py_child("requests-download", url, dl, exp)),
+            down(CURL_O, "ceiling", self.curl("-o", dl, url)),
+            Contender(
+                CURL_NULL,
+                "download",
+                self.curl("-o", "/dev/null", url),
+                "ceiling",
+                {},
+                check_null,
+                None,
+                server_start,
             ),
-            dl,
-        )
-        download(CURL_ALONE, lambda: self.commands(self.curl("-o", dl, url)), dl)
-        download(CURL_NULL, lambda: self.curl_null(url, size), None)
-        upload(RQ_UP, "requests", lambda u: self.child("requests-upload", src, u))
-        upload(CURL_T, "curl", lambda u: self.commands(self.curl("-T", src, "-o", "/dev/null", u)))
-        upload(
-            CURL_T_SHA,
-            "curlsha",
-            lambda u: self.commands(["sha256sum", src], self.curl("-T", src, "-o", "/dev/null", u)),
-        )
+        ]
+        if self.args.only:
+            roles = set(self.args.only.split(","))
+            C = [c for c in C if c.role in roles]
         return C
 
-    # ---- the run ---------------------------------------------------------------------
+    def go(self) -> dict[str, Any]:
+        import pytest
 
-    def run(self) -> None:
-        a = self.args
-        for rep in range(a.reps):
-            nfs.log(f"repetition {rep + 1}/{a.reps} (load {os.getloadavg()})")
-            order = random.Random(a.seed + rep)
-            for kind in ("rand", "rss"):
-                cs = self.contenders(kind)
-                order.shuffle(cs)  # a new order each repetition: no fixed neighbours
-                for scenario, name, fn, warm_paths, outputs in cs:
-                    self.measure(
-                        scenario, kind, name, rep, fn, warm_paths=warm_paths, outputs=outputs
-                    )
+        from tests.http_servers import running_nginx
 
+        os.makedirs(self.work, exist_ok=True)
+        try:
+            with contextlib.ExitStack() as stack:
+                try:
+                    self.nginx = stack.enter_context(running_nginx(self.srv))
+                except pytest.skip.Exception as exc:  # how tests/http_servers.py says "no nginx"
+                    raise SystemExit(f"cannot start nginx: {exc}") from None
+                self.setup()
+                self.runner.run(self.specs)
+        finally:
+            if not self.args.keep:
+                shutil.rmtree(self.srv, ignore_errors=True)
+                shutil.rmtree(self.out, ignore_errors=True)
+                if not self.args.reuse:
+                    shutil.rmtree(self.src_dir, ignore_errors=True)
+        binary = shutil.which("nginx") or "/usr/sbin/nginx"
+        v = subprocess.run([binary, "-v"], capture_output=True, text=True, check=False)
+        import requests
 
-def machine_info(workdir: str) -> dict[str, Any]:
-    import requests
-    import urllib3
-
-    meta = nfs.machine_info(workdir)
-    meta.pop("nfs_py_sha256", None)
-    pkg = ROOT / "python" / "vmstore"
-    for key, rel in (
-        ("http_py_sha256", "backends/http.py"),
-        ("download_py_sha256", "_download.py"),
-    ):
-        p = pkg / rel
-        meta[key] = hashlib.sha256(p.read_bytes()).hexdigest()[:16] if p.exists() else ""
-    binary = shutil.which("nginx") or "/usr/sbin/nginx"
-    try:  # nginx -v prints on stderr
-        v = subprocess.run([binary, "-v"], capture_output=True, text=True, timeout=10)
-        nginx = (v.stderr or v.stdout).strip()
-    except (OSError, subprocess.SubprocessError):
-        nginx = ""
-    meta["tools"].update(
-        curl=(nfs.sh(["curl", "--version"]).splitlines() or [""])[0],
-        nginx=nginx.removeprefix("nginx version: "),
-        requests=requests.__version__,
-        urllib3=urllib3.__version__,
-        sha256sum=(nfs.sh(["sha256sum", "--version"]).splitlines() or [""])[0],
-    )
-    return meta
+        return {
+            "settings": self.settings,
+            "tools": {
+                "nginx": (v.stderr or v.stdout).strip().removeprefix("nginx version: "),
+                "curl": (nfs.sh(["curl", "--version"]).splitlines() or [""])[0],
+                "requests": requests.__version__,
+            },
+            "files": {s.name: {"size": s.size, "part_size": s.part_size} for s in self.specs},
+            "notes": self.runner.notes,
+            "failures": self.runner.failures,
+            "runs": self.runner.runs,
+        }
 
 
 # --------------------------------------------------------------------------------------
-# Summary and markdown
+# Report
 # --------------------------------------------------------------------------------------
 
 
 def summarize(data: dict[str, Any]) -> dict[str, Any]:
-    runs = data["runs"]
-    by: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for r in runs:
-        by.setdefault((r["scenario"], r["contender"]), []).append(r)
-    table: dict[str, dict[str, Any]] = {}
-    for (scen, cont), rs in by.items():
-        s = nfs.stats([r["seconds"] for r in rs])
-        size = data["files"][rs[0]["kind"]]["size"]
-        table.setdefault(scen, {})[cont] = {
-            "seconds": s,
-            "mib_s": size / MiB / s["median"] if s["median"] else None,
-            "maxrss_mib": max(r["maxrss_kib"] for r in rs) / KiB,
-            "cpu_s": statistics.median(r["cpu_user"] + r["cpu_sys"] for r in rs),
-            "server_cpu_s": statistics.median(r.get("server_cpu_s", 0.0) for r in rs),
-            "server_requests": rs[0].get("server_requests", {}),
-            "check": rs[0].get("check", ""),
-        }
-
-    def per_rep(scen: str, num: str, den: str) -> dict[str, float] | None:
-        reps: dict[int, dict[str, float]] = {}
-        for r in runs:
-            if r["scenario"] == scen:
-                reps.setdefault(r["rep"], {})[r["contender"]] = r["seconds"]
-        vals = [t[num] / t[den] for t in reps.values() if num in t and den in t and t[den]]
-        return nfs.stats(vals) if vals else None
-
-    name = data["files"]["rand"]["name"]
-    dl, up = f"{name} download", f"{name} upload"
-    ratios = {
-        f"{dl}: {RQ_DL} / {VM_DL} (>= 1.5)": per_rep(dl, RQ_DL, VM_DL),
-        f"{dl}: {CURL_ALONE} / {VM_DL} (>= 1.0)": per_rep(dl, CURL_ALONE, VM_DL),
-        f"{dl}: {CURL_SHA} / {VM_DL}": per_rep(dl, CURL_SHA, VM_DL),
-        f"{dl}: {CURL_NULL} / {VM_DL}": per_rep(dl, CURL_NULL, VM_DL),
-        f"{up}: {CURL_T} / {VM_UP}": per_rep(up, CURL_T, VM_UP),
-        f"{up}: {CURL_T_SHA} / {VM_UP}": per_rep(up, CURL_T_SHA, VM_UP),
-        f"{up}: {RQ_UP} / {VM_UP}": per_rep(up, RQ_UP, VM_UP),
-    }
-    st = data["settings"]
-    bound = (st["concurrency"] * st["chunk_size"] + st["rss_slack"]) / MiB
-    memory = []
-    for kind in ("rand", "rss"):
-        f = data["files"][kind]
-        for op in (VM_DL, VM_UP):
-            for scen, rows in table.items():
-                if scen.startswith(f"{f['name']} ") and op in rows:
-                    rss = rows[op]["maxrss_mib"]
-                    memory.append(
-                        {"size": f["size"], "op": op, "maxrss_mib": rss, "ok": rss <= bound}
-                    )
+    runs, st = data["runs"], data["settings"]
+    bound_mib = (st["concurrency"] * st["chunk_size"] + cb.RSS_SLACK) / MiB
+    parts = {n: f["part_size"] for n, f in data["files"].items()}
     return {
-        "table": table,
-        "ratios": {k: v for k, v in ratios.items() if v},
-        "memory": memory,
-        "rss_bound_mib": bound,
+        "table": cb.summarize_runs(runs),
+        "targets": cb.targets_rows(runs, TARGETS, VM_NAMES, lambda _s, _d: bound_mib),
+        "flat": {vm: cb.rss_flat(runs, vm, parts) for vm in (VM_UP, VM_UP_DIRECT, VM_DL)},
     }
-
-
-def target_met(name: str, value: float) -> str:
-    t = re.search(r"\((>=|<=) ([\d.]+)\)", name)
-    if not t:
-        return "(no target)"
-    ok = value >= float(t.group(2)) if t.group(1) == ">=" else value <= float(t.group(2))
-    return "yes" if ok else "**no**"
 
 
 def markdown(data: dict[str, Any]) -> str:
     summ = summarize(data)
-    m, a, st = data["meta"], data["args"], data["settings"]
-    tools = m.get("tools", {})
-    loads = [r["load1"] for r in data["runs"]]
-    lines = [
-        f"Run {m['date']} on {m['nproc']} x {m['cpu_model']} "
-        f"(sha_ni: {'yes' if m['sha_ni'] else 'no'}), {m['mem_gib']} GiB RAM, kernel "
-        f"{m['kernel']}; files on `{m['filesystem']}`; {tools.get('nginx', 'nginx')} "
-        f"(1 worker, sendfile) on 127.0.0.1, {tools.get('curl', 'curl').split(' (')[0]}, "
-        f"requests {tools.get('requests', '?')}; vmstore chunk_size "
-        f"{nfs.fmt_size(st['chunk_size'])}, concurrency {st['concurrency']}"
-        f"{' (defaults)' if not a.get('chunk_size') and not a.get('concurrency') else ''}; "
-        f"requests baseline iter_content({nfs.fmt_size(st['py_chunk'])}). {a['reps']} "
-        f"repetition{'s' if a['reps'] != 1 else ''}, contenders interleaved in a shuffled "
-        "order per repetition, source warm in the page cache and "
-        f"{a.get('prefault_mib', 0)} MiB of free memory prefaulted "
-        f"before each run; 1-min load during runs: median {statistics.median(loads):.2f}, "
-        f"max {max(loads):.2f}. Times in seconds: median [min-max]. CPU s is the client's "
-        "(user + sys, child processes included), nginx CPU s the server's during the run. "
-        "Every output (downloaded file, stored upload, vmstore's sidecar) was hashed after "
-        "the timed part and matched the source's SHA-256 (`curl -o /dev/null`: its byte "
-        "count only).",
-        "",
-        "Contenders: **vmstore download** is given the expected SHA-256, so it verifies, and "
-        "commits with fsync + rename + directory fsync; **requests + hashlib + fsync** streams "
-        "one GET, hashes and writes each block, compares, fsyncs and renames (the same work); "
-        "**curl + sha256sum + sync + mv** is that work with command-line tools; **curl -o** "
-        "writes the file and nothing else (no hash, no fsync: less work than vmstore); "
-        "**curl -o /dev/null** is nginx and loopback alone. **vmstore upload** makes a HEAD, "
-        "hashes the source (native), PUTs it (re-hashed as it is sent), HEADs it and PUTs the "
-        "`.vmstore.json` checksum sidecar nginx needs; **sha256sum + curl -T** is that "
-        "work minus the sidecar, **curl -T** the PUT alone, **requests PUT + hashlib** a hashlib "
-        "pass and a PUT of the open file object. nginx does not fsync uploads, for anyone.",
-        "",
-    ]
-    for scen, rows in summ["table"].items():
-        kind = next(r["kind"] for r in data["runs"] if r["scenario"] == scen)
-        lines += [
-            f"**{scen}** ({nfs.fmt_size(data['files'][kind]['size'])} random)",
-            "",
-            "| contender | time s, median [min-max] | MiB/s | CPU s | nginx CPU s | peak RSS MiB |",
-            "|---|---|---|---|---|---|",
-        ]
-        for cont, e in sorted(rows.items(), key=lambda kv: kv[1]["seconds"]["median"]):
-            s = e["seconds"]
-            if cont == IDLE:
-                lines.append(f"| {cont} | - | - | - | - | {e['maxrss_mib']:.0f} |")
-                continue
-            lines.append(
-                f"| {cont} | {s['median']:.2f} [{s['min']:.2f}-{s['max']:.2f}] | "
-                f"{e['mib_s']:.0f} | {e['cpu_s']:.2f} | {e['server_cpu_s']:.2f} | "
-                f"{e['maxrss_mib']:.0f} |"
-            )
-        staged = []
-        for cont in rows:
-            rs = [r for r in data["runs"] if r["scenario"] == scen and r["contender"] == cont]
-            stages = rs[0].get("stages", {})
-            if len(stages) > 1:  # the command-line combinations: where their time goes
-                medians = (
-                    f"{k} {statistics.median(r['stages'][k] for r in rs):.2f}" for k in stages
-                )
-                staged.append(f"{cont}: " + ", ".join(medians))
-        if staged:
-            lines += ["", "Stages, median s: " + "; ".join(staged) + "."]
-        lines.append("")
-    lines += [
-        "**Ratios** (time of the other contender / vmstore's, so > 1 means vmstore is faster; "
-        "per repetition from contenders run side by side, then median [min-max])",
-        "",
-        "| ratio (target) | median [min-max] | met? |",
-        "|---|---|---|",
-    ]
-    for name, s in summ["ratios"].items():
-        met = target_met(name, s["median"])
-        lines.append(f"| {name} | {s['median']:.2f} [{s['min']:.2f}-{s['max']:.2f}] | {met} |")
+    st, tools = data["settings"], data.get("tools", {})
+    lines = cb.header_lines(data, f"nginx {tools.get('nginx', '')} (1 worker, sendfile, WebDAV)")
     lines += [
         "",
-        f"**vmstore peak RSS** (target: concurrency x chunk_size + 100 MiB = "
-        f"{st['concurrency']} x {nfs.fmt_size(st['chunk_size'])} + 100 MiB = "
-        f"{summ['rss_bound_mib']:.0f} MiB)",
+        f"vmstore: chunk_size {nfs.fmt_size(st['chunk_size'])}, concurrency "
+        f"{st['concurrency']} ({st['from']}); requests {tools.get('requests', '')} "
+        f"(downloads: iter_content({nfs.fmt_size(st['py_block'])})); "
+        f"{tools.get('curl', '').split(' (')[0]}. Wall: the call, timed inside the child after "
+        "imports (whole process for curl); client CPU: user + system of the call (all threads; "
+        "whole process for curl), nginx excluded; read: bytes the client read from storage "
+        "(/proc/self/io read_bytes) per byte of the file; first progress: from the call to the "
+        "first report with done > 0 (requests: the first block read from the file or the "
+        "response; n/a for curl); peak RSS: GNU time %M. Each cell: median [min-max].",
         "",
-        "| file | operation | peak RSS MiB (max over reps) | met? |",
-        "|---|---|---|---|",
     ]
-    for e in summ["memory"]:
-        lines.append(
-            f"| {nfs.fmt_size(e['size'])} | {e['op']} | {e['maxrss_mib']:.0f} | "
-            f"{'yes' if e['ok'] else '**no**'} |"
-        )
-    idle = [rows[IDLE]["maxrss_mib"] for rows in summ["table"].values() if IDLE in rows]
-    if idle:
-        lines += ["", f"Interpreter + vmstore's HTTP backend imported, idle: {idle[0]:.0f} MiB."]
-    reqs = []
-    for scen, rows in summ["table"].items():
-        for op in (VM_DL, VM_UP):
-            if op in rows and rows[op]["server_requests"] and scen.endswith(("download", "upload")):
-                got = ", ".join(f"{k} x{v}" for k, v in rows[op]["server_requests"].items())
-                reqs.append(f"{op}: {got}")
-    if reqs:
+    if data.get("notes"):
+        lines += ["Notes: " + "; ".join(data["notes"]) + ".", ""]
+    if data.get("failures"):
         lines += [
+            "**Failed runs** (not in the tables): "
+            + "; ".join(
+                f"{f['size_name']} {f['direction']} {f['contender']} (rep {f['rep']}): {f['error']}"
+                for f in data["failures"]
+            ),
             "",
-            "**Requests nginx served per vmstore call** (method status x count; the upload's "
-            "second PUT is the `.vmstore.json` sidecar, the download's GET 404 the sidecar "
-            "look-up): " + "; ".join(reqs) + ".",
         ]
+    for sn in cb.size_names(data["runs"]):
+        lines += [f"**{sn} random file, page cache dropped before each run**", ""]
+        lines += [*cb.contender_table(summ["table"], sn), ""]
+    lines += [
+        "**Targets of issue 7** (each ratio computed per repetition from contenders of the same "
+        "repetition, then median [min-max]; speed = the peer's time / vmstore's time; peak RSS "
+        "bound: concurrency x chunk_size + 100 MiB; judged on the median)",
+        "",
+    ]
+    lines += cb.targets_markdown(summ["targets"])
+    flat = [
+        f"{vm}: {f['small']} {f['small_mib']:.0f} MiB -> {f['large']} {f['large_mib']:.0f} MiB "
+        f"({'flat' if f['flat'] else '**not flat**'}: within one chunk, {f['slack_mib']:.0f} MiB)"
+        for vm, f in summ["flat"].items()
+        if f
+    ]
+    if flat:
+        lines += ["", "Peak RSS from the smallest to the largest size: " + "; ".join(flat) + "."]
     return "\n".join(lines) + "\n"
-
-
-def update_doc(doc: Path, text: str) -> None:
-    """Replace the text between the markers; append a section with them when absent."""
-    body = doc.read_text() if doc.exists() else ""
-    if DOC_START in body and DOC_END in body:
-        head, rest = body.split(DOC_START, 1)
-        _, tail = rest.split(DOC_END, 1)
-        doc.write_text(f"{head}{DOC_START}\n{text}{DOC_END}{tail}")
-        return
-    body = body.rstrip("\n") + "\n\n" if body.strip() else ""
-    doc.write_text(f"{body}{DOC_HEADING}\n\n{DOC_START}\n{text}{DOC_END}\n")
 
 
 def main() -> None:
@@ -657,47 +528,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--size", type=nfs.parse_size, default=GiB, help="random file (default 1G)")
-    ap.add_argument(
-        "--rss-size",
-        type=nfs.parse_size,
-        default=4 * GiB,
-        help="larger file for the memory check, vmstore only (default 4G)",
-    )
-    ap.add_argument(
-        "--chunk-size", type=nfs.parse_size, default=None, help="vmstore chunk_size (default: its)"
-    )
-    ap.add_argument("--concurrency", type=int, default=None, help="vmstore concurrency")
-    ap.add_argument(
-        "--py-chunk",
-        type=nfs.parse_size,
-        default=MiB,
-        help="iter_content block of the requests download baseline (default 1M)",
-    )
-    nfs.common_arguments(
-        ap,
-        workdir="/tmp/vmstore-bench-http",
-        workdir_help="nginx's root and config, sources and outputs live here",
-    )
+    cb.common_arguments(ap, "/var/tmp/vmstore-bench-http")
     a = ap.parse_args()
-    if a.rss_size == a.size:
-        # Both files would be rand-<size>.img: the second would overwrite the first.
-        ap.error("--rss-size must differ from --size")
-
-    def run() -> dict[str, Any]:
-        bench = HttpBench(a)
-        try:
-            bench.go()
-        finally:
-            bench.cleanup()
-        return {
-            "settings": bench.settings,
-            "files": bench.files,
-            "expected_sha256": bench.expected,
-            "runs": bench.runs,
-        }
-
-    nfs.run_or_report(a, run, summarize, markdown, update_doc)
+    cb.finish(a, lambda: HttpBench(a).go(), markdown, (DOC_START, DOC_END, DOC_HEADING))
 
 
 if __name__ == "__main__":
