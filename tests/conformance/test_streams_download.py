@@ -2,8 +2,8 @@
 bytes in order as they arrive, nothing is written beside it, and the bytes are verified at the
 end, so a mismatch says that the consumer already has them.
 
-Runs on the network backends (S3 and HTTP share the download pipeline); the NFS backend is
-skipped until it takes stream destinations too.
+Runs on every backend: S3 and HTTP through the shared download pipeline, NFS through its
+own copy.
 """
 
 from __future__ import annotations
@@ -28,11 +28,6 @@ from tests.support import MiB, ProgressRecorder, files_under, random_bytes, sha2
 from .harness import CHUNK, BackendHarness, Capability
 
 
-@pytest.fixture
-def stream_backend(backend: BackendHarness) -> BackendHarness:
-    return backend
-
-
 def _upload(store: Storage, backend: BackendHarness, workdir: Path, data: bytes) -> str:
     source = write_file(workdir / "source" / "disk.img", data)
     up = store.upload(UploadRequest(source_path=str(source), destination_url=backend.url("d")))
@@ -46,14 +41,14 @@ def _state_files(state_dir: Path) -> set[str]:
 
 @pytest.mark.parametrize("size", [0, 3 * MiB + 17], ids=["empty", "several-chunks"])
 def test_a_download_into_a_stream_delivers_the_object_in_order_and_leaves_no_file(
-    stream_backend: BackendHarness,
+    backend: BackendHarness,
     store: Storage,
     workdir: Path,
     private_state_dir: Path,
     size: int,
 ) -> None:
     data = random_bytes(size, seed=size + 70)
-    url = _upload(store, stream_backend, workdir, data)
+    url = _upload(store, backend, workdir, data)
     before = (files_under(workdir), _state_files(private_state_dir))
     sink = io.BytesIO()
     progress = ProgressRecorder()
@@ -72,11 +67,11 @@ def test_a_download_into_a_stream_delivers_the_object_in_order_and_leaves_no_fil
 
 
 def test_a_stream_whose_bytes_differ_from_the_stored_checksum_is_reported_after_delivery(
-    stream_backend: BackendHarness, store: Storage, workdir: Path
+    backend: BackendHarness, store: Storage, workdir: Path
 ) -> None:
-    stream_backend.require(Capability.TAMPER)
-    url = _upload(store, stream_backend, workdir, random_bytes(2 * MiB + 5, seed=71))
-    tampered = stream_backend.tamper("d")
+    backend.require(Capability.TAMPER)
+    url = _upload(store, backend, workdir, random_bytes(2 * MiB + 5, seed=71))
+    tampered = backend.tamper("d")
     sink = io.BytesIO()
 
     with pytest.raises(ChecksumMismatchError) as raised:
@@ -87,12 +82,12 @@ def test_a_stream_whose_bytes_differ_from_the_stored_checksum_is_reported_after_
 
 
 def test_a_consumer_that_goes_away_stops_the_download_with_an_error_naming_the_stream(
-    stream_backend: BackendHarness, store: Storage, workdir: Path
+    backend: BackendHarness, store: Storage, workdir: Path
 ) -> None:
     # A real pipe: its reader takes one chunk and closes, as `head -c` or a dying
     # `qemu-img convert` would; the next write() fails with EPIPE.
     data = random_bytes(64 * CHUNK, seed=72)
-    url = _upload(store, stream_backend, workdir, data)
+    url = _upload(store, backend, workdir, data)
     read_fd, write_fd = os.pipe()
 
     def consumer() -> None:
@@ -111,4 +106,4 @@ def test_a_consumer_that_goes_away_stops_the_download_with_an_error_naming_the_s
         reader.join()
 
     assert f"<stream fd {write_fd}>" in raised.value.message
-    assert stream_backend.read_object("d") == data, "the stored object is untouched"
+    assert backend.read_object("d") == data, "the stored object is untouched"
