@@ -594,6 +594,8 @@ def main() -> None:
     ap.add_argument("--server", choices=("rclone", "seaweedfs", "moto"), default="rclone")
     cb.common_arguments(ap, "/var/tmp/vmstore-bench-s3")
     a = ap.parse_args()
+    if a.report:  # the section of the server the results are from
+        a.server = json.loads(Path(a.report).read_text())["settings"]["server"]
     # one generated section per server in the doc
     tag = "" if a.server == "rclone" else f":{a.server}"
     markers = (

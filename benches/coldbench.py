@@ -59,6 +59,17 @@ KiB, MiB, GiB = nfs.KiB, nfs.MiB, nfs.GiB
 GNU_TIME = "/usr/bin/time"
 DIRECT_ENV = "VMSTORE_BENCH_DIRECT"
 RSS_SLACK = 100 * MiB  # the memory target: concurrency x part size + this
+NATIVE = HERE.parent / "python" / "vmstore" / "_native.abi3.so"
+
+
+def native_id() -> str:
+    """The native core's build (other engineers rebuild it while a run goes on: a run whose
+    records name two builds is not one comparison)."""
+    try:
+        st = NATIVE.stat()
+    except OSError:
+        return ""
+    return f"{st.st_size}:{int(st.st_mtime)}"
 
 
 # --------------------------------------------------------------------------------------
@@ -279,6 +290,7 @@ class ColdRunner:
             "rep": rep,
             "load1": load,
             "cold": err is None,
+            "native": native_id(),
         }
         if c.start:
             c.start()
@@ -304,8 +316,12 @@ class ColdRunner:
         for rep in range(a.reps):
             nfs.log(f"repetition {rep + 1}/{a.reps} (load {os.getloadavg()})")
             order = random.Random(a.seed + rep)
+            smallest = min(s.size for s in specs)
             for spec in specs:
                 cs = self.contenders(spec)
+                if a.large_only and spec.size != smallest:
+                    keep = set(a.large_only.split(","))
+                    cs = [c for c in cs if c.role in keep]
                 order.shuffle(cs)  # a new order each repetition: no fixed neighbours
                 for c in cs:
                     try:
@@ -348,6 +364,11 @@ def common_arguments(ap: Any, workdir: str) -> None:
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--warm", action="store_true", help="do not drop the page cache (debug)")
     ap.add_argument("--only", help="comma-separated roles to run (e.g. vmstore,peer+hash)")
+    ap.add_argument(
+        "--large-only",
+        help="roles to run at every size but the smallest (a shorter run: e.g. "
+        "vmstore,vmstore-direct,peer+hash keeps the RSS-flatness and equal-work figures)",
+    )
     ap.add_argument("--chunk-size", type=nfs.parse_size, default=None)
     ap.add_argument("--concurrency", type=int, default=None)
     ap.add_argument("--out", help="write the results as JSON here")
@@ -590,6 +611,13 @@ def finish(
         meta["load_before"] = os.getloadavg()
         results = run()
         meta["load_after"] = os.getloadavg()
+        builds = sorted({r.get("native", "") for r in results.get("runs", [])})
+        meta["native_builds"] = builds
+        if len(builds) > 1:
+            results.setdefault("notes", []).append(
+                f"the native core was rebuilt during the run ({len(builds)} builds: "
+                "records carry which one)"
+            )
         data = {"meta": meta, "args": dict(vars(a)), **results}
         if a.out:
             Path(a.out).parent.mkdir(parents=True, exist_ok=True)
