@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Protocol, cast
 
 from vmstore import _native
+from vmstore._failure import keeps_partial
 from vmstore._localpath import check_destination_file, stream_label
 from vmstore._oserrors import storage_error_from_oserror
 from vmstore._parts import Chunk, ChunkSet, split
@@ -47,7 +48,6 @@ from vmstore.errors import (
     CancelledError,
     ChecksumMismatchError,
     NetworkError,
-    NotFoundError,
     OperationFailedError,
     StorageError,
 )
@@ -212,11 +212,6 @@ def _remove(path: str) -> None:
         os.remove(path)
 
 
-def _keeps_partial(exc: BaseException) -> bool:
-    """Interruptions keep the partial for a resume; bad data and a full disk do not."""
-    return not isinstance(exc, ChecksumMismatchError | NotFoundError | OperationFailedError)
-
-
 class _ResumedBytesDiffer(Exception):
     """The digest failed after resuming: some reused chunk on disk was not what was sent."""
 
@@ -362,7 +357,7 @@ def _download(
         keep = (
             request.resume
             and obj.supports_ranges
-            and _keeps_partial(exc)
+            and keeps_partial(exc)
             and not isinstance(exc, _ResumedBytesDiffer)
         )
         with contextlib.suppress(Exception):

@@ -1,9 +1,11 @@
 """The one "what does a failure leave?" rule, shared by every pipeline.
 
-An interruption (a dropped connection, a timeout, Ctrl-C, a cancel, a killed callback) keeps
-what was transferred, so the same call can resume; a failure that resuming cannot fix (bytes
-that do not match their checksum, a refusal, a missing object, a full disk, a bad
-configuration) removes it, so nothing stale is left behind to be trusted or paid for.
+An interruption (a dropped connection, a timeout, Ctrl-C, a cancel, a killed callback, and
+credentials that stopped working mid-transfer: renewed, the same call goes on) keeps what was
+transferred, so the same call can resume; a failure that resuming cannot fix (bytes that do
+not match their checksum, a missing object, a full disk or a server's refusal of the request
+itself, a bad configuration) removes it, so nothing stale is left behind to be trusted or paid
+for.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from vmstore.errors import (
     InvalidConfigError,
     NotFoundError,
     OperationFailedError,
-    PermissionDeniedError,
 )
 
 _FINAL = (
@@ -21,7 +22,6 @@ _FINAL = (
     InvalidConfigError,
     NotFoundError,
     OperationFailedError,
-    PermissionDeniedError,
 )
 
 

@@ -44,6 +44,7 @@ from types import TracebackType
 from typing import Protocol, Self
 
 from vmstore import _native
+from vmstore._failure import keeps_partial
 from vmstore._localpath import (
     check_destination_file,
     check_source_file,
@@ -51,7 +52,7 @@ from vmstore._localpath import (
     refuse_non_regular,
     stream_label,
 )
-from vmstore._oserrors import is_disk_full, storage_error_from_oserror
+from vmstore._oserrors import storage_error_from_oserror
 from vmstore._sidecar import MAX_SIDECAR_BYTES, SIDECAR_SUFFIX, Sidecar, SidecarFormatError
 from vmstore.config import StorageConfig
 from vmstore.errors import (
@@ -116,18 +117,6 @@ def _written_for_this_file(sidecar: Sidecar, st: os.stat_result) -> bool:
     if not sidecar.etag:
         return sidecar.size == st.st_size
     return sidecar.etag.split("-", 1)[0] == f"{st.st_ino:x}"
-
-
-def _keeps_partial(exc: BaseException) -> bool:
-    """Whether a partial file is worth keeping for a resume after the transfer failed with exc.
-
-    Kept after an interruption (cancel, a raising progress callback, Ctrl-C, a vanished
-    source); removed when its bytes are known bad (checksum mismatch) or when keeping them
-    is what hurts (a full disk, which the core reports as OperationFailedError).
-    """
-    if isinstance(exc, ChecksumMismatchError | OperationFailedError):
-        return False
-    return not is_disk_full(exc)
 
 
 def _has_content(path: str) -> bool:
@@ -488,7 +477,7 @@ class NfsStorage:
                 before_commit(result, writer.temp_path)
             writer.commit()
         except BaseException as exc:
-            self._abort(writer, keep=resumable and _keeps_partial(exc))
+            self._abort(writer, keep=resumable and keeps_partial(exc))
             if isinstance(exc, OSError):
                 raise storage_error_from_oserror(exc, "copy to", final_path) from exc
             raise
