@@ -252,6 +252,19 @@ def _done_runs(chunks: list[Chunk], done: ChunkSet) -> list[tuple[int, int]]:
     return runs
 
 
+def _writes_direct(directory: str) -> bool:
+    """O_DIRECT for a local disk: the chunks go from memory to the device without a
+    page-cache copy (measured: about 1 CPU-second less per GiB after drop_caches, the
+    page-cache pages' first touch being most of a download's kernel time) and the import does
+    not evict the host's cache. Not on a network filesystem, where O_DIRECT means one
+    synchronous write RPC per block."""
+    try:
+        shared, _kind = _native.is_network_filesystem(directory)
+    except StorageError:
+        return False
+    return not shared
+
+
 def _download(
     obj: RemoteObject,
     reader: ObjectReader,
@@ -274,7 +287,12 @@ def _download(
     state_path = destination + STATE_SUFFIX
     try:
         writer = _native.ChunkWriter(
-            destination, partial, resume=reuse_partial, hash=True, crc=check.crc
+            destination,
+            partial,
+            resume=reuse_partial,
+            hash=True,
+            crc=check.crc,
+            direct=_writes_direct(directory),
         )
     except BlockingIOError as exc:
         raise OperationFailedError(

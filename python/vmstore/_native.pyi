@@ -75,7 +75,12 @@ class ChunkWriter:
         resume: bool = False,
         hash: bool = False,
         crc: tuple[str, ...] | list[str] = (),
+        direct: bool = False,
     ) -> None: ...
+    @property
+    def direct(self) -> bool:
+        """Whether data is written with O_DIRECT (asked for, and the filesystem takes it):
+        no page-cache copy; unaligned heads and tails still go through the cache."""
     @staticmethod
     def for_stream(
         sink: Callable[[Buffer], object], *, crc: tuple[str, ...] | list[str] = ()

@@ -6,6 +6,7 @@
 //! upload's source (source). Errors map onto
 //! the classes of `vmstore.errors` in one place (error).
 
+mod aligned;
 mod buffer;
 mod cancel;
 mod copy;

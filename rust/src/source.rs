@@ -20,6 +20,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes};
 use sha2::{Digest, Sha256};
 
+use crate::aligned::{AlignedBuf, ALIGN};
 use crate::buffer::with_bytes;
 use crate::error::{CoreError, CoreResult, IoContext};
 use crate::hash::{hex_digest, to_hex};
@@ -30,46 +31,6 @@ const POOL_SPARES: usize = 16;
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// O_DIRECT wants buffers, offsets and lengths aligned to the device's logical block size;
-/// 4096 serves every disk (512-byte sectors included).
-const ALIGN: usize = 4096;
-
-/// A part buffer whose bytes start at a 4096-aligned address, with room to read whole blocks.
-struct AlignedBuf {
-    vec: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl AlignedBuf {
-    fn new(mut vec: Vec<u8>, len: usize) -> Self {
-        let room = len.next_multiple_of(ALIGN) + ALIGN;
-        if vec.len() < room {
-            // Only growth is zero-filled: a reused buffer is overwritten by the read anyway.
-            vec.resize(room, 0);
-        }
-        let start = vec.as_ptr().align_offset(ALIGN);
-        // align_offset may give up (usize::MAX); then the buffer is used unaligned and the
-        // reads fall back to the page cache.
-        let start = if start < ALIGN { start } else { 0 };
-        AlignedBuf { vec, start, len }
-    }
-
-    fn aligned(&self) -> bool {
-        (self.vec.as_ptr() as usize + self.start).is_multiple_of(ALIGN)
-    }
-
-    fn bytes(&self) -> &[u8] {
-        &self.vec[self.start..self.start + self.len]
-    }
-
-    /// The part's bytes and the slack after them up to the next block boundary.
-    fn window(&mut self) -> &mut [u8] {
-        let rounded = self.len.next_multiple_of(ALIGN);
-        &mut self.vec[self.start..self.start + rounded]
-    }
 }
 
 /// Part-sized allocations returned by dropped `PartBuffer`s.
