@@ -147,9 +147,34 @@ impl SourcePart {
     }
 }
 
+/// A file source: shared with the read-ahead thread.
+struct FileInput {
+    source: SourceFile,
+    extents: Vec<(u64, u64)>,
+    /// The same file opened with O_DIRECT, when asked for and possible.
+    direct: Option<File>,
+}
+
+impl FileInput {
+    /// Read bytes [offset, offset + len) into `buf`; how many the file still had.
+    fn read(&self, buf: &mut AlignedBuf, offset: u64, len: usize) -> CoreResult<usize> {
+        match self.direct.as_ref().filter(|_| buf.aligned()) {
+            Some(file) => read_direct_span(&self.source, file, &self.extents, offset, buf.window(), len),
+            None => read_file_span(&self.source, None, &self.extents, offset, buf.window(), len),
+        }
+    }
+}
+
+/// The next part, being read on its own thread while the current one is hashed and sent:
+/// O_DIRECT has no kernel readahead, so the pass does its own, one part deep.
+struct ReadAhead {
+    offset: u64,
+    len: usize,
+    handle: std::thread::JoinHandle<(AlignedBuf, CoreResult<usize>)>,
+}
+
 enum Input {
-    /// `direct`: the same file opened with O_DIRECT, when asked for and possible.
-    File { source: SourceFile, extents: Vec<(u64, u64)>, direct: Option<File> },
+    File(Arc<FileInput>),
     Stream { stream: Py<PyAny>, readinto: bool },
 }
 
@@ -163,6 +188,7 @@ struct Pass {
     eof: bool,
     /// Reused for parts that are only hashed (a resumed upload's stored parts).
     scratch: Option<AlignedBuf>,
+    ahead: Option<ReadAhead>,
 }
 
 impl Pass {
@@ -182,7 +208,7 @@ impl Pass {
     }
 
     fn new() -> Self {
-        Pass { sha: Sha256::new(), crc: 0, position: 0, parts: 0, eof: false, scratch: None }
+        Pass { sha: Sha256::new(), crc: 0, position: 0, parts: 0, eof: false, scratch: None, ahead: None }
     }
 }
 
@@ -317,50 +343,80 @@ impl UploadSource {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn file_part(
         &self,
         py: Python<'_>,
-        source: &SourceFile,
-        direct: Option<&File>,
-        extents: &[(u64, u64)],
+        input: &Arc<FileInput>,
         pass: &mut Pass,
         length: u64,
         keep: bool,
     ) -> PyResult<Option<SourcePart>> {
+        let size = input.source.size;
         let offset = pass.position;
-        let len = length.min(source.size.saturating_sub(offset)) as usize;
+        let len = length.min(size.saturating_sub(offset)) as usize;
         if len == 0 {
             pass.eof = true;
             return Ok(None);
         }
-        let mut buf = match (keep, pass.scratch.take()) {
-            (false, Some(old)) => AlignedBuf::new(old.vec, len),
-            _ => self.pool.take(len),
-        };
-        let direct = direct.filter(|_| buf.aligned());
         let part_sha256 = self.part_sha256;
-        let (crc, sha) = py.detach(|| -> CoreResult<(u64, Option<String>)> {
-            let got = match direct {
-                Some(file) => read_direct_span(source, file, extents, offset, buf.window(), len)?,
-                None => read_file_span(source, None, extents, offset, buf.window(), len)?,
+        let pool = &self.pool;
+        let (buf, crc, sha) = py.detach(|| -> CoreResult<(AlignedBuf, u64, Option<String>)> {
+            let ahead = pass.ahead.take();
+            let (buf, got) = match ahead {
+                Some(ahead) if ahead.offset == offset && ahead.len == len => {
+                    let (buf, got) = ahead.handle.join().unwrap_or_else(|_| {
+                        (AlignedBuf::new(Vec::new(), 0), Err(CoreError::InvalidArgument("the read-ahead thread panicked".into())))
+                    });
+                    (buf, got?)
+                }
+                other => {
+                    if let Some(stale) = other {
+                        if let Ok((buf, _)) = stale.handle.join() {
+                            pool.give_back(buf);
+                        }
+                    }
+                    let mut buf = match (keep, pass.scratch.take()) {
+                        (false, Some(old)) => AlignedBuf::new(old.vec, len),
+                        _ => pool.take(len),
+                    };
+                    let got = input.read(&mut buf, offset, len)?;
+                    (buf, got)
+                }
             };
             if got < len {
+                pool.give_back(buf);
                 return Err(CoreError::io(
-                    format!("reading {} at offset {}", source.path.display(), offset + got as u64),
+                    format!("reading {} at offset {}", input.source.path.display(), offset + got as u64),
                     std::io::Error::new(
                         std::io::ErrorKind::UnexpectedEof,
                         format!("the file shrank to {} bytes while being uploaded", offset + got as u64),
                     ),
                 ));
             }
-            Ok(pass.absorb(buf.bytes(), part_sha256))
+            let next = offset + len as u64;
+            if input.direct.is_some() && next < size {
+                let (next_len, input, pool) = ((length.min(size - next)) as usize, Arc::clone(input), Arc::clone(pool));
+                pass.ahead = Some(ReadAhead {
+                    offset: next,
+                    len: next_len,
+                    handle: std::thread::spawn(move || {
+                        let mut buf = pool.take(next_len);
+                        let got = input.read(&mut buf, next, next_len);
+                        (buf, got)
+                    }),
+                });
+            }
+            let (crc, sha) = pass.absorb(buf.bytes(), part_sha256);
+            Ok((buf, crc, sha))
         })?;
         pass.parts += 1;
         let data = if keep {
             Some(Py::new(py, PartBuffer { data: Some(buf), pool: Arc::clone(&self.pool) })?.into_any())
-        } else {
+        } else if pass.scratch.is_none() {
             pass.scratch = Some(buf);
+            None
+        } else {
+            self.pool.give_back(buf);
             None
         };
         Ok(Some(SourcePart { number: pass.parts, offset, length: len as u64, crc64nvme: crc, sha256: sha, data }))
@@ -466,13 +522,13 @@ impl UploadSource {
         })?;
         let size = source.size;
         let name = path.display().to_string();
-        Ok(UploadSource::new(Input::File { source, extents, direct }, name, Some(size), part_sha256))
+        Ok(UploadSource::new(Input::File(Arc::new(FileInput { source, extents, direct })), name, Some(size), part_sha256))
     }
 
     /// Whether the file is read with O_DIRECT.
     #[getter]
     fn direct(&self) -> bool {
-        matches!(&self.input, Input::File { direct: Some(_), .. })
+        matches!(&self.input, Input::File(input) if input.direct.is_some())
     }
 
     /// Read a Python binary stream (``readinto`` when it has one, else ``read``).
@@ -498,9 +554,7 @@ impl UploadSource {
             return Ok(None);
         }
         match &self.input {
-            Input::File { source, extents, direct } => {
-                self.file_part(py, source, direct.as_ref(), extents, &mut pass, length, keep)
-            }
+            Input::File(input) => self.file_part(py, input, &mut pass, length, keep),
             Input::Stream { stream, readinto } => self.stream_part(py, stream, *readinto, &mut pass, length),
         }
     }
