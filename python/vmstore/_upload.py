@@ -79,6 +79,38 @@ class SourcePlan:
     def is_stream(self) -> bool:
         return self.stat is None
 
+    def check_complete(self, size: int) -> None:
+        """Before the commit: the source gave the ``size`` bytes it announced (a file's size, a
+        stream's size hint) and was not written to meanwhile."""
+        if self.size is not None and size != self.size:
+            if self.is_stream:
+                raise InvalidConfigError(
+                    f"the stream held {'more than ' if size > self.size else ''}{size} bytes, "
+                    f"not the {self.size} its size_hint announced; nothing was stored"
+                )
+            raise ChecksumMismatchError(
+                f"{self.name} changed size during the upload; nothing was stored, upload it again"
+            )
+        self.check_unchanged()
+
+    def read_whole(self, first: _native.SourcePart | None = None) -> memoryview:
+        """A source that fits in one part, read now (so its SHA-256 is known before the body
+        goes out); ``first`` is its part when already read."""
+        if first is None and not self.source.exhausted:
+            first = self.source.next_part(max(self.part_size(1), 1))
+        data = part_view(first) if first is not None else memoryview(b"")
+        self.check_complete(len(data))
+        if self.source.next_part(1) is not None:
+            if self.is_stream:
+                raise InvalidConfigError(
+                    f"the stream held more than the {len(data)} bytes its size_hint announced; "
+                    "nothing was stored"
+                )
+            raise ChecksumMismatchError(
+                f"{self.name} grew while being read; nothing was stored, upload it again"
+            )
+        return data
+
     def check_unchanged(self) -> None:
         """Refuse a file that was written to while it was read (a running VM's disk): the
         stored object would be a torn image, even though it matches its checksum."""

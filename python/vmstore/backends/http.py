@@ -718,7 +718,7 @@ class _PipelineBody:
                 following = next(blocks, None)
                 if following is None:
                     # The last block: only a complete, unchanged source gets it sent.
-                    _check_complete(plan, plan.source.position, self._size)
+                    plan.check_complete(plan.source.position)
                 self.sent += len(held)
                 try:
                     self._report(self.sent)
@@ -726,19 +726,6 @@ class _PipelineBody:
                     raise CallbackAbort(exc) from None
                 yield held
                 held = following
-
-
-def _check_complete(plan: SourcePlan, size: int, expected: int | None) -> None:
-    if expected is not None and size != expected:
-        if plan.is_stream:
-            raise InvalidConfigError(
-                f"the stream held {'more' if size > expected else size} bytes, not the "
-                f"{expected} its size_hint announced; nothing was stored"
-            )
-        raise ChecksumMismatchError(
-            f"{plan.name} changed size during the upload; nothing was stored, upload it again"
-        )
-    plan.check_unchanged()
 
 
 # --- the backend --------------------------------------------------------------------------
@@ -1039,13 +1026,7 @@ class HttpStorage:
         if size is not None and size <= self._chunk_size:
             # Small enough to read before the PUT: its checksum goes in the headers, for a
             # server that keeps it itself.
-            first = plan.source.next_part(max(size, 1))
-            data = part_view(first) if first is not None else memoryview(b"")
-            _check_complete(plan, len(data), size)
-            if plan.source.next_part(1) is not None:
-                raise ChecksumMismatchError(
-                    f"{plan.name} grew while being read; nothing was stored, upload it again"
-                )
+            data = plan.read_whole()
             digest = plan.source.sha256()
             reporter.finish(size)  # before the PUT, as every final report precedes the commit
             headers = _upload_headers(size, digest, content_type, metadata)

@@ -890,18 +890,9 @@ class _MultipartUpload:
 
     def _put_single(self, first: _native.SourcePart | None = None) -> UploadResponse:
         """The whole source in one PUT: its SHA-256 is known before it goes out."""
-        source = self.plan.source
-        if first is None and not source.exhausted:
-            first = source.next_part(max(self.plan.part_size(1), 1))
-        data = part_view(first) if first is not None else memoryview(b"")
+        data = self.plan.read_whole(first)
         size = len(data)
-        if source.next_part(1) is not None:
-            raise ChecksumMismatchError(
-                f"{self.plan.name} grew while being read; nothing was stored, upload it again"
-            )
-        self._check_size(size)
-        self.plan.check_unchanged()
-        digest = source.sha256()
+        digest = self.plan.source.sha256()
         if self._cancelled():
             raise CancelledError(f"upload of {self.plan.name} cancelled; nothing was stored")
         # A single PUT is its own commit, so the final report precedes it (as the rename
@@ -927,14 +918,6 @@ class _MultipartUpload:
             self.storage._delete_key(self.storage._companion(self.location), "delete")
         return UploadResponse(url=self.url, checksum=digest, bytes_transferred=size,
                               etag=etag, size=size)
-
-    def _check_size(self, size: int) -> None:
-        hint = self.request.size_hint
-        if self.plan.is_stream and hint is not None and size != hint:
-            raise InvalidConfigError(
-                f"the stream held {size} bytes, not the {hint} its size_hint announced; "
-                "nothing was stored"
-            )
 
     # -- multipart ----------------------------------------------------------------------
 
@@ -1071,12 +1054,7 @@ class _MultipartUpload:
             )
         source = self.plan.source
         size = source.position
-        self._check_size(size)
-        self.plan.check_unchanged()
-        if self.plan.size is not None and size != self.plan.size:
-            raise ChecksumMismatchError(
-                f"{self.plan.name} changed size during the upload; nothing was stored"
-            )
+        self.plan.check_complete(size)
         digest = source.sha256()
         # Reported before Complete, which is the commit: a raising callback stops it.
         self.reporter.finish(size)
