@@ -1117,3 +1117,36 @@ def test_checksum_of_stdin_agrees_with_sha256sum(cli: Cli) -> None:
         "size": len(data),
         "checksum": sha256_bytes(data),
     }
+
+
+def test_gc_removes_old_leftovers_in_the_share_and_keeps_recent_ones(
+    cli: Cli, share: Path, host: Path
+) -> None:
+    state = {"VMSTORE_STATE_DIR": str(host / "state")}
+    (share / "vm-01").mkdir()
+    old = write_file(share / "vm-01" / "disk.img.vmstore-partial-deadhost", b"x" * 4096)
+    week_ago = time.time() - 8 * 86400
+    os.utime(old, (week_ago, week_ago))
+    recent = write_file(share / "vm-01" / "other.img.vmstore-partial-livehost", b"y" * 10)
+    kept = write_file(share / "vm-01" / "done.img", b"z")
+
+    dry = cli.json("gc", "--dry-run", env=state)
+    assert [row["url"] for row in dry["would_remove"]] == ["nfs://vm-01/disk.img"]
+    assert old.exists()
+
+    removed = cli.json("gc", "--older-than", "7d", "nfs://vm-01/", env=state)
+    assert [(r["url"], r["kind"]) for r in removed["removed"]] == [
+        ("nfs://vm-01/disk.img", "upload")
+    ]
+    assert not old.exists() and recent.exists() and kept.exists()
+
+    everything = cli("gc", "--older-than", "0", env=state)
+    assert everything.returncode == EXIT_OK, everything.stderr
+    assert "removed upload nfs://vm-01/other.img" in everything.stdout
+    assert not recent.exists() and kept.exists()
+
+
+def test_gc_refuses_an_age_it_cannot_read(cli: Cli) -> None:
+    result = cli("gc", "--older-than", "a while")
+    assert result.returncode == EXIT_USAGE
+    assert "not an age" in result.stderr

@@ -29,6 +29,7 @@ from vmstore.models import (
     DownloadRequest,
     DownloadResponse,
     FileMetadata,
+    IncompleteTransfer,
     UploadRequest,
     UploadResponse,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "DownloadResponse",
     "ErrorType",
     "FileMetadata",
+    "IncompleteTransfer",
     "InvalidConfigError",
     "NetworkError",
     "NotFoundError",

@@ -40,6 +40,7 @@ from typing import Protocol, cast
 
 from vmstore import _native
 from vmstore._failure import keeps_partial
+from vmstore._incomplete import forget_download, record_download
 from vmstore._localpath import check_destination_file, stream_label
 from vmstore._oserrors import storage_error_from_oserror
 from vmstore._parts import Chunk, ChunkSet, split
@@ -299,6 +300,8 @@ def _download(
             f"another download to {destination} is in progress (its partial file is locked); "
             "wait for it or choose another destination"
         ) from exc
+    # Recorded before any byte is written: a killed download's partial is still found by gc.
+    record_download(obj.url, partial, state_path)
 
     chunk_size = settings.chunk_size if obj.supports_ranges else max(obj.size, 1)
     chunks = split(obj.size, chunk_size)
@@ -371,6 +374,7 @@ def _download(
         reporter.finish(obj.size)
         writer.commit()
         _remove(state_path)
+        forget_download(partial)
     except BaseException as exc:
         keep = (
             request.resume
@@ -386,6 +390,7 @@ def _download(
             log.info("kept %s for a later resume", partial)
         else:
             _remove(state_path)
+            forget_download(partial)
         raise
     return DownloadResponse(
         checksum=digest,

@@ -43,6 +43,7 @@ import dataclasses
 import inspect
 import threading
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -53,6 +54,7 @@ from vmstore.models import (
     DownloadRequest,
     DownloadResponse,
     FileMetadata,
+    IncompleteTransfer,
     ProgressCallback,
     UploadRequest,
     UploadResponse,
@@ -203,6 +205,16 @@ class AsyncStorage:
         """Raise InvalidConfigError (or PermissionDeniedError) unless this backend can use url."""
         store = await self._store()
         await self._call(store.validate_url, url)
+
+    async def list_incomplete(self, prefix: str = "") -> list[IncompleteTransfer]:
+        """What interrupted transfers under ``prefix`` left (see Storage.list_incomplete)."""
+        store = await self._store()
+        return await self._call(store.list_incomplete, prefix)
+
+    async def cleanup_incomplete(self, older_than: float | timedelta) -> list[IncompleteTransfer]:
+        """Remove abandoned leftovers (see Storage.cleanup_incomplete); returns what went."""
+        store = await self._store()
+        return await self._submit(store.cleanup_incomplete, older_than)
 
     # --- how calls cross to the worker threads -----------------------------------------------
 

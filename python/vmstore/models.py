@@ -263,3 +263,19 @@ class FileMetadata:
     last_modified: datetime
     content_type: str = DEFAULT_CONTENT_TYPE
     custom_metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class IncompleteTransfer:
+    """Something an interrupted transfer left behind (see ``Storage.list_incomplete``).
+
+    ``kind`` is "upload" or "download"; ``location`` is where it is: an S3 UploadId, a
+    partial file inside an NFS share, or a download's partial file on this host;
+    ``bytes_done`` what it holds; ``modified`` (aware UTC) when it last changed.
+    """
+
+    url: str
+    kind: str
+    location: str
+    bytes_done: int
+    modified: datetime

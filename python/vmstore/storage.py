@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
 
@@ -18,6 +19,7 @@ from vmstore.models import (
     DownloadRequest,
     DownloadResponse,
     FileMetadata,
+    IncompleteTransfer,
     UploadRequest,
     UploadResponse,
 )
@@ -45,6 +47,16 @@ class Storage(Protocol):
 
     def delete(self, url: str) -> None:
         """Remove an object; a missing one is not an error, so cleanup can be repeated."""
+        ...
+
+    def list_incomplete(self, prefix: str = "") -> list[IncompleteTransfer]:
+        """What interrupted transfers under the URL prefix left: open multipart uploads,
+        partial files in the share, and the partials of downloads this host started."""
+        ...
+
+    def cleanup_incomplete(self, older_than: float | timedelta) -> list[IncompleteTransfer]:
+        """Remove what ``list_incomplete()`` finds that has not changed for ``older_than``
+        (seconds or a timedelta; 0: everything not in use); returns what was removed."""
         ...
 
     def validate_url(self, url: str) -> None:

@@ -43,7 +43,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self, TypeVar
 from urllib.parse import quote, unquote, urljoin, urlsplit, urlunsplit
@@ -54,6 +54,7 @@ import requests.auth
 import urllib3.exceptions
 
 from vmstore._download import DownloadSettings, RemoteObject, download_object
+from vmstore._incomplete import cutoff, known_downloads, remove_download
 from vmstore._oserrors import storage_error_from_oserror
 from vmstore._retry import RetryableError, RetryPolicy
 from vmstore._sidecar import SIDECAR_SUFFIX, Sidecar, SidecarFormatError
@@ -84,6 +85,7 @@ from vmstore.models import (
     DownloadRequest,
     DownloadResponse,
     FileMetadata,
+    IncompleteTransfer,
     UploadRequest,
     UploadResponse,
     normalize_custom_metadata,
@@ -903,6 +905,30 @@ class HttpStorage:
         url = self._url(url)
         self._delete_one(url, "delete")
         self._delete_one(_with_path_suffix(url, SIDECAR_SUFFIX), "delete the sidecar of")
+
+    # -- what interrupted transfers left -------------------------------------------------
+
+    def _owns(self, url: str) -> bool:
+        try:
+            self._url(url)
+        except StorageError:
+            return False
+        return True
+
+    def list_incomplete(self, prefix: str = "") -> list[IncompleteTransfer]:
+        """HTTP keeps nothing of an unfinished PUT (it has no partial upload), so only the
+        partials of downloads this host started from URLs under ``prefix``."""
+        # A prefix may end in "/" (a directory): parsed as a file's URL one character longer.
+        base = _display(self._url(prefix + "_"))[:-1] if prefix else ""
+        return known_downloads(base, owns=self._owns if not prefix else None)
+
+    def cleanup_incomplete(self, older_than: float | timedelta) -> list[IncompleteTransfer]:
+        before = cutoff(older_than)
+        return [
+            transfer
+            for transfer in self.list_incomplete()
+            if transfer.modified <= before and remove_download(transfer)
+        ]
 
     # -- download -------------------------------------------------------------------------
 

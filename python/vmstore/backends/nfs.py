@@ -39,12 +39,20 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Protocol, Self
 
 from vmstore import _native
 from vmstore._failure import keeps_partial
+from vmstore._incomplete import (
+    cutoff,
+    forget_download,
+    known_downloads,
+    record_download,
+    remove_download,
+    remove_file,
+)
 from vmstore._localpath import (
     check_destination_file,
     check_source_file,
@@ -69,6 +77,7 @@ from vmstore.models import (
     DownloadRequest,
     DownloadResponse,
     FileMetadata,
+    IncompleteTransfer,
     ProgressCallback,
     ReadableStream,
     UploadRequest,
@@ -347,17 +356,22 @@ class NfsStorage:
             "downloading %s (%d bytes) to %s", target.url, source_stat.st_size, destination_path
         )
         started = time.monotonic()
+        partial_path = destination_path + PARTIAL_SUFFIX
+        # Recorded before the copy starts, so gc finds the partial even of a killed download
+        # (a record whose partial is gone is dropped when listed).
+        record_download(target.url, partial_path, None)
         result = self._copy(
             target.path,
             source_label=target.url,
             final_path=destination_path,
-            partial_path=destination_path + PARTIAL_SUFFIX,
+            partial_path=partial_path,
             resume=request.resume,
             progress_callback=request.progress_callback,
             cancel=request.cancel,
             expected_sha256=expected_sha256,
             before_commit=None,
         )
+        forget_download(partial_path)
         self._log_done("downloaded", target.url, result, started)
         return DownloadResponse(
             checksum=result.sha256,
@@ -415,6 +429,63 @@ class NfsStorage:
 
     def validate_url(self, url: str) -> None:
         self._resolve(url)
+
+    # --- what interrupted transfers left ------------------------------------------------
+
+    def list_incomplete(self, prefix: str = "") -> list[IncompleteTransfer]:
+        """Partial and temp files of uploads inside the share under ``prefix`` (any host's),
+        and the partials of downloads from it that this host started."""
+        self._check_open()
+        root = self._mount_real if not prefix else self._resolve(prefix).path
+        base, start = (root, "") if os.path.isdir(root) else os.path.split(root)
+        found = []
+        for directory, _dirs, names in os.walk(base):
+            for name in names:
+                path = os.path.join(directory, name)
+                if not path.startswith(os.path.join(base, start)) or not _RESERVED_NAME.search(
+                    name
+                ):
+                    continue
+                if name.endswith(SIDECAR_SUFFIX):
+                    continue  # a committed file's sidecar, not a leftover
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    continue
+                data_name = re.split(
+                    f"{re.escape(SIDECAR_SUFFIX)}|{re.escape(PARTIAL_SUFFIX)}|{re.escape(TEMP_MARKER)}",
+                    name,
+                )[0]
+                relative = os.path.relpath(os.path.join(directory, data_name), self._mount_real)
+                found.append(
+                    IncompleteTransfer(
+                        url=nfs_url(relative),
+                        kind="upload",
+                        location=path,
+                        bytes_done=st.st_size,
+                        modified=datetime.fromtimestamp(st.st_mtime, UTC),
+                    )
+                )
+        prefix_url = nfs_url(os.path.relpath(root, self._mount_real)) if prefix else "nfs://"
+        downloads = known_downloads(prefix_url.removesuffix("."))
+        return sorted(found + downloads, key=lambda t: (t.url, t.kind, t.location))
+
+    def cleanup_incomplete(self, older_than: float | timedelta) -> list[IncompleteTransfer]:
+        """Remove the leftovers ``list_incomplete()`` finds that are older than the cutoff and
+        that no running transfer holds (its flock); returns what went."""
+        before = cutoff(older_than)
+        removed = []
+        for transfer in self.list_incomplete():
+            if transfer.modified > before:
+                continue
+            gone = (
+                remove_download(transfer)
+                if transfer.kind == "download"
+                else remove_file(transfer.location)
+            )
+            if gone:
+                removed.append(transfer)
+        return removed
 
     def close(self) -> None:
         self._closed = True

@@ -23,7 +23,7 @@ import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self, cast
 
@@ -34,6 +34,7 @@ import botocore.exceptions
 from vmstore import _native
 from vmstore._download import DownloadSettings, RemoteObject, S3Checksum, download_object
 from vmstore._failure import keeps_partial
+from vmstore._incomplete import cutoff, known_downloads, remove_download, state_dir
 from vmstore._oserrors import storage_error_from_oserror
 from vmstore._retry import RetryableError, RetryPolicy
 from vmstore._sidecar import MAX_SIDECAR_BYTES, SIDECAR_SUFFIX, Sidecar, SidecarFormatError
@@ -67,6 +68,7 @@ from vmstore.models import (
     DownloadRequest,
     DownloadResponse,
     FileMetadata,
+    IncompleteTransfer,
     UploadRequest,
     UploadResponse,
     normalize_custom_metadata,
@@ -225,13 +227,7 @@ def _lower_metadata(metadata: dict[str, str]) -> dict[str, str]:
 
 
 def _state_dir() -> str:
-    configured = os.environ.get("VMSTORE_STATE_DIR")
-    if configured:
-        return configured
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(
-        os.path.expanduser("~"), ".local", "state"
-    )
-    return os.path.join(base, "vmstore")
+    return state_dir()
 
 
 UPLOAD_TOKEN_KEY = "vmstore-upload"
@@ -733,6 +729,110 @@ class S3Storage:
         for path in _state_files_for(location):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
+
+    # -- what interrupted transfers left -------------------------------------------------
+
+    def _prefix_location(self, prefix: str) -> S3Location:
+        """Bucket and key prefix of a URL prefix ("" = the configured bucket, every key)."""
+        if not prefix or prefix == "/":
+            if not self._config.bucket:
+                raise InvalidConfigError(
+                    "a prefix naming the bucket is needed (s3://bucket/prefix): no bucket is "
+                    "configured"
+                )
+            return S3Location(self._config.bucket, "")
+        # A prefix is a URL that may end in "/" (a "directory"): parsed as the URL of an object
+        # named with one more character, which is then taken off the key.
+        location = self._location(prefix + "_")
+        return S3Location(location.bucket, location.key[:-1])
+
+    def _open_uploads_under(self, where: S3Location) -> list[IncompleteTransfer]:
+        found = []
+        kwargs: dict[str, Any] = {"Bucket": where.bucket, "Prefix": where.key}
+        while True:
+            response = self._call(
+                "list unfinished uploads under",
+                where,
+                self._client.list_multipart_uploads,
+                **kwargs,
+            )
+            for upload in response.get("Uploads", []):
+                location = S3Location(where.bucket, str(upload["Key"]))
+                upload_id = str(upload["UploadId"])
+                stored, last_part = self._stored_parts(location, upload_id)
+                # Its last part, not its start: a 200 GB upload started a week ago may still
+                # be running (and moto reports every upload as started in 2010).
+                modified = max(_aware(upload.get("Initiated")), last_part)
+                found.append(
+                    IncompleteTransfer(
+                        url=s3_url(location),
+                        kind="upload",
+                        location=upload_id,
+                        bytes_done=stored,
+                        modified=modified,
+                    )
+                )
+            if not response.get("IsTruncated"):
+                return found
+            kwargs["KeyMarker"] = response.get("NextKeyMarker", "")
+            kwargs["UploadIdMarker"] = response.get("NextUploadIdMarker", "")
+
+    def _stored_parts(self, location: S3Location, upload_id: str) -> tuple[int, datetime]:
+        """Bytes an open upload holds, and when its last part was stored."""
+        total, marker, latest = 0, 0, datetime.min.replace(tzinfo=UTC)
+        try:
+            while True:
+                response = self._call(
+                    "list the parts of",
+                    location,
+                    self._client.list_parts,
+                    Bucket=location.bucket,
+                    Key=location.key,
+                    UploadId=upload_id,
+                    PartNumberMarker=marker,
+                )
+                for part in response.get("Parts", []):
+                    total += int(part.get("Size", 0))
+                    latest = max(latest, _aware(part.get("LastModified")))
+                if not response.get("IsTruncated"):
+                    return total, latest
+                marker = int(response.get("NextPartNumberMarker", 0))
+        except StorageError:
+            return total, latest
+
+    def list_incomplete(self, prefix: str = "") -> list[IncompleteTransfer]:
+        where = self._prefix_location(prefix)
+        uploads = self._open_uploads_under(where)
+        downloads = known_downloads(s3_url(where))
+        return sorted(uploads + downloads, key=lambda t: (t.url, t.kind, t.location))
+
+    def cleanup_incomplete(self, older_than: float | timedelta) -> list[IncompleteTransfer]:
+        """Abort unfinished multipart uploads started before the cutoff (in the configured
+        bucket) and remove this host's stale download partials; returns what went."""
+        before = cutoff(older_than)
+        removed = []
+        for transfer in self.list_incomplete():
+            if transfer.modified > before:
+                continue
+            if transfer.kind == "download":
+                if remove_download(transfer):
+                    removed.append(transfer)
+                continue
+            location = self._location(transfer.url)
+            with contextlib.suppress(NotFoundError):  # finished or aborted meanwhile
+                self._call(
+                    "abort an unfinished upload to",
+                    location,
+                    self._client.abort_multipart_upload,
+                    Bucket=location.bucket,
+                    Key=location.key,
+                    UploadId=transfer.location,
+                )
+            for path in _state_files_for(location):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+            removed.append(transfer)
+        return removed
 
     # -- download -------------------------------------------------------------------------
 
@@ -1275,6 +1375,13 @@ class _FirstThen:
         if self._first is not None:
             yield self._first
         yield from self._feed
+
+
+def _aware(moment: object) -> datetime:
+    """A timestamp from boto3 as aware UTC (the epoch's start when absent)."""
+    if not isinstance(moment, datetime):
+        return datetime.min.replace(tzinfo=UTC)
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC)
 
 
 def _s3_checksum(head: dict[str, Any]) -> S3Checksum | None:

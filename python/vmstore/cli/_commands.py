@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import BinaryIO, cast
 
 from vmstore import _native
@@ -329,6 +330,42 @@ def run_rm(run: Invocation) -> int:
     return 0
 
 
+def run_gc(run: Invocation) -> int:
+    args = run.args
+    # No prefix: the backend comes from --type / VMSTORE_TYPE (there is no URL to read it from).
+    with open_storage(args, args.prefix, run.origins) as store:
+        if args.dry_run:
+            found = store.list_incomplete(args.prefix)
+            cutoff = datetime.now(UTC) - timedelta(seconds=args.older_than)
+            chosen = [t for t in found if t.modified <= cutoff]
+        else:
+            chosen = store.cleanup_incomplete(args.older_than)
+            if args.prefix:
+                chosen = [t for t in chosen if t.url.startswith(args.prefix.rstrip("/"))]
+    rows = [
+        {
+            "url": t.url,
+            "kind": t.kind,
+            "location": t.location,
+            "bytes_done": t.bytes_done,
+            "modified": t.modified.isoformat(),
+        }
+        for t in chosen
+    ]
+    if run.console.json_result:
+        run.console.result({"removed" if not args.dry_run else "would_remove": rows})
+    else:
+        verb = "would remove" if args.dry_run else "removed"
+        for row in rows:
+            run.console.text(
+                f"{verb} {row['kind']} {row['url']} ({row['location']}, "
+                f"{row['bytes_done']} bytes)"
+            )
+        if not rows:
+            run.console.text(f"nothing to remove older than {args.older_than:g} s")
+    return 0
+
+
 def run_checksum(run: Invocation) -> int:
     name = run.args.file
     from_stdin = name == STREAM
@@ -404,5 +441,6 @@ HANDLERS: dict[str, Callable[[Invocation], int]] = {
     "download": run_download,
     "stat": run_stat,
     "rm": run_rm,
+    "gc": run_gc,
     "checksum": run_checksum,
 }

@@ -320,6 +320,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     remove.add_argument("url", metavar="URL", help="object to delete")
 
+    gc = _add_command(
+        commands,
+        "gc",
+        "remove what interrupted transfers left: unfinished multipart uploads, partial files "
+        "in the share, this host's download partials",
+        "vmstore gc --older-than 7d s3://vm-exports/",
+    )
+    gc.add_argument(
+        "prefix",
+        metavar="PREFIX",
+        nargs="?",
+        default="",
+        help="only under this URL prefix (default: the whole store)",
+    )
+    gc.add_argument(
+        "--older-than",
+        metavar="AGE",
+        default="7d",
+        type=parse_age,
+        help="only what has not changed for AGE: 30m, 12h, 7d, or 0 for everything not in use "
+        "(default 7d)",
+    )
+    gc.add_argument(
+        "--dry-run", action="store_true", help="list what would be removed, remove nothing"
+    )
+
     checksum = _add_command(
         commands,
         "checksum",
@@ -329,6 +355,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     checksum.add_argument("file", metavar="FILE", help="local file to hash; - for stdin")
     return parser
+
+
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_age(text: str) -> float:
+    """'30m', '12h', '7d', '2w', '90s' or '0' as seconds (argparse type)."""
+    value = text.strip().lower()
+    unit = value[-1:] if value[-1:] in _AGE_UNITS else "s"
+    number = value[:-1] if value[-1:] in _AGE_UNITS else value
+    try:
+        seconds = float(number) * _AGE_UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not an age: {text!r} (examples: 30m, 12h, 7d, 0)"
+        ) from None
+    if not 0 <= seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"not an age: {text!r} (it must be 0 or more)")
+    return seconds
 
 
 def _version() -> str:
