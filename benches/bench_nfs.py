@@ -725,7 +725,9 @@ class Bench:
         plan = [(f"{self.files[k]['name']}", k, "prefault") for k in kinds]
         if a.fresh:
             plan.insert(1, (f"{self.files['rand']['name']}-freshmem", "rand", "fresh"))
-        if a.cold:
+        if a.cold_only:
+            plan = []  # only the cold scenario below (issue 7: the way a migration host runs)
+        if a.cold or a.cold_only:
             if drop_caches():
                 plan.append((f"{self.files['rand']['name']}-cold", "rand", "cold"))
             else:
@@ -1097,6 +1099,9 @@ def main() -> None:
     )
     ap.add_argument(
         "--cold", action="store_true", help="add a cold-cache scenario (drops caches; root)"
+    )
+    ap.add_argument(
+        "--cold-only", action="store_true", help="run the cold-cache scenario alone (root)"
     )
     ap.add_argument(
         "--no-fresh",
