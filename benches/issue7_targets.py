@@ -4,7 +4,7 @@ bench_http.py (nginx): one row per target and size, one column per server, each 
 median [min-max] of the per-repetition values and whether the target is met (on the median).
 
   python benches/issue7_targets.py --s3 benches/results/s3-cold-DATE.json \\
-      --seaweedfs benches/results/s3-seaweedfs-cold-DATE.json \\
+      --seaweedfs benches/results/s3-seaweedfs-cold-DATE.json [--seaweedfs ANOTHER-SIZE.json] \\
       --http benches/results/http-cold-DATE.json [--update-doc docs/BENCHMARKS.md]
 """
 
@@ -99,14 +99,27 @@ def table(s3: Any, sw: Any, http: Any) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--s3")
-    ap.add_argument("--seaweedfs")
-    ap.add_argument("--http")
+    # each repeatable: results of several runs of one server (e.g. a 1 GiB and a 4 GiB run)
+    # are merged; ratios stay within a run, since they pair contenders of one repetition
+    # and size, and sizes do not repeat across the merged runs
+    ap.add_argument("--s3", action="append")
+    ap.add_argument("--seaweedfs", action="append")
+    ap.add_argument("--http", action="append")
     ap.add_argument("--update-doc")
     a = ap.parse_args()
 
-    def load(p: str | None) -> Any:
-        return json.loads(Path(p).read_text()) if p else None
+    def load(paths: list[str] | None) -> Any:
+        if not paths:
+            return None
+        merged: dict[str, Any] = json.loads(Path(paths[0]).read_text())
+        for p in paths[1:]:
+            more = json.loads(Path(p).read_text())
+            sizes = set(cb.size_names(merged["runs"]))
+            if sizes & set(cb.size_names(more["runs"])):
+                raise SystemExit(f"{p}: a size already in {paths[0]}; merge runs of other sizes")
+            merged["runs"] += more["runs"]
+            merged["files"].update(more["files"])
+        return merged
 
     text = table(load(a.s3), load(a.seaweedfs), load(a.http))
     print(text)
