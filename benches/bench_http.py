@@ -461,8 +461,11 @@ class HttpBench:
             if not self.args.keep:
                 shutil.rmtree(self.srv, ignore_errors=True)
                 shutil.rmtree(self.out, ignore_errors=True)
+                nfs.rm(self.header_file)  # it holds the token
                 if not self.args.reuse:
                     shutil.rmtree(self.src_dir, ignore_errors=True)
+                    with contextlib.suppress(OSError):
+                        os.rmdir(self.work)
         binary = shutil.which("nginx") or "/usr/sbin/nginx"
         v = subprocess.run([binary, "-v"], capture_output=True, text=True, check=False)
         import requests
