@@ -583,24 +583,7 @@ def markdown(data: dict[str, Any]) -> str:
             ),
             "",
         ]
-    for sn in cb.size_names(data["runs"]):
-        lines += [f"**{sn} random file, page cache dropped before each run**", ""]
-        lines += [*cb.contender_table(summ["table"], sn), ""]
-    lines += [
-        "**Targets of issue 7** (each ratio computed per repetition from contenders of the same "
-        "repetition, then median [min-max]; speed = the peer's time / vmstore's time; peak RSS "
-        "bound: concurrency x part size + 100 MiB; judged on the median)",
-        "",
-    ]
-    lines += cb.targets_markdown(summ["targets"])
-    flat = [
-        f"{vm}: {f['small']} {f['small_mib']:.0f} MiB -> {f['large']} {f['large_mib']:.0f} MiB "
-        f"({'flat' if f['flat'] else '**not flat**'}: within one part, {f['slack_mib']:.0f} MiB)"
-        for vm, f in summ["flat"].items()
-        if f
-    ]
-    if flat:
-        lines += ["", "Peak RSS from the smallest to the largest size: " + "; ".join(flat) + "."]
+    lines += cb.results_sections(data, summ, "part", "concurrency x part size")
     return "\n".join(lines) + "\n"
 
 

@@ -665,6 +665,35 @@ def targets_markdown(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def results_sections(
+    data: dict[str, Any], summ: dict[str, Any], unit: str, bound: str
+) -> list[str]:
+    """The report's per-size contender tables, its issue 7 targets and the RSS flatness line,
+    the same for every network bench; ``unit`` names what a transfer moves at a time ("part",
+    "chunk") and ``bound`` how its memory bound is written."""
+    lines: list[str] = []
+    for sn in size_names(data["runs"]):
+        lines += [f"**{sn} random file, page cache dropped before each run**", ""]
+        lines += [*contender_table(summ["table"], sn), ""]
+    lines += [
+        "**Targets of issue 7** (each ratio computed per repetition from contenders of the same "
+        "repetition, then median [min-max]; speed = the peer's time / vmstore's time; peak RSS "
+        f"bound: {bound} + 100 MiB; judged on the median)",
+        "",
+    ]
+    lines += targets_markdown(summ["targets"])
+    flat = [
+        f"{vm}: {f['small']} {f['small_mib']:.0f} MiB -> {f['large']} {f['large_mib']:.0f} MiB "
+        f"({'flat' if f['flat'] else '**not flat**'}: within one {unit}, "
+        f"{f['slack_mib']:.0f} MiB)"
+        for vm, f in summ["flat"].items()
+        if f
+    ]
+    if flat:
+        lines += ["", "Peak RSS from the smallest to the largest size: " + "; ".join(flat) + "."]
+    return lines
+
+
 def update_doc(doc: Path, start: str, end: str, heading: str, text: str) -> None:
     """Replace the text between the markers; append a section with them if absent."""
     body = doc.read_text() if doc.exists() else ""
