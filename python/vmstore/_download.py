@@ -19,6 +19,13 @@ A stream destination (``DownloadRequest.destination_stream``) gets the bytes str
 order, from the same in-order pass (no partial file, no state file, so no resume), and is
 verified at the end: by then the consumer has the bytes, which a mismatch error says.
 
+An encoded object (compressed and/or encrypted, ``RemoteObject.encoding``: docs/FORMAT.md) is
+fetched the same way with frames for chunks: each frame's stored range is read, decoded by the
+native FrameCodec (GIL released) and written at its plain offset, so sizes, progress, the
+digest and the resume state are all the image's; a resume continues frame by frame. The key
+is checked against the record before anything is opened; a frame that does not decode is a
+ChecksumMismatchError and nothing is committed.
+
 What is verified: ``expected_checksum``, else the SHA-256 the store keeps, else an S3
 full-object checksum another tool's upload left (CRC64NVME, CRC32C, CRC32 from the same
 pass; SHA256 from the SHA-256), else nothing (logged).
@@ -30,6 +37,7 @@ import base64
 import binascii
 import concurrent.futures as cf
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -39,6 +47,7 @@ from dataclasses import dataclass
 from typing import Protocol, cast
 
 from vmstore import _native
+from vmstore._codec import Encoding, Frame, decoder_for
 from vmstore._failure import keeps_partial
 from vmstore._incomplete import forget_download, record_download
 from vmstore._localpath import check_destination_file, stream_label
@@ -104,6 +113,9 @@ class RemoteObject:
     supports_ranges: bool = True
     s3_checksum: S3Checksum | None = None
     """The S3 full-object checksum, checked when no SHA-256 is known."""
+    encoding: Encoding | None = None
+    """The frame record of a compressed or encrypted object: ``size`` is then the image's
+    (plain) size, and the reader is asked for the frames' stored ranges."""
 
 
 class ObjectReader(Protocol):
@@ -129,6 +141,8 @@ class DownloadSettings:
     concurrency: int
     retry: RetryPolicy
     classify: Callable[[BaseException], RetryableError | None]
+    encryption_key: bytes | None = None
+    """The store's key, for encrypted objects (never logged, never in the resume state)."""
 
 
 @dataclass(frozen=True)
@@ -230,14 +244,45 @@ def download_object(
     can lose or garble what the page cache held): it starts over once from zero before a
     mismatch is reported, so only the source's own bytes can fail verification.
     """
+    frames: _Frames | None = None
+    if obj.encoding is not None:
+        # Refused now, before the destination is touched: no key, the wrong key.
+        frames = _Frames(obj.encoding, decoder_for(obj.encoding, settings.encryption_key, obj.url))
+        if obj.size != obj.encoding.plain_size:
+            raise AssertionError("an encoded RemoteObject's size is its plain size")
+        # S3's own checksums and ETag describe the stored frames, not the image.
+        obj = dataclasses.replace(obj, s3_checksum=None)
     check = _choose_check(obj, request)
     if request.destination_stream is not None:
-        return _download_to_stream(obj, reader, request, settings, check)
+        return _download_to_stream(obj, reader, request, settings, check, frames)
     try:
-        return _download(obj, reader, request, settings, check, reuse_partial=request.resume)
+        return _download(
+            obj, reader, request, settings, check, frames, reuse_partial=request.resume
+        )
     except _ResumedBytesDiffer:
         log.warning("resumed download of %s failed verification; starting over", obj.url)
-        return _download(obj, reader, request, settings, check, reuse_partial=False)
+        return _download(obj, reader, request, settings, check, frames, reuse_partial=False)
+
+
+class _Frames:
+    """An encoded object's frames and the decoder for them: the chunks of its download."""
+
+    def __init__(self, encoding: Encoding, decoder: _native.FrameCodec) -> None:
+        self.encoding = encoding
+        self.decoder = decoder
+        self.by_number: dict[int, Frame] = {f.number: f for f in encoding.frame_list()}
+
+    def chunks(self) -> list[Chunk]:
+        return [Chunk(f.number, f.plain_offset, f.plain_length) for f in self.by_number.values()]
+
+    def decode(self, frame: Frame, data: object) -> bytes:
+        return self.decoder.decode(
+            data, frame.index, frame.plain_offset, frame.plain_length, frame.last
+        )
+
+
+def _chunks_for(obj: RemoteObject, chunk_size: int, frames: _Frames | None) -> list[Chunk]:
+    return frames.chunks() if frames is not None else split(obj.size, chunk_size)
 
 
 def _done_runs(chunks: list[Chunk], done: ChunkSet) -> list[tuple[int, int]]:
@@ -272,6 +317,7 @@ def _download(
     request: DownloadRequest,
     settings: DownloadSettings,
     check: _Check,
+    frames: _Frames | None,
     *,
     reuse_partial: bool,
 ) -> DownloadResponse:
@@ -304,7 +350,7 @@ def _download(
     record_download(obj.url, partial, state_path)
 
     chunk_size = settings.chunk_size if obj.supports_ranges else max(obj.size, 1)
-    chunks = split(obj.size, chunk_size)
+    chunks = _chunks_for(obj, chunk_size, frames)
     done = ChunkSet()
     state: dict[str, object] = {
         "version": STATE_VERSION,
@@ -314,11 +360,14 @@ def _download(
         "chunk_size": chunk_size,
         "done": [],
     }
+    if frames is not None:
+        # Chunks are frames: the same record means the same frames (the record is public).
+        state["encoding"] = frames.encoding.identity()
     if reuse_partial and obj.etag and obj.supports_ranges:
         previous = _load_state(state_path)
         same = previous is not None and all(
             previous.get(key) == state[key]
-            for key in ("version", "url", "etag", "size", "chunk_size")
+            for key in ("version", "url", "etag", "size", "chunk_size", "encoding")
         )
         if previous is not None and same:
             # A chunk past the partial's end was lost (e.g. truncated by a crash).
@@ -355,7 +404,9 @@ def _download(
         reporter(resumed_bytes, obj.size)
         todo = [chunk for chunk in chunks if chunk.number not in done]
         if obj.supports_ranges:
-            _fetch_ranges(todo, reader, writer, settings, request, reporter, landed)
+            _fetch_ranges(todo, reader, writer, settings, request, reporter, landed, frames)
+        elif frames is not None:
+            _fetch_stream_frames(obj, reader, writer, request, reporter, settings, frames)
         else:
             _fetch_stream(obj, reader, writer, request, reporter, settings)
 
@@ -451,6 +502,7 @@ def _download_to_stream(
     request: DownloadRequest,
     settings: DownloadSettings,
     check: _Check,
+    frames: _Frames | None = None,
 ) -> DownloadResponse:
     assert request.destination_stream is not None
     sink = _StreamSink(
@@ -468,8 +520,10 @@ def _download_to_stream(
         reporter = ProgressReporter(request.progress_callback, obj.size)
         reporter(0, obj.size)
         if obj.supports_ranges:
-            todo = split(obj.size, settings.chunk_size)
-            _fetch_ranges(todo, reader, writer, settings, request, reporter, None)
+            todo = _chunks_for(obj, settings.chunk_size, frames)
+            _fetch_ranges(todo, reader, writer, settings, request, reporter, None, frames)
+        elif frames is not None:
+            _fetch_stream_frames(obj, reader, writer, request, reporter, settings, frames)
         else:
             _fetch_stream(obj, reader, writer, request, reporter, settings)
         digest = writer.hexdigest(obj.size)
@@ -519,30 +573,35 @@ def _fetch_ranges(
     request: DownloadRequest,
     reporter: ProgressReporter,
     landed: Callable[[Iterable[int], bool], None] | None,
+    frames: _Frames | None = None,
 ) -> None:
     """Fetch ``todo`` (in offset order) concurrently, never more than ``window`` chunks past
     the first one not yet hashed: the chunks in flight or held for the hash are the memory
-    a download uses. ``landed(numbers, save)`` records chunks now on disk (file only)."""
+    a download uses. ``landed(numbers, save)`` records chunks now on disk (file only).
+    With ``frames`` a chunk is a frame: its stored range is read and decoded."""
     stop = threading.Event()
     window = settings.concurrency + WINDOW_EXTRA
 
     def fetch(chunk: Chunk) -> Chunk:
+        frame = frames.by_number[chunk.number] if frames is not None else None
+        start, end = (frame.stored_offset, frame.stored_end) if frame else (chunk.offset, chunk.end)
+
         def attempt() -> bytes:
             if stop.is_set():
                 raise CancelledError("download stopped")
-            data = reader.read_range(chunk.offset, chunk.end)
-            if len(data) != chunk.length:
-                raise RetryableError(
-                    f"range {chunk.offset}-{chunk.end - 1} returned {len(data)} bytes"
-                )
+            data = reader.read_range(start, end)
+            if len(data) != end - start:
+                raise RetryableError(f"range {start}-{end - 1} returned {len(data)} bytes")
             return data
 
         data = settings.retry.call(
             attempt,
             classify=settings.classify,
-            describe=f"reading bytes {chunk.offset}-{chunk.end - 1} of {request.source_url}",
+            describe=f"reading bytes {start}-{end - 1} of {request.source_url}",
             cancelled=stop,
         )
+        if frames is not None and frame is not None:
+            data = frames.decode(frame, data)
         # The reader's buffer is ours alone: held by reference if it lands early.
         writer.write_at(chunk.offset, data, owned=True)
         return chunk
@@ -624,6 +683,52 @@ def _fetch_stream(
             position = end
         if position != obj.size:
             raise RetryableError(f"{obj.url} ended after {position} of {obj.size} bytes")
+
+    settings.retry.call(
+        attempt, classify=settings.classify, describe=f"reading {request.source_url}"
+    )
+
+
+def _fetch_stream_frames(
+    obj: RemoteObject,
+    reader: ObjectReader,
+    writer: _native.ChunkWriter,
+    request: DownloadRequest,
+    reporter: ProgressReporter,
+    settings: DownloadSettings,
+    frames: _Frames,
+) -> None:
+    """An encoded object from a server without ranges: the stored stream is cut into its
+    frames (each one self-delimiting, its length also in the record) and each is decoded and
+    written as it completes. A stream that breaks off is requested again from its start and
+    the frames already written are skipped."""
+    order = list(frames.by_number.values())
+    stored_size = frames.encoding.stored_size
+    written = 0  # frames already decoded and written
+
+    def attempt() -> None:
+        nonlocal written
+        position, index = 0, 0
+        pending = bytearray()
+        for block in reader.read_stream():
+            _check_cancel(request)
+            position += len(block)
+            if position > stored_size:
+                raise NetworkError(
+                    f"{obj.url} sent more than the {stored_size} bytes it holds; retry"
+                )
+            pending += block
+            while index < len(order) and len(pending) >= order[index].stored_length:
+                frame = order[index]
+                data = bytes(pending[: frame.stored_length])
+                del pending[: frame.stored_length]
+                if index >= written:
+                    writer.write_at(frame.plain_offset, frames.decode(frame, data), owned=True)
+                    written = index + 1
+                    reporter.advance(frame.plain_length)
+                index += 1
+        if position != stored_size:
+            raise RetryableError(f"{obj.url} ended after {position} of {stored_size} bytes")
 
     settings.retry.call(
         attempt, classify=settings.classify, describe=f"reading {request.source_url}"

@@ -239,3 +239,54 @@ class UploadSource:
         """SHA-256 hex of every byte consumed so far."""
     def crc64nvme(self) -> int:
         """CRC-64/NVME of every byte consumed so far."""
+
+# --- codec (rust/src/codec.rs; docs/FORMAT.md) -------------------------------------------
+
+FRAME_HEADER_SIZE: int
+"""Bytes of the fixed header in front of every stored frame (48)."""
+FRAME_TAG_SIZE: int
+"""Bytes of an encrypted frame's AES-GCM tag (16)."""
+
+@final
+class EncodedFrame:
+    @property
+    def data(self) -> bytes:
+        """The whole frame as stored (header + payload)."""
+    @property
+    def crc64nvme(self) -> int:
+        """CRC-64/NVME of ``data``."""
+
+@final
+class FrameCodec:
+    """One transfer's frame transform: zstd (``compression="zstd"``, ``level``) and/or
+    AES-256-GCM under HKDF-SHA256(``key``, ``salt``). Errors: InvalidConfigError for bad
+    parameters; ``decode`` raises ChecksumMismatchError for a frame that is damaged, altered,
+    from another object or out of place."""
+
+    def __init__(
+        self,
+        *,
+        compression: str | None = None,
+        level: int = 3,
+        key: bytes | None = None,
+        salt: bytes | None = None,
+        nonce_prefix: bytes | None = None,
+    ) -> None: ...
+    def encode(self, data: object, index: int, plain_offset: int, last: bool) -> EncodedFrame:
+        """One part's bytes as a frame, with the GIL released."""
+    def decode(
+        self, frame: object, index: int, plain_offset: int, plain_length: int, last: bool
+    ) -> bytes:
+        """A frame's plain bytes, checked against the place given, with the GIL released."""
+
+def frame_key_check(key: bytes, salt: bytes) -> bytes:
+    """HKDF-SHA256(key, salt, "vmstore/v1/key-check"), 32 bytes: recorded with the object."""
+
+def check_frame_key(key: bytes, salt: bytes, expected: bytes) -> None:
+    """PermissionDeniedError unless ``key`` gives the key check ``expected``."""
+
+def parse_frame_header(head: bytes) -> tuple[int, int, int, int, int]:
+    """(flags, index, plain_offset, plain_length, payload_length) of a frame header."""
+
+def crc64nvme_combine(crc_a: int, crc_b: int, len_b: int) -> int:
+    """CRC-64/NVME of A||B from the CRCs of A and B and the length of B."""

@@ -13,7 +13,11 @@ The format (one JSON object; unknown keys are ignored, so newer writers stay rea
 
     {"version": 2, "sha256": "<64 hex>", "size": 123, "etag": "...", "mtime_ns": 0,
      "content_type": "...", "metadata": {"k": "v"}, "uploaded_at": "<ISO 8601>",
-     "upload_token": "..."}            # upload_token only when set
+     "upload_token": "...",            # upload_token only when set
+     "encoding": {...}}                # only for a compressed/encrypted object (FORMAT.md)
+
+With ``encoding`` the object is stored as frames (docs/FORMAT.md): ``sha256`` and ``size`` are
+still the image's (plain bytes), and the binding to the data uses ``encoding.stored_size``.
 
 Version 1 (vmstore 0.1) had no ``version``, ``etag`` or ``upload_token``; such sidecars are
 still read, and are bound to their data by ``size`` and ``mtime_ns`` (the committed file's
@@ -27,6 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
+from vmstore._codec import Encoding
 from vmstore.errors import InvalidConfigError, OperationFailedError
 from vmstore.models import DEFAULT_CONTENT_TYPE, parse_sha256_hex
 
@@ -35,8 +40,9 @@ SIDECAR_SUFFIX = ".vmstore.json"
 
 FORMAT_VERSION = 2
 
-MAX_SIDECAR_BYTES = 1 << 20
-"""A sidecar is a few hundred bytes; anything this large is not one (and is not read)."""
+MAX_SIDECAR_BYTES = 8 << 20
+"""A sidecar is a few hundred bytes (a frame index adds about 11 bytes a frame: 65,536 frames of
+16 MiB, 1 TiB, are about 750 KB); anything this large is not one (and is not read)."""
 
 
 class SidecarFormatError(OperationFailedError, ValueError):
@@ -59,6 +65,13 @@ class Sidecar:
     uploaded_at: str = ""
     mtime_ns: int = 0
     upload_token: str | None = None
+    encoding: Encoding | None = None
+    """The frame record of a compressed or encrypted object (never the key)."""
+
+    @property
+    def stored_size(self) -> int:
+        """Bytes the store holds for the data (the frames' total when encoded)."""
+        return self.encoding.stored_size if self.encoding is not None else self.size
 
     def to_json(self) -> str:
         data: dict[str, Any] = {
@@ -73,6 +86,10 @@ class Sidecar:
         }
         if self.upload_token is not None:
             data["upload_token"] = self.upload_token
+        if self.encoding is not None:
+            data["encoding"] = self.encoding.to_dict()
+            # A frame index of thousands of numbers: one line, not one number per line.
+            return json.dumps(data, sort_keys=True)
         return json.dumps(data, indent=2, sort_keys=True)
 
     def to_bytes(self) -> bytes:
@@ -111,6 +128,14 @@ class Sidecar:
         token = data.get("upload_token")
         if token is not None and not isinstance(token, str):
             raise SidecarFormatError("upload_token is not a string")
+        encoding = None
+        if data.get("encoding") is not None:
+            try:
+                encoding = Encoding.from_dict(data["encoding"])
+            except (ValueError, TypeError) as exc:
+                raise SidecarFormatError(f"encoding: {exc}") from exc
+            if encoding.plain_size != size:
+                raise SidecarFormatError("the frame index does not add up to the size")
         return cls(
             sha256=sha256,
             size=size,
@@ -120,6 +145,7 @@ class Sidecar:
             uploaded_at=_text(data, "uploaded_at"),
             mtime_ns=mtime_ns,
             upload_token=token,
+            encoding=encoding,
         )
 
     def mismatch(
@@ -138,8 +164,8 @@ class Sidecar:
         ``upload_token``. A store that offers an identity (NFS always does) therefore never
         believes a sidecar written for other data of the same size.
         """
-        if size is not None and self.size != size:
-            return f"it describes {self.size} bytes, the data has {size}"
+        if size is not None and self.stored_size != size:
+            return f"it describes {self.stored_size} bytes, the data has {size}"
         if self.etag and etag:
             if _strong(self.etag) != _strong(etag):
                 return f"it describes version {self.etag!r}, the data is {etag!r}"

@@ -21,8 +21,10 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 from vmstore import _native
+from vmstore._codec import EncodedPart, Encoder, FramePart
 from vmstore._localpath import check_source_file
 from vmstore._parts import MIB, S3_MAX_PART, S3_MAX_PARTS, s3_part_size
 from vmstore.errors import CancelledError, ChecksumMismatchError, InvalidConfigError
@@ -171,6 +173,9 @@ def s3_part_size_for(requested: int) -> Callable[[int], int]:
 
 _END = object()
 
+P = TypeVar("P")
+"""A part as it goes out: the source's (SourcePart) or its frame (EncodedPart)."""
+
 
 class PartFeed:
     """The source's parts in order, read (and hashed) ahead on one thread.
@@ -292,19 +297,26 @@ class PartBody:
         return block
 
 
-def part_view(part: _native.SourcePart) -> memoryview:
+def part_view(part: _native.SourcePart | EncodedPart | FramePart) -> memoryview:
+    """The bytes that go out for a part: its buffer, or its frame(s) when encoded."""
+    if isinstance(part, FramePart):
+        return memoryview(part.data)
+    if isinstance(part, EncodedPart):
+        if part.data is None:
+            raise AssertionError(f"part {part.number} was stored already; it has no frame")
+        return memoryview(part.data)
     if part.data is None:
         raise AssertionError(f"part {part.number} was read without its bytes")
     return memoryview(part.data).cast("B")
 
 
 def send_parts(
-    parts: Iterator[_native.SourcePart],
-    send: Callable[[_native.SourcePart], None],
+    parts: Iterator[P],
+    send: Callable[[P], None],
     *,
     concurrency: int,
     stop: threading.Event,
-    on_landed: Callable[[list[_native.SourcePart]], None],
+    on_landed: Callable[[list[P]], None],
     cancelled: Callable[[], bool],
     describe: str,
 ) -> None:
@@ -313,9 +325,9 @@ def send_parts(
     ``on_landed`` sees each batch of finished parts (to journal them) on this thread. The first
     failure stops everything: ``stop`` is set for the senders and the failure is raised.
     """
-    pending: set[cf.Future[_native.SourcePart]] = set()
+    pending: set[cf.Future[P]] = set()
 
-    def run(part: _native.SourcePart) -> _native.SourcePart:
+    def run(part: P) -> P:
         send(part)
         return part
 
@@ -351,6 +363,14 @@ def send_parts(
             raise
 
 
+def encoder_for(request: UploadRequest, key: bytes | None) -> Encoder | None:
+    """The frame encoder of an upload that asks for compression or has a key; None otherwise
+    (the parts go out as they are read)."""
+    if request.compression is None and key is None:
+        return None
+    return Encoder(request.compression, key)
+
+
 def progress_for(request: UploadRequest, total: int | None) -> ProgressReporter:
     """The request's progress, over the source's size (0 while a stream's size is unknown)."""
     return ProgressReporter(request.progress_callback, total or 0)
@@ -363,6 +383,7 @@ __all__ = [
     "PartFeed",
     "SourcePlan",
     "crc64nvme_b64",
+    "encoder_for",
     "part_view",
     "plan_source",
     "s3_part_size_for",

@@ -35,7 +35,9 @@ _STRING_FIELDS = (
     "ca_bundle",
 )
 
-_SECRET_FIELDS = frozenset({"access_key", "secret_key", "session_token", "token"})
+_SECRET_FIELDS = frozenset(
+    {"access_key", "secret_key", "session_token", "token", "encryption_key"}
+)
 _MASK = "***"
 
 # Environment variable -> field. VMSTORE_* wins over the AWS name when both are set, so
@@ -112,6 +114,8 @@ class StorageConfig:
     max_retries: int = 3
     chunk_size: int | None = None
     concurrency: int = 4
+    encryption_key: bytes | str | None = None
+    """Client-side encryption (docs/FORMAT.md): 32 raw bytes or 64 hex digits; never shown."""
 
     def __post_init__(self) -> None:
         self.type = _check_type(self.type)
@@ -155,6 +159,8 @@ class StorageConfig:
             )
         if not _is_int(self.concurrency) or not 1 <= self.concurrency <= MAX_CONCURRENCY:
             raise _invalid("concurrency", f"must be an integer from 1 to {MAX_CONCURRENCY}")
+        if self.encryption_key is not None:
+            self.encryption_key = _check_encryption_key(self.encryption_key)
 
     def __repr__(self) -> str:
         shown = []
@@ -208,6 +214,27 @@ def _check_type(value: object) -> str:
     if name not in names:
         raise _invalid("type", f"{value!r} is not a known backend; use one of {', '.join(names)}")
     return name
+
+
+def _check_encryption_key(value: object) -> bytes:
+    """32 raw bytes, or 64 hex digits (as str or bytes); the message never shows the value."""
+    if isinstance(value, bytearray | memoryview):
+        value = bytes(value)
+    if isinstance(value, bytes) and len(value) == 32:
+        return value
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("ascii")
+        except UnicodeDecodeError:
+            value = ""
+    if isinstance(value, str):
+        text = value.strip()
+        if re.fullmatch(r"[0-9A-Fa-f]{64}", text):
+            return bytes.fromhex(text)
+    raise _invalid(
+        "encryption_key",
+        "must be 32 raw bytes or 64 hexadecimal digits (the value is not shown)",
+    )
 
 
 def _is_int(value: object) -> bool:

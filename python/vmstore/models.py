@@ -119,8 +119,15 @@ class UploadRequest:
     cancel: CancelToken | None = None
     source_stream: ReadableStream | None = None
     size_hint: int | None = None
+    compression: str | None = None
+    """None (stored as it is) or "zstd": each part compressed on its own (docs/FORMAT.md)."""
 
     def __post_init__(self) -> None:
+        if self.compression is not None and self.compression != "zstd":
+            raise InvalidConfigError(
+                f"UploadRequest.compression {self.compression!r} is not supported: use None "
+                "or \"zstd\""
+            )
         if (self.source_path is None) == (self.source_stream is None):
             raise InvalidConfigError(
                 "UploadRequest needs exactly one source: source_path (a file) or "

@@ -9,6 +9,7 @@
 mod aligned;
 mod buffer;
 mod cancel;
+mod codec;
 mod copy;
 mod error;
 mod fsinfo;
@@ -106,6 +107,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sha256_file, m)?)?;
     m.add_function(wrap_pyfunction!(is_network_filesystem, m)?)?;
     m.add_function(wrap_pyfunction!(error::errno_classes, m)?)?;
+    codec::register(m)?;
     m.add("DEFAULT_PROGRESS_INTERVAL_MS", progress::DEFAULT_INTERVAL_MS)?;
     Ok(())
 }

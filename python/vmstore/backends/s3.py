@@ -21,7 +21,7 @@ import mimetypes
 import os
 import threading
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
@@ -32,10 +32,22 @@ import botocore.config
 import botocore.exceptions
 
 from vmstore import _native
+from vmstore._codec import (
+    ENCODING_METADATA_KEY,
+    Encoder,
+    Encoding,
+    FramePart,
+    FrameRecord,
+    encode_parts,
+    group_frames,
+    missing_record,
+    store_key,
+)
 from vmstore._download import DownloadSettings, RemoteObject, S3Checksum, download_object
 from vmstore._failure import keeps_partial
 from vmstore._incomplete import cutoff, known_downloads, remove_download, state_dir
 from vmstore._oserrors import storage_error_from_oserror
+from vmstore._parts import S3_MIN_PART
 from vmstore._retry import RetryableError, RetryPolicy
 from vmstore._sidecar import MAX_SIDECAR_BYTES, SIDECAR_SUFFIX, Sidecar, SidecarFormatError
 from vmstore._upload import (
@@ -256,9 +268,21 @@ class _UploadState:
     checksum: str
     """Per-part checksum algorithm the parts were sent with (CHECKSUM_*)."""
     parts: dict[int, tuple[str, int]] = field(default_factory=dict)
-    """part number -> (ETag, CRC-64/NVME) of parts the server confirmed."""
+    """part number -> (ETag, CRC-64/NVME) of parts the server confirmed (of the stored frame
+    when encoded)."""
+    encoding: dict[str, Any] | None = None
+    """An encoded upload's parameters: compression, salt and key check (never the key)."""
+    frames: dict[int, tuple[FrameRecord, ...]] = field(default_factory=dict)
+    """Encoded: part number -> the frames the part holds (a part gathers frames up to S3's
+    5 MiB minimum)."""
 
     def header(self) -> dict[str, Any]:
+        header = self._header()
+        if self.encoding is not None:
+            header["encoding"] = self.encoding
+        return header
+
+    def _header(self) -> dict[str, Any]:
         return {
             "version": STATE_VERSION,
             "bucket": self.bucket,
@@ -286,7 +310,15 @@ class _UploadState:
             mtime_ns=int(data["mtime_ns"]),
             part_size=int(data["part_size"]),
             checksum=str(data["checksum"]),
+            encoding=data["encoding"] if isinstance(data.get("encoding"), dict) else None,
         )
+
+    def line(self, number: int) -> str:
+        etag, crc = self.parts[number]
+        if number in self.frames:
+            frames = [frame.to_list() for frame in self.frames[number]]
+            return json.dumps([number, etag, crc, frames]) + "\n"
+        return _part_line(number, (etag, crc))
 
 
 @dataclass(frozen=True)
@@ -303,6 +335,9 @@ class _CompletedUpload:
     token: str = ""
     """The multipart upload's token (its ETag is not stable on every server: rclone's Complete
     and HEAD give different ones); "" for a single PUT, which is known by its ETag."""
+    encoding: dict[str, Any] | None = None
+    """How the upload was encoded (compression, salt, key check), None when stored plain: an
+    upload asking for another encoding, or with another key, is not "already uploaded"."""
 
     def to_json(self) -> str:
         return json.dumps({"version": STATE_VERSION, "completed": True, **self.__dict__})
@@ -321,6 +356,7 @@ class _CompletedUpload:
             etag=str(data["etag"]),
             sha256=parse_sha256_hex(str(data["sha256"]), "recorded sha256"),
             token=str(data.get("token", "")),
+            encoding=data["encoding"] if isinstance(data.get("encoding"), dict) else None,
         )
 
 
@@ -354,7 +390,9 @@ class _StateFile:
             return None
         for line in lines[1:]:
             try:
-                number, etag, crc = json.loads(line)
+                number, etag, crc, *frames = json.loads(line)
+                if frames:
+                    state.frames[int(number)] = tuple(map(FrameRecord.from_list, frames[0]))
                 state.parts[int(number)] = (str(etag), int(crc))
             except (ValueError, TypeError):
                 continue
@@ -394,7 +432,7 @@ class _StateFile:
             self._write_atomically(
                 json.dumps(state.header())
                 + "\n"
-                + "".join(_part_line(n, part) for n, part in sorted(state.parts.items()))
+                + "".join(state.line(n) for n in sorted(state.parts))
             )
             self._journaled = set(state.parts)
             self._started = True
@@ -402,7 +440,7 @@ class _StateFile:
         fresh = state.parts.keys() - self._journaled
         if fresh:
             with open(self.path, "a", encoding="utf-8") as handle:
-                handle.writelines(_part_line(n, state.parts[n]) for n in sorted(fresh))
+                handle.writelines(state.line(n) for n in sorted(fresh))
             self._journaled.update(fresh)
 
     def complete(self, record: _CompletedUpload) -> None:
@@ -603,7 +641,13 @@ class S3Storage:
         return S3Location(location.bucket, location.key + SIDECAR_SUFFIX)
 
     def _stored_sha256(self, location: S3Location, head: dict[str, Any]) -> str | None:
-        """The SHA-256 vmstore recorded for the object HEAD described, or None.
+        return self._stored_record(location, head)[0]
+
+    def _stored_record(
+        self, location: S3Location, head: dict[str, Any]
+    ) -> tuple[str | None, Sidecar | None]:
+        """The SHA-256 vmstore recorded for the object HEAD described (or None), and the
+        companion sidecar it came from (None for a single PUT, or when not believed).
 
         A single PUT carries it as metadata ``sha256`` (known before the PUT; so did every
         object of vmstore 0.1). A multipart upload learns it only after the last part, so it
@@ -613,10 +657,10 @@ class S3Storage:
         metadata = _lower_metadata(head.get("Metadata", {}))
         recorded = metadata.get(SHA256_KEY)
         if recorded:
-            return recorded.lower()
+            return recorded.lower(), None
         token = metadata.get(UPLOAD_TOKEN_KEY)
         if not token:
-            return None
+            return None, None
         companion = self._companion(location)
         try:
             response = self._call(
@@ -634,10 +678,10 @@ class S3Storage:
             sidecar = Sidecar.from_json(text)
         except NotFoundError:
             log.warning("%s has no checksum sidecar: its SHA-256 is unknown", s3_url(location))
-            return None
+            return None, None
         except SidecarFormatError as exc:
             log.warning("ignoring unreadable sidecar %s: %s", s3_url(companion), exc)
-            return None
+            return None, None
         why = sidecar.mismatch(
             size=int(head.get("ContentLength", -1)), etag=None, upload_token=token
         )
@@ -645,22 +689,29 @@ class S3Storage:
             # Another upload replaced the object after this sidecar's was written, or the
             # other way round: a checksum that may describe other bytes is worse than none.
             log.warning("ignoring sidecar %s: %s", s3_url(companion), why)
-            return None
-        return sidecar.sha256
+            return None, None
+        return sidecar.sha256, sidecar
 
     def get_metadata(self, url: str) -> FileMetadata:
         location = self._location(url)
         head = self._head(location)
         custom = _lower_metadata(head.get("Metadata", {}))
-        checksum = self._stored_sha256(location, head)
+        checksum, sidecar = self._stored_record(location, head)
         custom.pop(SHA256_KEY, None)
         custom.pop(UPLOAD_TOKEN_KEY, None)
+        encoded = custom.pop(ENCODING_METADATA_KEY, None)
+        size = int(head.get("ContentLength", 0))
+        if sidecar is not None and sidecar.encoding is not None:
+            size = sidecar.size  # the image's, not the stored frames'
+        elif encoded:
+            log.warning("%s is stored encoded but its record is missing: size and checksum "
+                        "describe the stored frames, not the image", s3_url(location))
         last_modified = head.get("LastModified") or datetime.now(UTC)
         if last_modified.tzinfo is None:
             last_modified = last_modified.replace(tzinfo=UTC)
         return FileMetadata(
             url=s3_url(location),
-            size=int(head.get("ContentLength", 0)),
+            size=size,
             checksum=checksum,
             etag=_strip_etag(head.get("ETag", "")),
             last_modified=last_modified.astimezone(UTC),
@@ -840,18 +891,26 @@ class S3Storage:
         location = self._location(request.source_url)
         head = self._head(location)
         etag = str(head.get("ETag", ""))
+        checksum, sidecar = self._stored_record(location, head)
+        encoding = sidecar.encoding if sidecar is not None else None
+        if encoding is None and _lower_metadata(head.get("Metadata", {})).get(
+            ENCODING_METADATA_KEY
+        ):
+            raise missing_record(s3_url(location))
         obj = RemoteObject(
             url=s3_url(location),
-            size=int(head.get("ContentLength", 0)),
+            size=encoding.plain_size if encoding else int(head.get("ContentLength", 0)),
             etag=etag,
-            checksum=self._stored_sha256(location, head),
+            checksum=checksum,
             s3_checksum=_s3_checksum(head),
+            encoding=encoding,
         )
         settings = DownloadSettings(
             chunk_size=self._chunk_size,
             concurrency=self._config.concurrency,
             retry=self._retry,
             classify=classify_retry,
+            encryption_key=store_key(self._config.encryption_key),
         )
         try:
             return download_object(
@@ -875,7 +934,7 @@ class S3Storage:
         """
         location = self._location(request.destination_url)
         metadata = normalize_custom_metadata(request.metadata)
-        for reserved in (UPLOAD_TOKEN_KEY,):
+        for reserved in (UPLOAD_TOKEN_KEY, ENCODING_METADATA_KEY):
             if reserved in metadata:
                 raise InvalidConfigError(f"metadata key {reserved!r} is reserved for vmstore")
         if request.cancel is not None and request.cancel.is_cancelled:
@@ -929,6 +988,10 @@ class _MultipartUpload:
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.reporter = progress_for(request, plan.size)
+        self.key = store_key(storage._config.encryption_key)
+        self.encoded = request.compression is not None or self.key is not None
+        """Stored as frames (docs/FORMAT.md): always a multipart upload with a companion."""
+        self.encoder: Encoder | None = None
 
     def _cancelled(self) -> bool:
         return self.request.cancel is not None and self.request.cancel.is_cancelled
@@ -944,6 +1007,10 @@ class _MultipartUpload:
         if finished is not None:
             return finished
         size = self.plan.size
+        if self.encoded:
+            # The frame index exists only after the last part: it goes into the companion,
+            # which only a multipart upload's token binds to the object (even for one part).
+            return self._multipart(None)
         if size is not None and size <= self.plan.part_size(1):
             return self._put_single()
         if size is None:
@@ -954,6 +1021,33 @@ class _MultipartUpload:
             return self._multipart(first)
         return self._multipart(None)
 
+    def _encoding_params(self) -> dict[str, Any] | None:
+        """What the journal and the completion record keep of the encoding (never the key)."""
+        if self.encoder is None:
+            return None
+        encryption = self.encoder.encryption
+        return {
+            "compression": self.encoder.compression,
+            "salt": encryption.salt.hex() if encryption else None,
+            "key_check": encryption.key_check.hex() if encryption else None,
+        }
+
+    def _same_encoding(self, recorded: dict[str, Any] | None) -> bool:
+        """Whether ``recorded`` (a journal's or completion record's) is the encoding this
+        request asks for, with this key."""
+        if not self.encoded or recorded is None:
+            return not self.encoded and recorded is None
+        if recorded.get("compression") != self.request.compression:
+            return False
+        salt, check = recorded.get("salt"), recorded.get("key_check")
+        if self.key is None or salt is None:
+            return self.key is None and salt is None
+        try:
+            _native.check_frame_key(self.key, bytes.fromhex(str(salt)), bytes.fromhex(str(check)))
+        except (StorageError, ValueError):
+            return False
+        return True
+
     def _already_uploaded(self) -> UploadResponse | None:
         """A file uploaded before, unchanged since, to an object that still has the ETag that
         upload left: controllers retry whole steps, and re-sending 200 GB is the most
@@ -963,6 +1057,8 @@ class _MultipartUpload:
         record = self.state_file.load_completed()
         stat = self.plan.stat
         if record is None or (record.size, record.mtime_ns) != (stat.st_size, stat.st_mtime_ns):
+            return None
+        if not self._same_encoding(record.encoding):
             return None
         try:
             head = self.storage._head(self.location)
@@ -1038,11 +1134,17 @@ class _MultipartUpload:
             return previous
         token = uuid.uuid4().hex
         checksum = self.storage._part_checksum()
+        marker: dict[str, str] = {}
+        if self.encoded:
+            # A fresh salt for a fresh upload: its frames are encrypted under a key no other
+            # upload uses.
+            self.encoder = Encoder(self.request.compression, self.key)
+            marker = {ENCODING_METADATA_KEY: self.encoder.encoding_scheme}
         kwargs: dict[str, Any] = {
             "Bucket": self.location.bucket,
             "Key": self.location.key,
             "ContentType": self.content_type,
-            "Metadata": {**self.metadata, UPLOAD_TOKEN_KEY: token},
+            "Metadata": {**self.metadata, UPLOAD_TOKEN_KEY: token, **marker},
         }
         try:
             response = self.storage._call(
@@ -1077,6 +1179,7 @@ class _MultipartUpload:
             mtime_ns=stat.st_mtime_ns if stat is not None else 0,
             part_size=self.plan.part_size(1),
             checksum=checksum,
+            encoding=self._encoding_params(),
         )
         if self.resumable:
             self._save(state)
@@ -1101,6 +1204,7 @@ class _MultipartUpload:
             and previous.size == stat.st_size
             and previous.mtime_ns == stat.st_mtime_ns
             and previous.part_size == self.plan.part_size(1)
+            and self._same_encoding(previous.encoding)
         )
         listed = self._list_parts(previous.upload_id) if same else None
         if listed is None:
@@ -1112,6 +1216,25 @@ class _MultipartUpload:
         # Keep a part only if the server still has it with the ETag we were given; its
         # bytes are checked against the source as the pass reaches it.
         previous.parts = {n: part for n, part in previous.parts.items() if listed.get(n) == part[0]}
+        if previous.encoding is not None:
+            # The same salt: the frames stored already and those still to come are one object.
+            # Parts gather a varying number of frames, so only the stored prefix of parts
+            # (holding a prefix of the frames) is kept; later parts are sent again (S3 keeps
+            # the last part sent under a number, and Complete drops the ones not listed).
+            kept, frame_number = 0, 1
+            while kept + 1 in previous.parts and kept + 1 in previous.frames:
+                numbers = [f.number for f in previous.frames[kept + 1]]
+                if numbers != list(range(frame_number, frame_number + len(numbers))):
+                    break
+                kept, frame_number = kept + 1, frame_number + len(numbers)
+            previous.parts = {n: previous.parts[n] for n in range(1, kept + 1)}
+            previous.frames = {n: previous.frames[n] for n in range(1, kept + 1)}
+            salt = previous.encoding.get("salt")
+            self.encoder = Encoder(
+                self.request.compression,
+                self.key,
+                salt=bytes.fromhex(str(salt)) if salt else None,
+            )
         self.storage._checksum_algorithm = previous.checksum
         log.info("resuming upload %s with %d parts stored", previous.upload_id, len(previous.parts))
         return previous
@@ -1121,9 +1244,11 @@ class _MultipartUpload:
     ) -> UploadResponse:
         stored = dict(state.parts)
         resumed = 0
-        parts = self._parts(first, stored)
+        # Encoded, source parts are frames and the parts sent gather frames (group_frames).
+        stored_frames = {f.number: f for frames in state.frames.values() for f in frames}
+        parts = self._parts(first, stored_frames if self.encoder is not None else stored)
 
-        def sent_or_stored(batch: Iterator[_native.SourcePart]) -> Iterator[_native.SourcePart]:
+        def sent_or_stored(batch: Iterator[_Part]) -> Iterator[_Part]:
             nonlocal resumed
             for part in batch:
                 if part.number in stored:
@@ -1134,7 +1259,7 @@ class _MultipartUpload:
                     continue
                 yield part
 
-        def landed(batch: list[_native.SourcePart]) -> None:
+        def landed(batch: list[_Part]) -> None:
             # Save stored parts before reporting them: a process killed from its progress
             # callback must still find them on resume (progress counts stored bytes).
             if self.resumable:
@@ -1142,9 +1267,37 @@ class _MultipartUpload:
             for part in batch:
                 self.reporter.advance(part.length)
 
+
+        def checked_frames(feed: Iterator[_native.SourcePart]) -> Iterator[_native.SourcePart]:
+            """A resumed upload's stored frames: their plain bytes are checked, not sent."""
+            nonlocal resumed
+            for part in feed:
+                frame = stored_frames.get(part.number)
+                if frame is not None:
+                    if frame.plain_crc64nvme != part.crc64nvme:
+                        raise _ResumedPartDiffers(part.number)
+                    resumed += part.length
+                    self.reporter.advance(part.length)
+                yield part
+
         with parts as feed:
+            outgoing: Iterator[_Part]
+            if self.encoder is None:
+                outgoing = sent_or_stored(iter(feed))
+            else:
+                frames = encode_parts(
+                    checked_frames(iter(feed)),
+                    self.encoder,
+                    concurrency=self.storage._config.concurrency,
+                    stored={n: (f.stored_length, f.crc64nvme) for n, f in stored_frames.items()},
+                )
+                outgoing = group_frames(
+                    (frame for frame in frames if frame.data is not None),
+                    first_number=len(state.parts) + 1,
+                    min_size=S3_MIN_PART,
+                )
             send_parts(
-                sent_or_stored(iter(feed)),
+                outgoing,
                 lambda part: self._send_part(state, part),
                 concurrency=self.storage._config.concurrency,
                 stop=self.stop,
@@ -1158,8 +1311,11 @@ class _MultipartUpload:
         digest = source.sha256()
         # Reported before Complete, which is the commit: a raising callback stops it.
         self.reporter.finish(size)
-        etag = self._complete(state, source.crc64nvme())
-        self._write_sidecar(state, digest, size, etag)
+        encoding = self.encoder.encoding() if self.encoder is not None else None
+        # S3's FULL_OBJECT checksum is of the stored bytes: the frames' CRCs combined.
+        crc = self.encoder.stored_crc64nvme() if self.encoder is not None else source.crc64nvme()
+        etag = self._complete(state, crc)
+        self._write_sidecar(state, digest, size, etag, encoding)
         self._record_completed(etag, digest, size, token=state.token)
         return UploadResponse(
             url=self.url,
@@ -1170,9 +1326,7 @@ class _MultipartUpload:
             resumed_from=resumed,
         )
 
-    def _parts(
-        self, first: _native.SourcePart | None, stored: dict[int, tuple[str, int]]
-    ) -> _FirstThen:
+    def _parts(self, first: _native.SourcePart | None, stored: Mapping[int, object]) -> _FirstThen:
         feed = PartFeed(
             self.plan,
             keep=lambda number: number not in stored,
@@ -1181,7 +1335,7 @@ class _MultipartUpload:
         )
         return _FirstThen(first, feed)
 
-    def _send_part(self, state: _UploadState, part: _native.SourcePart) -> None:
+    def _send_part(self, state: _UploadState, part: _Part) -> None:
         data = part_view(part)
         checksum = state.checksum
         checksum_args: dict[str, Any]
@@ -1227,6 +1381,8 @@ class _MultipartUpload:
             raise storage_error(exc, f"upload part {part.number} to", self.location) from exc
         with self.lock:
             state.parts[part.number] = (etag, part.crc64nvme)
+            if isinstance(part, FramePart):
+                state.frames[part.number] = part.frames
 
     def _complete(self, state: _UploadState, crc64nvme: int) -> str:
         completed: list[dict[str, Any]] = [
@@ -1253,7 +1409,14 @@ class _MultipartUpload:
             self.state_file.remove()
         return _strip_etag(str(response.get("ETag", "")))
 
-    def _write_sidecar(self, state: _UploadState, digest: str, size: int, etag: str) -> None:
+    def _write_sidecar(
+        self,
+        state: _UploadState,
+        digest: str,
+        size: int,
+        etag: str,
+        encoding: Encoding | None = None,
+    ) -> None:
         sidecar = Sidecar(
             sha256=digest,
             size=size,
@@ -1262,6 +1425,7 @@ class _MultipartUpload:
             metadata=self.metadata,
             uploaded_at=datetime.now(UTC).isoformat(),
             upload_token=state.token,
+            encoding=encoding,
         )
         companion = self.storage._companion(self.location)
         try:
@@ -1293,6 +1457,7 @@ class _MultipartUpload:
             etag=etag,
             sha256=digest,
             token=token,
+            encoding=self._encoding_params(),
         )
         try:
             self.state_file.complete(record)
@@ -1348,6 +1513,10 @@ class _MultipartUpload:
         self._abort(state.upload_id)
         if self.state_file is not None:
             self.state_file.remove()
+
+
+_Part = _native.SourcePart | FramePart
+"""What goes out as a part: the source's bytes, or the frame made of them."""
 
 
 class _ResumedPartDiffers(ChecksumMismatchError):

@@ -1,0 +1,281 @@
+"""Compression and client-side encryption (docs/FORMAT.md), on every backend.
+
+What is checked from the outside (the harness reads the stored object directly): the stored
+bytes are frames, never the plaintext, and smaller for compressible data; what vmstore answers
+(responses, get_metadata, progress) describes the image, never the stored frames; a wrong key,
+a missing key and a flipped stored byte each fail with their own error, committing nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from vmstore import (
+    ChecksumMismatchError,
+    DownloadRequest,
+    InvalidConfigError,
+    PermissionDeniedError,
+    Storage,
+    UploadRequest,
+    UploadResponse,
+)
+
+from tests.support import InterruptAt, Interrupted, MiB, files_under, random_bytes, write_file
+
+from .harness import BackendHarness, Capability
+
+KEY = bytes(range(32))
+OTHER_KEY = bytes(range(1, 33))
+MARKER = b"PLAINTEXT-MARKER-0123456789"
+
+SCHEMES = {
+    # name: (compression, encrypted)
+    "zstd": ("zstd", False),
+    "encrypted": (None, True),
+    "zstd+encrypted": ("zstd", True),
+}
+
+
+def image_bytes(size: int) -> bytes:
+    """Compressible bytes that look like a disk image's: text lines, a marker in every 64 KiB,
+    a stretch of zeros and a stretch of noise."""
+    lines = b"".join(
+        b"block %08d of a filesystem image, inode table entry\n" % i for i in range(40000)
+    )
+    noise = hashlib.sha256(b"seed").digest() * 2048  # 64 KiB, repeats (compressible far away)
+    pattern = bytearray()
+    while len(pattern) < size:
+        pattern += MARKER + lines[: 64 * 1024 - len(MARKER)]
+        pattern += bytes(16 * 1024) + noise[: 8 * 1024]
+    return bytes(pattern[:size])
+
+
+def image_size(backend: BackendHarness) -> int:
+    """Several upload units (frames), the last one short."""
+    return max(4 * MiB, 3 * backend.upload_unit) + 123
+
+
+def encoded_store(backend: BackendHarness, encrypted: bool, key: bytes = KEY) -> Storage:
+    return backend.open(encryption_key=key) if encrypted else backend.open()
+
+
+def upload(
+    store: Storage,
+    backend: BackendHarness,
+    source: Path,
+    key: str,
+    compression: str | None,
+    progress: InterruptAt | None = None,
+) -> UploadResponse:
+    return store.upload(
+        UploadRequest(
+            str(source), backend.url(key), compression=compression, progress_callback=progress
+        )
+    )
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_encoded_round_trip_reports_the_image_and_stores_frames(
+    backend: BackendHarness, workdir: Path, scheme: str
+) -> None:
+    compression, encrypted = SCHEMES[scheme]
+    data = image_bytes(image_size(backend))
+    source = write_file(workdir / "disk.img", data)
+    expected = hashlib.sha256(data).hexdigest()
+    seen: list[tuple[int, int]] = []
+
+    with encoded_store(backend, encrypted) as store:
+        up = store.upload(
+            UploadRequest(
+                str(source),
+                backend.url("disk.img"),
+                compression=compression,
+                progress_callback=lambda done, total: seen.append((done, total)),
+            )
+        )
+        assert (up.checksum, up.size, up.bytes_transferred) == (expected, len(data), len(data))
+        assert seen[-1] == (len(data), len(data))
+
+        stored = backend.read_object("disk.img")
+        assert stored is not None and stored != data
+        if encrypted:
+            assert MARKER not in stored
+        if compression:
+            assert len(stored) < len(data) // 2
+        assert backend.stored_names() == {"disk.img"} | backend.companion_names("disk.img")
+
+        meta = store.get_metadata(up.url)
+        assert (meta.size, meta.checksum) == (len(data), expected)
+
+        seen.clear()
+        dest = workdir / "imported.img"
+        down = store.download(
+            DownloadRequest(up.url, str(dest), progress_callback=lambda d, t: seen.append((d, t)))
+        )
+        assert dest.read_bytes() == data
+        assert (down.checksum, down.content_length, down.bytes_transferred) == (
+            expected,
+            len(data),
+            len(data),
+        )
+        assert seen[-1] == (len(data), len(data))
+        assert all(total == len(data) for _done, total in seen)
+        # expected_checksum means the image's SHA-256, encoded or not.
+        again = store.download(
+            DownloadRequest(up.url, str(workdir / "again.img"), expected_checksum=expected)
+        )
+        assert again.checksum == expected
+
+
+def test_encoded_empty_and_tiny_images_round_trip(backend: BackendHarness, workdir: Path) -> None:
+    with backend.open(encryption_key=KEY) as store:
+        for size in (0, 1, 1000):
+            data = image_bytes(size)
+            source = write_file(workdir / f"s{size}.img", data)
+            up = upload(store, backend, source, f"s{size}", "zstd")
+            dest = workdir / f"back{size}.img"
+            down = store.download(DownloadRequest(up.url, str(dest)))
+            assert dest.read_bytes() == data
+            assert down.content_length == size
+            assert store.get_metadata(up.url).size == size
+
+
+def test_encoded_stream_upload_round_trips(backend: BackendHarness, workdir: Path) -> None:
+    data = image_bytes(image_size(backend))
+    with (
+        backend.open(encryption_key=KEY) as store,
+        open(write_file(workdir / "disk.img", data), "rb") as stream,
+    ):
+        up = store.upload(
+            UploadRequest(
+                source_stream=stream, destination_url=backend.url("s"), compression="zstd"
+            )
+        )
+        assert up.size == len(data)
+        dest = workdir / "back.img"
+        store.download(DownloadRequest(up.url, str(dest)))
+        assert dest.read_bytes() == data
+
+
+def test_wrong_key_is_refused_before_anything_is_written(
+    backend: BackendHarness, workdir: Path
+) -> None:
+    data = image_bytes(image_size(backend))
+    source = write_file(workdir / "disk.img", data)
+    with backend.open(encryption_key=KEY) as store:
+        up = upload(store, backend, source, "disk.img", "zstd")
+    with (
+        backend.open(encryption_key=OTHER_KEY) as other,
+        pytest.raises(PermissionDeniedError) as info,
+    ):
+        other.download(DownloadRequest(up.url, str(workdir / "out.img")))
+    assert KEY.hex() not in str(info.value) and OTHER_KEY.hex() not in str(info.value)
+    assert files_under(workdir) == {"disk.img"}
+
+
+def test_missing_key_is_refused_before_anything_is_written(
+    backend: BackendHarness, workdir: Path
+) -> None:
+    source = write_file(workdir / "disk.img", image_bytes(2 * MiB))
+    with backend.open(encryption_key=KEY) as store:
+        up = upload(store, backend, source, "disk.img", None)
+    with backend.open() as keyless, pytest.raises(InvalidConfigError):
+        keyless.download(DownloadRequest(up.url, str(workdir / "out.img")))
+    assert files_under(workdir) == {"disk.img"}
+
+
+@pytest.mark.parametrize("scheme", ["zstd", "zstd+encrypted"])
+def test_a_flipped_stored_byte_fails_and_commits_nothing(
+    backend: BackendHarness, workdir: Path, scheme: str
+) -> None:
+    backend.require(Capability.TAMPER)
+    compression, encrypted = SCHEMES[scheme]
+    source = write_file(workdir / "disk.img", image_bytes(image_size(backend)))
+    with encoded_store(backend, encrypted) as store:
+        up = upload(store, backend, source, "disk.img", compression)
+        backend.tamper("disk.img")
+        dest = workdir / "out.img"
+        with pytest.raises(ChecksumMismatchError):
+            store.download(DownloadRequest(up.url, str(dest)))
+    assert files_under(workdir) == {"disk.img"}
+
+
+def test_encoded_upload_resumes_after_an_interruption(
+    backend: BackendHarness, workdir: Path
+) -> None:
+    backend.require(Capability.UPLOAD_RESUME)
+    if backend.name == "nfs":
+        pytest.skip("an encoded NFS upload starts over (docs/FORMAT.md, Resume)")
+    # Incompressible: every frame is stored whole (raw), so each fills an S3 part of its own
+    # and the interruption leaves some parts stored and some not.
+    data = random_bytes(image_size(backend), seed=91)
+    source = write_file(workdir / "disk.img", data)
+    with backend.open(encryption_key=KEY) as store:
+        with pytest.raises(Interrupted):
+            upload(store, backend, source, "disk.img", "zstd",
+                   InterruptAt(backend.upload_unit))  # fmt: skip
+        assert backend.read_object("disk.img") is None
+        up = upload(store, backend, source, "disk.img", "zstd")
+        assert 0 < up.resumed_from < len(data)
+        assert up.bytes_transferred == len(data) - up.resumed_from
+        dest = workdir / "back.img"
+        down = store.download(DownloadRequest(up.url, str(dest)))
+        assert dest.read_bytes() == data
+        assert down.checksum == hashlib.sha256(data).hexdigest()
+
+
+def test_encoded_upload_with_another_key_does_not_resume(
+    backend: BackendHarness, workdir: Path
+) -> None:
+    backend.require(Capability.UPLOAD_RESUME)
+    data = image_bytes(image_size(backend))
+    source = write_file(workdir / "disk.img", data)
+    with backend.open(encryption_key=KEY) as store, pytest.raises(Interrupted):
+        upload(store, backend, source, "disk.img", None,
+               InterruptAt(backend.upload_unit))  # fmt: skip
+    with backend.open(encryption_key=OTHER_KEY) as other:
+        up = upload(other, backend, source, "disk.img", None)
+        assert up.resumed_from == 0
+        dest = workdir / "back.img"
+        other.download(DownloadRequest(up.url, str(dest)))
+        assert dest.read_bytes() == data
+
+
+def test_encoded_download_resumes_frame_by_frame(backend: BackendHarness, workdir: Path) -> None:
+    backend.require(Capability.DOWNLOAD_RESUME)
+    # Eight frames or more, fetched one at a time: the interruption leaves some undone.
+    data = image_bytes(max(4 * MiB, 8 * backend.upload_unit) + 123)
+    source = write_file(workdir / "disk.img", data)
+    with backend.open(encryption_key=KEY, concurrency=1) as store:
+        up = upload(store, backend, source, "d", "zstd")
+        dest = workdir / "imported.img"
+        with pytest.raises(Interrupted):
+            store.download(
+                DownloadRequest(up.url, str(dest), progress_callback=InterruptAt(len(data) // 8))
+            )
+        assert not dest.exists()
+        down = store.download(DownloadRequest(up.url, str(dest)))
+        assert 0 < down.resumed_from < len(data)
+        assert down.bytes_transferred == len(data) - down.resumed_from
+        assert dest.read_bytes() == data
+        assert files_under(workdir) == {"disk.img", "imported.img"}
+
+
+def test_plain_upload_after_an_encoded_one_is_sent_again(
+    backend: BackendHarness, workdir: Path
+) -> None:
+    data = image_bytes(2 * MiB)
+    source = write_file(workdir / "disk.img", data)
+    with backend.open(encryption_key=KEY) as store:
+        upload(store, backend, source, "disk.img", "zstd")
+    with backend.open() as plain:
+        up = upload(plain, backend, source, "disk.img", None)
+        assert up.bytes_transferred == len(data)
+    assert backend.read_object("disk.img") == data
+
+
+def test_unknown_compression_is_invalid_config() -> None:
+    with pytest.raises(InvalidConfigError):
+        UploadRequest("x", "nfs://y", compression="gzip")
