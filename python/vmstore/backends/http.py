@@ -53,6 +53,8 @@ import requests.adapters
 import requests.auth
 import urllib3.exceptions
 
+from vmstore import _native
+from vmstore._codec import EncodedPart, Encoder, encode_parts, store_key
 from vmstore._download import DownloadSettings, RemoteObject, download_object
 from vmstore._incomplete import cutoff, known_downloads, remove_download
 from vmstore._oserrors import storage_error_from_oserror
@@ -64,6 +66,7 @@ from vmstore._upload import (
     PartBody,
     PartFeed,
     SourcePlan,
+    encoder_for,
     part_view,
     plan_source,
     progress_for,
@@ -686,11 +689,14 @@ class _PipelineBody:
         size: int | None,
         report: Callable[[int], None],
         cancelled: Callable[[], bool],
+        encode: Callable[[Iterator[_native.SourcePart]], Iterator[EncodedPart]] | None = None,
     ) -> None:
         self._open_plan = open_plan
         self._size = size
         self._report = report
         self._cancelled = cancelled
+        self._encode = encode
+        """The frame stage of an encoded upload (a fresh encoder per attempt)."""
         self.plan: SourcePlan | None = None
         self.sent = 0
 
@@ -702,32 +708,38 @@ class _PipelineBody:
         # (len 0) is still a body.
         return True
 
-    def _blocks(self, feed: PartFeed) -> Iterator[memoryview]:
-        for part in feed:
+    def _blocks(self, feed: PartFeed) -> Iterator[tuple[memoryview, int]]:
+        """Body blocks, each with the image bytes done once it is sent (what progress counts:
+        an encoded part's frame is credited in proportion)."""
+        parts: Iterator[_native.SourcePart | EncodedPart]
+        parts = self._encode(iter(feed)) if self._encode is not None else iter(feed)
+        for part in parts:
             view = part_view(part)
             for start in range(0, len(view), BODY_BLOCK):
-                yield view[start : start + BODY_BLOCK]
+                block = view[start : start + BODY_BLOCK]
+                done = part.offset + part.length * (start + len(block)) // len(view)
+                yield block, done
 
     def __iter__(self) -> Iterator[memoryview]:
         plan = self._open_plan()
         self.plan, self.sent = plan, 0
         with PartFeed(plan, cancel=None) as feed:
             blocks = self._blocks(feed)
-            held = next(blocks, None)
+            held, done = next(blocks, (None, 0))
             while held is not None:
                 if self._cancelled():
                     raise CancelledError(f"upload of {plan.name} cancelled; nothing was stored")
-                following = next(blocks, None)
+                following, following_done = next(blocks, (None, 0))
                 if following is None:
                     # The last block: only a complete, unchanged source gets it sent.
                     plan.check_complete(plan.source.position)
                 self.sent += len(held)
                 try:
-                    self._report(self.sent)
+                    self._report(done)
                 except Exception as exc:  # noqa: BLE001 - the caller's own exception, carried out
                     raise CallbackAbort(exc) from None
                 yield held
-                held = following
+                held, done = following, following_done
 
 
 # --- the backend --------------------------------------------------------------------------
@@ -880,9 +892,12 @@ class HttpStorage:
         if last_modified is None and sidecar is not None:
             with contextlib.suppress(ValueError):
                 last_modified = datetime.fromisoformat(sidecar.uploaded_at).astimezone(UTC)
+        size = head.size if head.size is not None else (sidecar.size if sidecar else 0)
+        if sidecar is not None and sidecar.encoding is not None:
+            size = sidecar.size  # the image's, not the stored frames'
         return FileMetadata(
             url=url,
-            size=head.size if head.size is not None else (sidecar.size if sidecar else 0),
+            size=size,
             checksum=head.checksum or (sidecar.sha256 if sidecar else None),
             etag=_bare_etag(head.validator.etag),
             last_modified=last_modified or datetime.now(UTC),
@@ -939,6 +954,7 @@ class HttpStorage:
             concurrency=self._config.concurrency,
             retry=self._retry,
             classify=classify_retry,
+            encryption_key=store_key(self._config.encryption_key),
         )
         for restart in range(MAX_RESTARTS + 1):
             try:
@@ -963,12 +979,18 @@ class HttpStorage:
     def _prepare_download(self, url: str) -> tuple[RemoteObject, _ObjectReader]:
         head = self._head(url)
         checksum = head.checksum
+        encoding = None
         if checksum is None:
             sidecar = self._read_sidecar(url, head)
             checksum = sidecar.sha256 if sidecar else None
+            encoding = sidecar.encoding if sidecar else None
         size = head.size
         supports_ranges = head.accept_ranges != "none"
-        if size is None or (supports_ranges and size > self._chunk_size):
+        # An encoded object of several frames is read frame by frame, whatever its size.
+        several = size is not None and (
+            size > self._chunk_size or (encoding is not None and len(encoding.frames) > 1)
+        )
+        if size is None or (supports_ranges and several):
             # Decided by the answer, not by Accept-Ranges: some servers claim ranges and send
             # 200, others send 206 without the header.
             supports_ranges, total = self._probe_ranges(url, head.validator)
@@ -987,10 +1009,12 @@ class HttpStorage:
             # Named in messages, logs and the resume state: never the query (a presigned
             # URL's signature), and a re-signed URL of the same file still resumes.
             url=_display(url),
-            size=size,
+            # An encoded object's size is its image's; the sidecar matched the stored size.
+            size=encoding.plain_size if encoding is not None else size,
             etag=identity,
             checksum=checksum,
             supports_ranges=supports_ranges,
+            encoding=encoding,
         )
         return obj, _ObjectReader(self._transport, url, size, validator)
 
@@ -1049,7 +1073,19 @@ class HttpStorage:
         digest: str | None = None
         headers: dict[str, str]
         body_factory: Callable[[], Any]
-        if size is not None and size <= self._chunk_size:
+        key = store_key(self._config.encryption_key)
+        encoders: list[Encoder] = []
+        encode = None
+        if encoder_for(request, key) is not None:
+
+            def encode(parts: Iterator[_native.SourcePart]) -> Iterator[EncodedPart]:
+                # Each attempt of the PUT gets its own salt and nonces: nothing repeats.
+                encoder = encoder_for(request, key)
+                assert encoder is not None
+                encoders.append(encoder)
+                return encode_parts(parts, encoder, concurrency=self._config.concurrency)
+
+        if encode is None and size is not None and size <= self._chunk_size:
             # Small enough to read before the PUT: its checksum goes in the headers, for a
             # server that keeps it itself.
             data = plan.read_whole()
@@ -1073,8 +1109,17 @@ class HttpStorage:
                 spent[0] = True
                 return plan
 
-            body = _PipelineBody(reopen, size, lambda sent: reporter(sent, size or 0), cancelled)
-            headers = _upload_headers(size, None, content_type, metadata)
+            # Encoded, the stored size is known only at the end: the body goes out chunked.
+            body = _PipelineBody(
+                reopen,
+                None if encode is not None else size,
+                lambda sent: reporter(sent, size or 0),
+                cancelled,
+                encode,
+            )
+            headers = _upload_headers(
+                None if encode is not None else size, None, content_type, metadata
+            )
             body_factory = lambda: body  # noqa: E731
 
         made_parents = is_new
@@ -1099,14 +1144,17 @@ class HttpStorage:
         if body is not None:
             assert body.plan is not None
             digest = body.plan.source.sha256()
-            size = body.sent
+            size = body.plan.source.position
         assert digest is not None and size is not None
+        encoding = encoders[-1].encoding() if encoders else None
+        stored = encoding.stored_size if encoding is not None else size
         head = self._head(url, "confirm the upload to")
-        if head.size is not None and head.size != size:
+        if head.size is not None and head.size != stored:
             raise ChecksumMismatchError(
-                f"{_display(url)} holds {head.size} bytes after the upload, expected {size}"
+                f"{_display(url)} holds {head.size} bytes after the upload, expected {stored}"
             )
-        if not _stores_natively(head, digest, metadata):
+        if encoding is not None or not _stores_natively(head, digest, metadata):
+            # An encoded object always has its sidecar: it holds the frame index.
             self._write_sidecar(
                 url,
                 Sidecar(
@@ -1116,6 +1164,7 @@ class HttpStorage:
                     content_type=content_type,
                     metadata=metadata,
                     uploaded_at=datetime.now(UTC).isoformat(),
+                    encoding=encoding,
                 ),
             )
         reporter.finish(size)
