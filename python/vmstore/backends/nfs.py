@@ -37,13 +37,15 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import Protocol, Self
+from typing import Any, Protocol, Self
 
 from vmstore import _native
+from vmstore._codec import Encoder, Encoding, encode_parts, store_key
+from vmstore._download import DownloadSettings, RemoteObject, download_object
 from vmstore._failure import keeps_partial
 from vmstore._incomplete import (
     cutoff,
@@ -61,7 +63,9 @@ from vmstore._localpath import (
     stream_label,
 )
 from vmstore._oserrors import storage_error_from_oserror
+from vmstore._retry import RetryableError, RetryPolicy
 from vmstore._sidecar import MAX_SIDECAR_BYTES, SIDECAR_SUFFIX, Sidecar, SidecarFormatError
+from vmstore._upload import PartFeed, encoder_for, plan_source
 from vmstore.config import StorageConfig
 from vmstore.errors import (
     CancelledError,
@@ -241,6 +245,39 @@ def _write_to_stream(stream: WritableStream, data: bytes, label: str) -> None:
         view = view[written:]
 
 
+def _never_retry(_exc: BaseException) -> RetryableError | None:
+    return None
+
+
+class _FileRangeReader:
+    """The download pipeline's reader over a file of the share (already opened, so a file
+    replaced meanwhile is not mixed in)."""
+
+    def __init__(self, source: Any, target: _Target) -> None:
+        self._fd: int = source.fileno()
+        self._target = target
+
+    def read_range(self, start: int, end: int) -> bytes:
+        try:
+            data = os.pread(self._fd, end - start, start)
+            while len(data) < end - start:
+                more = os.pread(self._fd, end - start - len(data), start + len(data))
+                if not more:
+                    break
+                data += more
+        except OSError as exc:
+            raise storage_error_from_oserror(exc, "read", self._target.url) from exc
+        if len(data) != end - start:
+            raise OperationFailedError(
+                f"{self._target.url} ended at byte {start + len(data)}, before the frames its "
+                "sidecar records: it was truncated; nothing was written"
+            )
+        return data
+
+    def read_stream(self) -> Iterable[bytes]:
+        raise AssertionError("a file in the share is always read by range")
+
+
 class NfsStorage:
     """Storage on an NFS share mounted at ``config.endpoint``."""
 
@@ -274,13 +311,15 @@ class NfsStorage:
             (mimetypes.guess_type(source_path)[0] if source_path else None) or DEFAULT_CONTENT_TYPE
         )
         sidecar_written: list[tuple[Sidecar, os.stat_result]] = []
+        encoder = encoder_for(request, store_key(self._config.encryption_key))
 
-        def write_sidecar(sha256: str, temp_path: str) -> None:
+        def write_sidecar(sha256: str, temp_path: str, encoding: Encoding | None = None) -> None:
             # Bound to the temp file's identity, which the rename into place keeps.
             temp_stat = self._stat(temp_path, "read the size of")
             sidecar = Sidecar(
                 sha256=sha256,
-                size=temp_stat.st_size,
+                size=encoding.plain_size if encoding is not None else temp_stat.st_size,
+                encoding=encoding,
                 etag=_etag(temp_stat),
                 mtime_ns=temp_stat.st_mtime_ns,
                 content_type=content_type,
@@ -302,7 +341,9 @@ class NfsStorage:
         # written (the commit's fsync or rename) leaves the previous object's sidecar.
         previous_sidecar = self._sidecar_bytes(target.path)
         try:
-            if request.source_stream is not None:
+            if encoder is not None:
+                result = self._encoded_upload(request, target.path, encoder, write_sidecar)
+            elif request.source_stream is not None:
                 result = self._copy_stream_in(
                     request.source_stream,
                     size_hint=request.size_hint,
@@ -345,6 +386,14 @@ class NfsStorage:
         self._check_open()
         target = self._resolve(request.source_url)
         source_stat = self._stat_stored_file(target)
+        sidecar = self._load_sidecar(target.path)
+        if (
+            sidecar is not None
+            and sidecar.encoding is not None
+            and _written_for_this_file(sidecar, source_stat)
+        ):
+            # Even if the file was changed in place since: its frames will not decode.
+            return self._encoded_download(request, target, sidecar, sidecar.encoding)
         if request.destination_stream is not None:
             return self._download_to_stream(request, target, request.destination_stream)
         assert request.destination_path is not None  # DownloadRequest guarantees one
@@ -388,7 +437,8 @@ class NfsStorage:
         sidecar = self._read_sidecar(target.path, st)
         return FileMetadata(
             url=target.url,
-            size=st.st_size,
+            # An encoded file's size is its image's (the sidecar matched the stored size).
+            size=sidecar.size if sidecar is not None and sidecar.encoding else st.st_size,
             checksum=sidecar.sha256 if sidecar else None,
             etag=_etag(st),
             last_modified=datetime.fromtimestamp(st.st_mtime_ns / 1e9, tz=UTC),
@@ -588,6 +638,90 @@ class NfsStorage:
             return
         if keep:
             logger.info("kept %s for a later resume", writer.temp_path)
+
+    # --- encoded (compressed / encrypted) transfers: the shared frame pipeline -------------
+
+    def _encoded_upload(
+        self,
+        request: UploadRequest,
+        final_path: str,
+        encoder: Encoder,
+        write_sidecar: Callable[[str, str, Encoding | None], None],
+    ) -> _StreamCopy:
+        """The one upload pipeline's parts (UploadSource), encoded into frames
+        (docs/FORMAT.md) and written in order into a one-off temp file, then the sidecar with
+        the frame record, then the commit. Never resumed: it starts over (the frames of an
+        interrupted attempt used another salt)."""
+        plan = plan_source(request, lambda _size: self._chunk_size)
+        temp_path = _unique_temp_path(final_path)
+        try:
+            writer = _native.ChunkWriter(final_path, temp_path, resume=False)
+        except OSError as exc:
+            raise storage_error_from_oserror(exc, "create temporary file", temp_path) from exc
+        reporter = ProgressReporter(request.progress_callback, plan.size or 0)
+        stored = 0
+        try:
+            with PartFeed(plan, cancel=request.cancel) as feed:
+                for frame in encode_parts(feed, encoder, concurrency=self._config.concurrency):
+                    _check_cancel(request.cancel, f"upload of {plan.name}")
+                    assert frame.data is not None
+                    writer.write_at(stored, frame.data)
+                    stored += frame.stored_length
+                    reporter.advance(frame.length)
+            size = plan.source.position
+            plan.check_complete(size)
+            writer.set_len(stored)
+            reporter.finish(size)
+            sha256 = plan.source.sha256()
+            write_sidecar(sha256, writer.temp_path, encoder.encoding())
+            writer.commit()
+        except BaseException as exc:
+            self._abort(writer, keep=False)
+            if isinstance(exc, OSError):
+                raise storage_error_from_oserror(exc, "write", temp_path) from exc
+            raise
+        return _StreamCopy(sha256=sha256, size=size, bytes_copied=size)
+
+    def _encoded_download(
+        self, request: DownloadRequest, target: _Target, sidecar: Sidecar, encoding: Encoding
+    ) -> DownloadResponse:
+        """Frames read by range from the stored file, decoded and written by the one download
+        pipeline (ChunkWriter, in-order hash, resume by frame)."""
+        fd, opened = open_regular_file(target.path, f"stored file of {target.url}")
+        with os.fdopen(fd, "rb", buffering=0) as source:
+            if not _written_for_this_file(sidecar, opened):
+                raise OperationFailedError(
+                    f"{target.url} was replaced while it was opened; retry the download"
+                )
+            if sidecar.stored_size != opened.st_size:
+                raise ChecksumMismatchError(
+                    f"{target.url} holds {opened.st_size} bytes, not the {sidecar.stored_size} "
+                    "its frames were stored as: it was changed since; nothing was written"
+                )
+            obj = RemoteObject(
+                url=target.url,
+                size=encoding.plain_size,
+                etag=_etag(opened),
+                checksum=sidecar.sha256,
+                encoding=encoding,
+            )
+            settings = DownloadSettings(
+                chunk_size=self._chunk_size,
+                concurrency=self._config.concurrency,
+                retry=RetryPolicy(max_retries=0),
+                classify=_never_retry,
+                encryption_key=store_key(self._config.encryption_key),
+            )
+            started = time.monotonic()
+            response = download_object(obj, _FileRangeReader(source, target), request, settings)
+        copied = _StreamCopy(
+            sha256=response.checksum,
+            size=response.content_length,
+            bytes_copied=response.bytes_transferred,
+            resumed_from=response.resumed_from,
+        )
+        self._log_done("downloaded", target.url, copied, started)
+        return response
 
     # --- streams --------------------------------------------------------------------------
 
