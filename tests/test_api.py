@@ -105,6 +105,7 @@ def test_request_dataclasses_have_the_documented_fields_and_defaults() -> None:
         "cancel",
         "source_stream",
         "size_hint",
+        "compression",
     ]
     assert (up.metadata, up.progress_callback, up.content_type, up.resume, up.cancel) == (
         {},
