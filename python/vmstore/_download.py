@@ -366,7 +366,7 @@ def _download(
     if reuse_partial and obj.etag and obj.supports_ranges:
         previous = _load_state(state_path)
         same = previous is not None and all(
-            previous.get(key) == state[key]
+            previous.get(key) == state.get(key)
             for key in ("version", "url", "etag", "size", "chunk_size", "encoding")
         )
         if previous is not None and same:
