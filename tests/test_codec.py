@@ -175,3 +175,41 @@ def _parts(data: bytes, size: int) -> list[_native.SourcePart]:
     while (part := source.next_part(size)) is not None:
         parts.append(part)
     return parts
+
+
+VECTOR_FRAME = bytes.fromhex(
+    "564d534601060000a1b2c3d4000000000000000000000000000000000000000000000000"
+    "0000001400000000000000248e99eddba5608b39f69e9d6c7d2e27b9b252b73cd9604b19"
+    "59ecf64fb4cc5ab8505de854"
+)
+
+
+def test_the_format_test_vector_of_docs_format_md() -> None:
+    key, salt, prefix = bytes(range(32)), bytes(range(32, 64)), bytes.fromhex("a1b2c3d4")
+    codec = _native.FrameCodec(key=key, salt=salt, nonce_prefix=prefix)
+    frame = codec.encode(b"vmstore test vector\n", 0, 0, True)
+    assert frame.data == VECTOR_FRAME
+    assert _native.frame_key_check(key, salt).hex() == (
+        "01305ddb52bb321f671228bc1deae7af516821747b6a5b7f6309fbe7e4e7f97b"
+    )
+
+
+def test_frames_agree_with_an_independent_aes_gcm_and_hkdf() -> None:
+    """The frame layout of docs/FORMAT.md, rebuilt with the `cryptography` package."""
+    aead = pytest.importorskip("cryptography.hazmat.primitives.ciphers.aead")
+    hkdf = pytest.importorskip("cryptography.hazmat.primitives.kdf.hkdf")
+    hashes = pytest.importorskip("cryptography.hazmat.primitives.hashes")
+    key, salt, prefix = bytes(range(32)), bytes(range(32, 64)), bytes.fromhex("a1b2c3d4")
+    plain = b"vmstore test vector\n" * 50
+    frame = _native.FrameCodec(key=key, salt=salt, nonce_prefix=prefix).encode(
+        plain, 7, 4096, False
+    )
+    head = frame.data[:48]
+    frame_key = hkdf.HKDF(hashes.SHA256(), 32, salt, b"vmstore/v1/frame-key").derive(key)
+    nonce = prefix + (7).to_bytes(8, "big")
+    assert aead.AESGCM(frame_key).decrypt(nonce, frame.data[48:], salt + head) == plain
+    assert head[:6] == b"VMSF\x01\x02"
+    assert int.from_bytes(head[16:24], "big") == 7
+    assert int.from_bytes(head[24:32], "big") == 4096
+    assert int.from_bytes(head[32:40], "big") == len(plain)
+    assert int.from_bytes(head[40:48], "big") == len(plain) + 16
