@@ -1150,3 +1150,52 @@ def test_gc_refuses_an_age_it_cannot_read(cli: Cli) -> None:
     result = cli("gc", "--older-than", "a while")
     assert result.returncode == EXIT_USAGE
     assert "not an age" in result.stderr
+
+
+# --- compression and encryption (docs/FORMAT.md) ----------------------------------------
+
+
+def test_compress_and_encryption_key_file_round_trip_and_never_print_the_key(
+    cli: Cli, share: Path, host: Path
+) -> None:
+    key = bytes(range(32))
+    key_file = host / "vm.key"
+    key_file.write_text(f"  {key.hex()}\n")
+    data = b"a compressible disk image line\n" * 100_000
+    source = write_file(host / "disk.raw", data)
+
+    up = cli(
+        "upload", source, "nfs://enc/disk.raw", "--compress", "zstd",
+        "--encryption-key-file", key_file, "--json",
+    )  # fmt: skip
+    assert up.returncode == EXIT_OK, up.stderr
+    assert json.loads(up.stdout)["size"] == len(data)
+    stored = (share / "enc" / "disk.raw").read_bytes()
+    assert len(stored) < len(data) // 10 and b"disk image line" not in stored
+
+    dest = host / "back.raw"
+    down = cli("download", "nfs://enc/disk.raw", dest, "--encryption-key-file", key_file)
+    assert down.returncode == EXIT_OK, down.stderr
+    assert dest.read_bytes() == data
+    for result in (up, down):
+        assert key.hex() not in result.stdout + result.stderr
+
+    keyless = cli("download", "nfs://enc/disk.raw", host / "no.raw")
+    assert keyless.returncode == EXIT_INVALID_CONFIG
+    assert "--encryption-key-file" in assert_error_line(keyless.stderr, "InvalidConfig")
+    other = host / "other.key"
+    other.write_bytes(bytes(32))
+    wrong = cli("download", "nfs://enc/disk.raw", host / "no.raw", "--encryption-key-file", other)
+    assert wrong.returncode == EXIT_PERMISSION_DENIED
+    assert not (host / "no.raw").exists()
+
+
+def test_a_bad_key_file_is_a_clear_invalid_config(cli: Cli, host: Path) -> None:
+    source = write_file(host / "disk.raw", b"x" * 1000)
+    bad = host / "bad.key"
+    bad.write_text("this is not a key\n")
+    for key_file in (bad, host / "missing.key"):
+        result = cli("upload", source, "nfs://d.raw", "--encryption-key-file", key_file)
+        assert result.returncode == EXIT_INVALID_CONFIG, result.stderr
+        line = assert_error_line(result.stderr, "InvalidConfig")
+        assert str(key_file) in line and "this is not a key" not in line

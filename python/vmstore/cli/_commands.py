@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import BinaryIO, cast
 
 from vmstore import _native
+from vmstore._codec import read_key_file
 from vmstore.cli._output import Console, Failure
 from vmstore.cli._parser import (
     EXIT_CODE_BY_ERROR_TYPE,
@@ -122,6 +123,9 @@ def open_storage(args: argparse.Namespace, url: str, origins: SettingOrigins) ->
                 "nfs://, http:// or https://, or pass --type (or set VMSTORE_TYPE)"
             )
         origins.origin["type"] = f"the scheme of {url!r}"
+    key_file = getattr(args, "encryption_key_file", None)
+    if key_file is not None:
+        origins.origin["encryption_key"] = "--encryption-key-file"
     config = StorageConfig.from_env(
         environ=origins.environ,
         type=backend_type,
@@ -136,6 +140,7 @@ def open_storage(args: argparse.Namespace, url: str, origins: SettingOrigins) ->
         # A flag that is absent must not override VMSTORE_INSECURE_SKIP_VERIFY.
         insecure_skip_verify=True if args.insecure_skip_verify else None,
         ca_bundle=args.ca_bundle,
+        encryption_key=read_key_file(key_file) if key_file is not None else None,
     )
     return new_storage(config)
 
@@ -238,6 +243,7 @@ def run_upload(run: Invocation) -> int:
                 progress_callback=_callback(display),
                 content_type=args.content_type,
                 resume=not from_stdin and not args.no_resume,  # a stream cannot be re-read
+                compression=args.compress,
             )
             response = store.upload(request)
             summary = TransferSummary(

@@ -42,6 +42,14 @@ FLAG_BY_FIELD = {
     "ca_bundle": "--ca-bundle",
 }
 
+def _add_key_file_option(parser: argparse.ArgumentParser, purpose: str) -> None:
+    parser.add_argument(
+        "--encryption-key-file",
+        metavar="FILE",
+        help=f"{purpose}: FILE holds the key, 64 hex digits or 32 raw bytes (docs/FORMAT.md)",
+    )
+
+
 _EPILOG = """\
 examples:
   export VMSTORE_ENDPOINT=/mnt/nfs-share          # the backend comes from the URL's scheme
@@ -274,6 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start over instead of continuing an interrupted upload",
     )
+    upload.add_argument(
+        "--compress",
+        choices=["zstd"],
+        metavar="zstd",
+        help="store the image compressed (each part on its own; downloads decompress)",
+    )
+    _add_key_file_option(upload, "encrypt the image on this host before it is stored")
 
     download = _add_command(
         commands,
@@ -298,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start over instead of continuing an interrupted download",
     )
+    _add_key_file_option(download, "decrypt an image stored encrypted")
     download.add_argument(
         "--no-clobber",
         action="store_true",
