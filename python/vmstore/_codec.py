@@ -24,7 +24,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from vmstore import _native
-from vmstore.errors import InvalidConfigError, OperationFailedError, PermissionDeniedError
+from vmstore.errors import (
+    ChecksumMismatchError,
+    InvalidConfigError,
+    OperationFailedError,
+    PermissionDeniedError,
+)
 
 ENCODING_METADATA_KEY = "vmstore-encoding"
 """S3 user metadata (set at Create) saying the object is stored as frames: a reader without its
@@ -234,6 +239,21 @@ def decoder_for(encoding: Encoding, key: bytes | None, url: str) -> _native.Fram
     return _native.FrameCodec(
         compression=encoding.compression, key=key, salt=encoding.encryption.salt
     )
+
+
+def looks_encoded(head: bytes | bytearray | memoryview) -> bool:
+    """Whether bytes an object starts with are vmstore's first frame (magic, version, zero
+    reserved bytes, index 0 at plain offset 0: 24 fixed bytes that no disk image format starts
+    with). Read without a record, such an object would hand out frames as the image."""
+    if len(head) < _native.FRAME_HEADER_SIZE:
+        return False
+    try:
+        _flags, index, offset, _plain, _payload = _native.parse_frame_header(
+            bytes(head[: _native.FRAME_HEADER_SIZE])
+        )
+    except ChecksumMismatchError:
+        return False
+    return index == 0 and offset == 0
 
 
 def missing_record(url: str) -> OperationFailedError:
@@ -508,6 +528,7 @@ __all__ = [
     "decoder_for",
     "encode_parts",
     "group_frames",
+    "looks_encoded",
     "missing_record",
     "read_key_file",
     "store_key",

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from typing import Protocol, cast
 
 from vmstore import _native
-from vmstore._codec import Encoding, Frame, decoder_for
+from vmstore._codec import Encoding, Frame, decoder_for, looks_encoded, missing_record
 from vmstore._failure import keeps_partial
 from vmstore._incomplete import forget_download, record_download
 from vmstore._localpath import check_destination_file, stream_label
@@ -602,6 +602,8 @@ def _fetch_ranges(
         )
         if frames is not None and frame is not None:
             data = frames.decode(frame, data)
+        elif chunk.offset == 0 and looks_encoded(data):
+            raise missing_record(request.source_url)
         # The reader's buffer is ours alone: held by reference if it lands early.
         writer.write_at(chunk.offset, data, owned=True)
         return chunk
@@ -674,6 +676,8 @@ def _fetch_stream(
                     f"{obj.url} sent more than the {obj.size} bytes it announced; "
                     "retry the download"
                 )
+            if position == 0 and looks_encoded(block):
+                raise missing_record(request.source_url)
             if end > written:
                 # The whole block when it is all new: a bytes object goes on uncopied.
                 fresh = block if written <= position else memoryview(block)[written - position :]

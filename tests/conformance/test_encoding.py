@@ -16,6 +16,7 @@ from vmstore import (
     ChecksumMismatchError,
     DownloadRequest,
     InvalidConfigError,
+    OperationFailedError,
     PermissionDeniedError,
     Storage,
     UploadRequest,
@@ -24,7 +25,14 @@ from vmstore import (
 
 from tests.support import InterruptAt, Interrupted, MiB, files_under, random_bytes, write_file
 
-from .harness import BackendHarness, Capability
+from .harness import (
+    BackendHarness,
+    Capability,
+    HttpHarness,
+    NfsHarness,
+    PlainHttpHarness,
+    S3Harness,
+)
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
@@ -279,3 +287,33 @@ def test_plain_upload_after_an_encoded_one_is_sent_again(
 def test_unknown_compression_is_invalid_config() -> None:
     with pytest.raises(InvalidConfigError):
         UploadRequest("x", "nfs://y", compression="gzip")
+
+
+def remove_record(backend: BackendHarness, key: str) -> None:
+    """Delete the object's sidecar (its record) behind vmstore's back."""
+    name = f"{key}.vmstore.json"
+    if isinstance(backend, NfsHarness):
+        (backend.mount / name).unlink()
+    elif isinstance(backend, HttpHarness):
+        (backend.served / name).unlink()
+    elif isinstance(backend, PlainHttpHarness):
+        with backend.server.lock:
+            del backend.server.files[f"/{backend.area}/{name}"]
+    elif isinstance(backend, S3Harness):
+        backend.client.delete_object(Bucket=backend.bucket, Key=f"{backend.prefix}/{name}")
+    else:
+        pytest.skip(f"no way to remove a record on {backend.name}")
+
+
+@pytest.mark.parametrize("scheme", ["zstd", "encrypted"])
+def test_an_encoded_object_without_its_record_is_refused(
+    backend: BackendHarness, workdir: Path, scheme: str
+) -> None:
+    compression, encrypted = SCHEMES[scheme]
+    source = write_file(workdir / "disk.img", image_bytes(image_size(backend)))
+    with encoded_store(backend, encrypted) as store:
+        up = upload(store, backend, source, "disk.img", compression)
+        remove_record(backend, "disk.img")
+        with pytest.raises(OperationFailedError, match="record"):
+            store.download(DownloadRequest(up.url, str(workdir / "out.img")))
+    assert files_under(workdir) == {"disk.img"}

@@ -44,7 +44,14 @@ from types import TracebackType
 from typing import Any, Protocol, Self
 
 from vmstore import _native
-from vmstore._codec import Encoder, Encoding, encode_parts, store_key
+from vmstore._codec import (
+    Encoder,
+    Encoding,
+    encode_parts,
+    looks_encoded,
+    missing_record,
+    store_key,
+)
 from vmstore._download import DownloadSettings, RemoteObject, download_object
 from vmstore._failure import keeps_partial
 from vmstore._incomplete import (
@@ -394,6 +401,7 @@ class NfsStorage:
         ):
             # Even if the file was changed in place since: its frames will not decode.
             return self._encoded_download(request, target, sidecar, sidecar.encoding)
+        self._refuse_frames_without_record(target)
         if request.destination_stream is not None:
             return self._download_to_stream(request, target, request.destination_stream)
         assert request.destination_path is not None  # DownloadRequest guarantees one
@@ -681,6 +689,18 @@ class NfsStorage:
                 raise storage_error_from_oserror(exc, "write", temp_path) from exc
             raise
         return _StreamCopy(sha256=sha256, size=size, bytes_copied=size)
+
+    @staticmethod
+    def _refuse_frames_without_record(target: _Target) -> None:
+        """A file that starts with vmstore's first frame but has no (believable) sidecar is
+        an encoded object whose record is gone: refused, not handed out as the image."""
+        try:
+            with open(target.path, "rb") as handle:
+                head = handle.read(_native.FRAME_HEADER_SIZE)
+        except OSError:
+            return  # the copy reports it
+        if looks_encoded(head):
+            raise missing_record(target.url)
 
     def _encoded_download(
         self, request: DownloadRequest, target: _Target, sidecar: Sidecar, encoding: Encoding
