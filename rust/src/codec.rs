@@ -196,21 +196,28 @@ impl Codec {
     /// One part's bytes as a whole frame (header + payload).
     pub fn encode(&self, plain: &[u8], place: Place) -> Result<Vec<u8>, FrameError> {
         let mut flags = if place.last { FLAG_LAST } else { 0 };
-        let mut payload = match self.level {
-            Some(level) => {
-                let packed = zstd::bulk::compress(plain, level)
-                    .map_err(|err| FrameError::Config(format!("zstd compression failed: {err}")))?;
-                if packed.len() < plain.len() {
-                    flags |= FLAG_ZSTD;
-                    packed
-                } else {
-                    // Incompressible (already compressed or encrypted data): stored as is.
-                    plain.to_vec()
-                }
-            }
-            None => plain.to_vec(),
-        };
         let tag_len = if self.cipher.is_some() { TAG_LEN } else { 0 };
+        // One buffer for the whole frame: the header's room, then the payload written (or
+        // compressed) straight into place, encrypted in place, then the tag.
+        let mut frame: Vec<u8> = Vec::new();
+        if let Some(level) = self.level {
+            let bound = zstd::zstd_safe::compress_bound(plain.len());
+            frame.resize(HEADER_LEN + bound, 0);
+            let packed = zstd::bulk::compress_to_buffer(plain, &mut frame[HEADER_LEN..], level)
+                .map_err(|err| FrameError::Config(format!("zstd compression failed: {err}")))?;
+            if packed < plain.len() {
+                flags |= FLAG_ZSTD;
+                frame.truncate(HEADER_LEN + packed);
+            } else {
+                // Incompressible (already compressed or encrypted data): stored as is.
+                frame.clear();
+            }
+        }
+        if flags & FLAG_ZSTD == 0 {
+            frame.reserve_exact(HEADER_LEN + plain.len() + tag_len);
+            frame.resize(HEADER_LEN, 0);
+            frame.extend_from_slice(plain);
+        }
         if self.cipher.is_some() {
             flags |= FLAG_AEAD;
         }
@@ -220,19 +227,17 @@ impl Codec {
             index: place.index,
             plain_offset: place.plain_offset,
             plain_len: place.plain_len,
-            payload_len: (payload.len() + tag_len) as u64,
+            payload_len: (frame.len() - HEADER_LEN + tag_len) as u64,
         };
         let head = header.to_bytes();
+        frame[..HEADER_LEN].copy_from_slice(&head);
         if let Some((cipher, salt)) = &self.cipher {
             let nonce = nonce_for(header.nonce_prefix, place.index);
             let tag = cipher
-                .encrypt_in_place_detached(Nonce::from_slice(&nonce), &aad_for(salt, &head), &mut payload)
+                .encrypt_in_place_detached(Nonce::from_slice(&nonce), &aad_for(salt, &head), &mut frame[HEADER_LEN..])
                 .map_err(|_| FrameError::Config("AES-GCM encryption failed (part too large)".into()))?;
-            payload.extend_from_slice(tag.as_slice());
+            frame.extend_from_slice(tag.as_slice());
         }
-        let mut frame = Vec::with_capacity(HEADER_LEN + payload.len());
-        frame.extend_from_slice(&head);
-        frame.extend_from_slice(&payload);
         Ok(frame)
     }
 
@@ -273,31 +278,39 @@ impl Codec {
         if header.flags & FLAG_ZSTD != 0 && self.level.is_none() {
             return Err(FrameError::Tampered(format!("{where_} is compressed, the record says not")));
         }
-        let mut payload = frame[HEADER_LEN..].to_vec();
-        if let Some((cipher, salt)) = &self.cipher {
-            if payload.len() < TAG_LEN {
-                return Err(FrameError::Corrupt(format!("{where_} is too short to hold its tag")));
+        let decrypted: Option<Vec<u8>> = match &self.cipher {
+            Some((cipher, salt)) => {
+                let body = &frame[HEADER_LEN..];
+                if body.len() < TAG_LEN {
+                    return Err(FrameError::Corrupt(format!("{where_} is too short to hold its tag")));
+                }
+                let split = body.len() - TAG_LEN;
+                let tag = Tag::clone_from_slice(&body[split..]);
+                let mut buf = body[..split].to_vec();
+                let nonce = nonce_for(header.nonce_prefix, header.index);
+                cipher
+                    .decrypt_in_place_detached(Nonce::from_slice(&nonce), &aad_for(salt, &head), &mut buf, &tag)
+                    .map_err(|_| {
+                        FrameError::Tampered(format!(
+                            "{where_} failed authentication: the stored bytes were altered, or belong to \
+                             another object or another place"
+                        ))
+                    })?;
+                Some(buf)
             }
-            let split = payload.len() - TAG_LEN;
-            let tag = Tag::clone_from_slice(&payload[split..]);
-            payload.truncate(split);
-            let nonce = nonce_for(header.nonce_prefix, header.index);
-            cipher
-                .decrypt_in_place_detached(Nonce::from_slice(&nonce), &aad_for(salt, &head), &mut payload, &tag)
-                .map_err(|_| {
-                    FrameError::Tampered(format!(
-                        "{where_} failed authentication: the stored bytes were altered, or belong to \
-                         another object or another place"
-                    ))
-                })?;
-        }
+            None => None,
+        };
         let plain = if header.flags & FLAG_ZSTD != 0 {
             let capacity = usize::try_from(header.plain_len)
                 .map_err(|_| FrameError::Corrupt(format!("{where_}: plain length too large")))?;
-            zstd::bulk::decompress(&payload, capacity)
+            let payload = decrypted.as_deref().unwrap_or(&frame[HEADER_LEN..]);
+            zstd::bulk::decompress(payload, capacity)
                 .map_err(|err| FrameError::Corrupt(format!("{where_} does not decompress: {err}")))?
         } else {
-            payload
+            match decrypted {
+                Some(buf) => buf,
+                None => frame[HEADER_LEN..].to_vec(),
+            }
         };
         if plain.len() as u64 != header.plain_len {
             return Err(FrameError::Corrupt(format!(
