@@ -290,3 +290,6 @@ def parse_frame_header(head: bytes) -> tuple[int, int, int, int, int]:
 
 def crc64nvme_combine(crc_a: int, crc_b: int, len_b: int) -> int:
     """CRC-64/NVME of A||B from the CRCs of A and B and the length of B."""
+
+def crc64nvme(data: object) -> int:
+    """CRC-64/NVME of a bytes-like object (the GIL released for large ones)."""

@@ -446,6 +446,13 @@ pub fn crc64nvme_combine(crc_a: u64, crc_b: u64, len_b: u64) -> u64 {
     crc_fast::checksum_combine(CrcAlgorithm::Crc64Nvme, crc_a, crc_b, len_b)
 }
 
+/// CRC-64/NVME of a bytes-like object, with the GIL released for large ones.
+#[pyfunction]
+#[pyo3(name = "crc64nvme")]
+pub fn py_crc64nvme(py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<u64> {
+    with_bytes(py, data, crc64nvme)
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyFrameCodec>()?;
     m.add_class::<EncodedFrame>()?;
@@ -453,6 +460,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(check_frame_key, m)?)?;
     m.add_function(wrap_pyfunction!(parse_frame_header, m)?)?;
     m.add_function(wrap_pyfunction!(crc64nvme_combine, m)?)?;
+    m.add_function(wrap_pyfunction!(py_crc64nvme, m)?)?;
     m.add("FRAME_HEADER_SIZE", HEADER_LEN)?;
     m.add("FRAME_TAG_SIZE", TAG_LEN)?;
     Ok(())

@@ -214,8 +214,6 @@ def test_encoded_upload_resumes_after_an_interruption(
     backend: BackendHarness, workdir: Path
 ) -> None:
     backend.require(Capability.UPLOAD_RESUME)
-    if backend.name == "nfs":
-        pytest.skip("an encoded NFS upload starts over (docs/FORMAT.md, Resume)")
     # Incompressible: every frame is stored whole (raw), so each fills an S3 part of its own
     # and the interruption leaves some parts stored and some not.
     data = random_bytes(image_size(backend), seed=91)
@@ -317,3 +315,24 @@ def test_an_encoded_object_without_its_record_is_refused(
         with pytest.raises(OperationFailedError, match="record"):
             store.download(DownloadRequest(up.url, str(workdir / "out.img")))
     assert files_under(workdir) == {"disk.img"}
+
+
+def test_resumed_encoded_upload_rewrites_frames_garbled_in_the_partial(
+    backend: BackendHarness, workdir: Path
+) -> None:
+    if not isinstance(backend, NfsHarness):
+        pytest.skip("the partial of an NFS upload is a file in the share")
+    data = random_bytes(image_size(backend), seed=92)
+    source = write_file(workdir / "disk.img", data)
+    with backend.open(encryption_key=KEY) as store:
+        with pytest.raises(Interrupted):
+            upload(store, backend, source, "disk.img", "zstd", InterruptAt(len(data) // 2))
+        (partial,) = backend.mount.glob("disk.img.vmstore-partial-*")
+        garbled = bytearray(partial.read_bytes())
+        garbled[100] ^= 0xFF  # inside the first frame, as a crash losing a page might
+        partial.write_bytes(garbled)
+        up = upload(store, backend, source, "disk.img", "zstd")
+        assert up.resumed_from == 0  # the first frame did not verify: nothing reused
+        dest = workdir / "back.img"
+        store.download(DownloadRequest(up.url, str(dest)))
+        assert dest.read_bytes() == data

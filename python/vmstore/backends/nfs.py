@@ -28,6 +28,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
+import json
 import logging
 import mimetypes
 import os
@@ -37,7 +39,7 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
@@ -45,8 +47,10 @@ from typing import Any, Protocol, Self
 
 from vmstore import _native
 from vmstore._codec import (
+    EncodedPart,
     Encoder,
     Encoding,
+    FrameRecord,
     encode_parts,
     looks_encoded,
     missing_record,
@@ -61,6 +65,7 @@ from vmstore._incomplete import (
     record_download,
     remove_download,
     remove_file,
+    state_dir,
 )
 from vmstore._localpath import (
     check_destination_file,
@@ -72,7 +77,7 @@ from vmstore._localpath import (
 from vmstore._oserrors import storage_error_from_oserror
 from vmstore._retry import RetryableError, RetryPolicy
 from vmstore._sidecar import MAX_SIDECAR_BYTES, SIDECAR_SUFFIX, Sidecar, SidecarFormatError
-from vmstore._upload import PartFeed, encoder_for, plan_source
+from vmstore._upload import PartFeed, SourcePlan, encoder_for, plan_source
 from vmstore.config import StorageConfig
 from vmstore.errors import (
     CancelledError,
@@ -250,6 +255,116 @@ def _write_to_stream(stream: WritableStream, data: bytes, label: str) -> None:
         if not isinstance(written, int) or isinstance(written, bool):
             return  # a stream whose write() returns nothing useful took it all
         view = view[written:]
+
+
+class _ResumedFramesDiffer(ChecksumMismatchError):
+    def __init__(self, number: int) -> None:
+        super().__init__(f"frame {number} of the interrupted upload no longer matches the source")
+
+
+class _FrameJournal:
+    """What an interrupted encoded NFS upload wrote into its partial: a header line (source
+    identity, part size, compression, salt, key check: never the key) and one line per frame
+    written, ``[number, plain CRC, plain length, stored length, stored CRC]``, in order. Kept
+    in vmstore's state directory, named after the partial."""
+
+    VERSION = 1
+
+    def __init__(self, partial: str) -> None:
+        ident = hashlib.sha256(os.path.realpath(partial).encode()).hexdigest()[:40]
+        self.path = os.path.join(state_dir(), f"nfs-frames-{ident}.json")
+
+    def _header(self, plan: SourcePlan, encoder: Encoder) -> dict[str, Any]:
+        assert plan.stat is not None
+        encryption = encoder.encryption
+        return {
+            "version": self.VERSION,
+            "source": plan.name,
+            "size": plan.stat.st_size,
+            "mtime_ns": plan.stat.st_mtime_ns,
+            "part_size": plan.part_size(1),
+            "compression": encoder.compression,
+            "salt": encryption.salt.hex() if encryption else None,
+            "key_check": encryption.key_check.hex() if encryption else None,
+        }
+
+    def resume(
+        self, plan: SourcePlan, encoder: Encoder, writer: _native.ChunkWriter, key: bytes | None
+    ) -> tuple[Encoder, dict[int, FrameRecord]]:
+        """The encoder to continue with and the frames of the partial that can be kept (a
+        contiguous prefix whose stored bytes still have their CRCs); the journal and the
+        partial are cut back to them."""
+        kept: dict[int, FrameRecord] = {}
+        try:
+            with open(self.path, encoding="utf-8") as handle:
+                lines = handle.read().splitlines()
+            header = json.loads(lines[0])
+            records = []
+            for line in lines[1:]:
+                try:
+                    records.append(FrameRecord.from_list(json.loads(line)))
+                except ValueError:
+                    break  # a line torn by a crash: the frames before it are the journal
+        except (OSError, ValueError, IndexError, UnicodeDecodeError):
+            header, records = None, []
+        current = self._header(plan, encoder)
+        same = isinstance(header, dict) and all(
+            header.get(k) == current[k]
+            for k in ("version", "source", "size", "mtime_ns", "part_size", "compression")
+        )
+        if same and isinstance(header, dict) and (header.get("salt") is None) == (key is None):
+            try:
+                if key is not None:
+                    salt = bytes.fromhex(str(header["salt"]))
+                    _native.check_frame_key(key, salt, bytes.fromhex(str(header["key_check"])))
+                    encoder = Encoder(encoder.compression, key, salt=salt)
+                kept = self._verified(records, writer)
+            except (StorageError, ValueError, OSError):
+                kept = {}
+        if not kept:
+            encoder = Encoder(encoder.compression, key)  # a fresh salt for a fresh start
+        writer.set_len(sum(f.stored_length for f in kept.values()))
+        self._write(self._header(plan, encoder), list(kept.values()))
+        return encoder, kept
+
+    @staticmethod
+    def _verified(
+        records: list[FrameRecord], writer: _native.ChunkWriter
+    ) -> dict[int, FrameRecord]:
+        kept: dict[int, FrameRecord] = {}
+        offset, on_disk = 0, writer.existing_length
+        with open(writer.temp_path, "rb", buffering=0) as partial:
+            for expected, frame in enumerate(records, start=1):
+                if frame.number != expected or offset + frame.stored_length > on_disk:
+                    break
+                data = os.pread(partial.fileno(), frame.stored_length, offset)
+                if len(data) != frame.stored_length or _native.crc64nvme(data) != frame.crc64nvme:
+                    break  # lost or garbled by a crash: written again from here
+                kept[frame.number] = frame
+                offset += frame.stored_length
+        return kept
+
+    def _write(self, header: dict[str, Any], frames: list[FrameRecord]) -> None:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        temp = f"{self.path}.{os.getpid()}.tmp"
+        with open(temp, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(header) + "\n")
+            handle.writelines(json.dumps(f.to_list()) + "\n" for f in frames)
+        os.replace(temp, self.path)
+
+    def append(self, frame: EncodedPart) -> None:
+        record = FrameRecord(
+            frame.number, frame.plain_crc64nvme, frame.length, frame.stored_length, frame.crc64nvme
+        )
+        try:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record.to_list()) + "\n")
+        except OSError as exc:
+            logger.warning("could not journal frame %d in %s: %s", frame.number, self.path, exc)
+
+    def remove(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.path)
 
 
 def _never_retry(_exc: BaseException) -> RetryableError | None:
@@ -655,26 +770,66 @@ class NfsStorage:
         final_path: str,
         encoder: Encoder,
         write_sidecar: Callable[[str, str, Encoding | None], None],
+        *,
+        may_resume: bool = True,
     ) -> _StreamCopy:
         """The one upload pipeline's parts (UploadSource), encoded into frames
-        (docs/FORMAT.md) and written in order into a one-off temp file, then the sidecar with
-        the frame record, then the commit. Never resumed: it starts over (the frames of an
-        interrupted attempt used another salt)."""
+        (docs/FORMAT.md) and written in order into the partial, then the sidecar with the
+        frame record, then the commit.
+
+        A file's upload resumes like a plain one: the partial keeps the frames written, a
+        journal in the state directory (never the key) names them with their CRCs and the
+        upload's salt; a resume re-reads those frames from the partial, checks them and the
+        source's plain bytes against the journal, and continues under the same salt."""
         plan = plan_source(request, lambda _size: self._chunk_size)
-        temp_path = _unique_temp_path(final_path)
-        try:
-            writer = _native.ChunkWriter(final_path, temp_path, resume=False)
-        except OSError as exc:
-            raise storage_error_from_oserror(exc, "create temporary file", temp_path) from exc
+        resumable = may_resume and request.resume and plan.stat is not None
+        if resumable:
+            partial = f"{final_path}{PARTIAL_SUFFIX}-{_host_label()}"
+            writer, resumable = self._open_writer(final_path, partial, True)
+        else:
+            temp = _unique_temp_path(final_path)
+            try:
+                writer = _native.ChunkWriter(final_path, temp, resume=False)
+            except OSError as exc:
+                raise storage_error_from_oserror(exc, "create temporary file", temp) from exc
+        journal = _FrameJournal(writer.temp_path) if resumable else None
+        stored_frames: dict[int, FrameRecord] = {}
+        if journal is not None:
+            encoder, stored_frames = journal.resume(plan, encoder, writer, self._key)
         reporter = ProgressReporter(request.progress_callback, plan.size or 0)
-        stored = 0
+        stored = sum(frame.stored_length for frame in stored_frames.values())
+        resumed = 0
+
+        def checked(feed: Iterable[_native.SourcePart]) -> Iterator[_native.SourcePart]:
+            nonlocal resumed
+            for part in feed:
+                frame = stored_frames.get(part.number)
+                if frame is not None:
+                    if frame.plain_crc64nvme != part.crc64nvme:
+                        raise _ResumedFramesDiffer(part.number)
+                    resumed += part.length
+                    reporter.advance(part.length)
+                yield part
+
         try:
-            with PartFeed(plan, cancel=request.cancel) as feed:
-                for frame in encode_parts(feed, encoder, concurrency=self._config.concurrency):
+            if resumed_bytes := sum(f.plain_length for f in stored_frames.values()):
+                logger.info("resuming %s at %d bytes (frames verified)", final_path, resumed_bytes)
+            with PartFeed(
+                plan, cancel=request.cancel, keep=lambda number: number not in stored_frames
+            ) as feed:
+                for frame in encode_parts(
+                    checked(feed),
+                    encoder,
+                    concurrency=self._config.concurrency,
+                    stored={n: (f.stored_length, f.crc64nvme) for n, f in stored_frames.items()},
+                ):
                     _check_cancel(request.cancel, f"upload of {plan.name}")
-                    assert frame.data is not None
+                    if frame.data is None:
+                        continue  # stored by the interrupted attempt
                     writer.write_at(stored, frame.data)
                     stored += frame.stored_length
+                    if journal is not None:
+                        journal.append(frame)
                     reporter.advance(frame.length)
             size = plan.source.position
             plan.check_complete(size)
@@ -683,12 +838,32 @@ class NfsStorage:
             sha256 = plan.source.sha256()
             write_sidecar(sha256, writer.temp_path, encoder.encoding())
             writer.commit()
-        except BaseException as exc:
+        except _ResumedFramesDiffer as exc:
             self._abort(writer, keep=False)
+            if journal is not None:
+                journal.remove()
+            logger.warning("%s; starting the upload over", exc.message)
+            return self._encoded_upload(
+                request, final_path, Encoder(encoder.compression, self._key), write_sidecar,
+                may_resume=False,
+            )  # fmt: skip
+        except BaseException as exc:
+            keep = resumable and keeps_partial(exc)
+            self._abort(writer, keep=keep)
+            if journal is not None and not keep:
+                journal.remove()
             if isinstance(exc, OSError):
-                raise storage_error_from_oserror(exc, "write", temp_path) from exc
+                raise storage_error_from_oserror(exc, "write", writer.temp_path) from exc
             raise
-        return _StreamCopy(sha256=sha256, size=size, bytes_copied=size)
+        if journal is not None:
+            journal.remove()
+        return _StreamCopy(
+            sha256=sha256, size=size, bytes_copied=size - resumed, resumed_from=resumed
+        )
+
+    @property
+    def _key(self) -> bytes | None:
+        return store_key(self._config.encryption_key)
 
     @staticmethod
     def _refuse_frames_without_record(target: _Target) -> None:
