@@ -8,7 +8,9 @@ a missing key and a flipped stored byte each fail with their own error, committi
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from vmstore import (
     Storage,
     UploadRequest,
     UploadResponse,
+    _native,
 )
 
 from tests.support import InterruptAt, Interrupted, MiB, files_under, random_bytes, write_file
@@ -113,6 +116,18 @@ def test_encoded_round_trip_reports_the_image_and_stores_frames(
         if compression:
             assert len(stored) < len(data) // 2
         assert backend.stored_names() == {"disk.img"} | backend.companion_names("disk.img")
+        record = json.loads(backend.read_object("disk.img.vmstore.json") or b"{}")["encoding"]
+        assert len(record["frame_stored_lengths"]) > 1  # the download below reads several
+        assert KEY.hex() not in json.dumps(record)
+        if isinstance(backend, S3Harness):
+            # S3's own FULL_OBJECT checksum is of the stored frames (validated by SeaweedFS).
+            head = backend.client.head_object(
+                Bucket=backend.bucket, Key=f"{backend.prefix}/disk.img", ChecksumMode="ENABLED"
+            )
+            # moto answers a 4-byte value of its own for CRC64NVME: not a CRC-64 to compare.
+            if len(base64.b64decode(head.get("ChecksumCRC64NVME") or "")) == 8:
+                crc = _native.crc64nvme(stored).to_bytes(8, "big")
+                assert head["ChecksumCRC64NVME"] == base64.b64encode(crc).decode()
 
         meta = store.get_metadata(up.url)
         assert (meta.size, meta.checksum) == (len(data), expected)
