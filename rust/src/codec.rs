@@ -158,6 +158,46 @@ pub fn crc64nvme(data: &[u8]) -> u64 {
     digest.finalize()
 }
 
+thread_local! {
+    /// One zstd context per thread and level, reused frame after frame (a context costs a few
+    /// MiB of tables to set up).
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn with_compressor<R>(
+    level: i32,
+    f: impl FnOnce(&mut zstd::bulk::Compressor<'static>) -> std::io::Result<R>,
+) -> std::io::Result<R> {
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if !matches!(&*slot, Some((l, _)) if *l == level) {
+            *slot = Some((level, zstd::bulk::Compressor::new(level)?));
+        }
+        match slot.as_mut() {
+            Some((_, compressor)) => f(compressor),
+            None => Err(std::io::Error::other("no zstd context")),
+        }
+    })
+}
+
+fn with_decompressor<R>(
+    f: impl FnOnce(&mut zstd::bulk::Decompressor<'static>) -> std::io::Result<R>,
+) -> std::io::Result<R> {
+    DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(zstd::bulk::Decompressor::new()?);
+        }
+        match slot.as_mut() {
+            Some(decompressor) => f(decompressor),
+            None => Err(std::io::Error::other("no zstd context")),
+        }
+    })
+}
+
 /// Where a frame belongs: what the reader expects to find in its header.
 #[derive(Debug, Clone, Copy)]
 pub struct Place {
@@ -199,23 +239,22 @@ impl Codec {
         let tag_len = if self.cipher.is_some() { TAG_LEN } else { 0 };
         // One buffer for the whole frame: the header's room, then the payload written (or
         // compressed) straight into place, encrypted in place, then the tag.
-        let mut frame: Vec<u8> = Vec::new();
+        // Room for the header, then at most the plain length of compressed bytes: a part that
+        // does not shrink is stored raw (zstd gives up when the room runs out).
+        let mut frame: Vec<u8> = Vec::with_capacity(HEADER_LEN + plain.len() + tag_len);
+        frame.resize(HEADER_LEN, 0);
         if let Some(level) = self.level {
-            let bound = zstd::zstd_safe::compress_bound(plain.len());
-            frame.resize(HEADER_LEN + bound, 0);
-            let packed = zstd::bulk::compress_to_buffer(plain, &mut frame[HEADER_LEN..], level)
-                .map_err(|err| FrameError::Config(format!("zstd compression failed: {err}")))?;
-            if packed < plain.len() {
-                flags |= FLAG_ZSTD;
-                frame.truncate(HEADER_LEN + packed);
-            } else {
+            let mut cursor = std::io::Cursor::new(frame);
+            cursor.set_position(HEADER_LEN as u64);
+            let packed = with_compressor(level, |compressor| compressor.compress_to_buffer(plain, &mut cursor));
+            frame = cursor.into_inner();
+            match packed {
+                Ok(n) if n < plain.len() => flags |= FLAG_ZSTD,
                 // Incompressible (already compressed or encrypted data): stored as is.
-                frame.clear();
+                _ => frame.truncate(HEADER_LEN),
             }
         }
         if flags & FLAG_ZSTD == 0 {
-            frame.reserve_exact(HEADER_LEN + plain.len() + tag_len);
-            frame.resize(HEADER_LEN, 0);
             frame.extend_from_slice(plain);
         }
         if self.cipher.is_some() {
@@ -304,8 +343,11 @@ impl Codec {
             let capacity = usize::try_from(header.plain_len)
                 .map_err(|_| FrameError::Corrupt(format!("{where_}: plain length too large")))?;
             let payload = decrypted.as_deref().unwrap_or(&frame[HEADER_LEN..]);
-            zstd::bulk::decompress(payload, capacity)
-                .map_err(|err| FrameError::Corrupt(format!("{where_} does not decompress: {err}")))?
+            let mut out = Vec::with_capacity(capacity);
+            let got = with_decompressor(|d| d.decompress_to_buffer(payload, &mut out))
+                .map_err(|err| FrameError::Corrupt(format!("{where_} does not decompress: {err}")))?;
+            out.truncate(got);
+            out
         } else {
             match decrypted {
                 Some(buf) => buf,
