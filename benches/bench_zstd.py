@@ -190,30 +190,43 @@ ROLES = ("vmstore-plain", "vmstore-zstd", "vmstore-zstd+aes", "zstd-T0", "zstd-T
 AFTER = {"vmstore-get-zstd": "vmstore-zstd", "unzstd": "zstd-T0"}
 
 
+LEVELS = (1, 3, 6, 9)
+"""zstd levels compared at the NFS frame size (32 MiB), to choose the default."""
+
+
 def frame_ratios(image: str) -> dict[str, Any]:
-    """Stored size per frame size (vmstore's encoder, in this process)."""
+    """Stored size per frame size at level 3, and per level at 32 MiB frames (vmstore's
+    encoder, one thread, in this process)."""
+    ratios = {}
+    for mib in FRAME_SIZES_MIB:
+        ratios[str(mib)] = _encode_all(image, mib, 3)
+    return ratios
+
+
+def level_ratios(image: str) -> dict[str, Any]:
+    return {str(level): _encode_all(image, 32, level) for level in LEVELS}
+
+
+def _encode_all(image: str, mib: int, level: int) -> dict[str, Any]:
     from vmstore import _native
 
-    ratios = {}
     size = os.path.getsize(image)
-    for mib in FRAME_SIZES_MIB:
-        codec = _native.FrameCodec(compression="zstd")
-        stored = 0
-        started = time.perf_counter()
-        cpu = resource.getrusage(resource.RUSAGE_SELF)
-        with open(image, "rb", buffering=0) as handle:
-            index = 0
-            while block := handle.read(mib * MiB):
-                stored += len(codec.encode(block, index, index * mib * MiB, False).data)
-                index += 1
-        after = resource.getrusage(resource.RUSAGE_SELF)
-        ratios[str(mib)] = {
-            "stored_bytes": stored,
-            "ratio": size / stored,
-            "one_thread_mib_s": size / MiB / (time.perf_counter() - started),
-            "cpu_s": (after.ru_utime - cpu.ru_utime) + (after.ru_stime - cpu.ru_stime),
-        }
-    return ratios
+    codec = _native.FrameCodec(compression="zstd", level=level)
+    stored = 0
+    started = time.perf_counter()
+    cpu = resource.getrusage(resource.RUSAGE_SELF)
+    with open(image, "rb", buffering=0) as handle:
+        index = 0
+        while block := handle.read(mib * MiB):
+            stored += len(codec.encode(block, index, index * mib * MiB, False).data)
+            index += 1
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "stored_bytes": stored,
+        "ratio": size / stored,
+        "one_thread_mib_s": size / MiB / (time.perf_counter() - started),
+        "cpu_s": (after.ru_utime - cpu.ru_utime) + (after.ru_stime - cpu.ru_stime),
+    }
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -237,6 +250,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     runs[name].append(result)
                     print(f"rep {rep + 1} {name:18} {result['wall_s']:7.2f} s", file=sys.stderr)
         ratios = frame_ratios(image["path"])
+        levels = level_ratios(image["path"])
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {
@@ -250,6 +264,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "reps": args.reps,
         "runs": runs,
         "frame_ratios": ratios,
+        "level_ratios": levels,
     }
 
 
@@ -297,6 +312,18 @@ def report(results: dict[str, Any]) -> str:
     ]
     for mib, entry in results["frame_ratios"].items():
         lines.append(f"| {mib} | {entry['ratio']:.3f} | {entry['one_thread_mib_s']:.0f} |")
+    lines += [
+        "",
+        "Ratio by zstd level (32 MiB frames; one thread, this process):",
+        "",
+        "| level | ratio | one-thread MiB/s | CPU s |",
+        "|---|---|---|---|",
+    ]
+    for level, entry in results.get("level_ratios", {}).items():
+        lines.append(
+            f"| {level} | {entry['ratio']:.3f} | {entry['one_thread_mib_s']:.0f} "
+            f"| {entry['cpu_s']:.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 from pathlib import Path
 
@@ -351,3 +352,16 @@ def test_resumed_encoded_upload_rewrites_frames_garbled_in_the_partial(
         dest = workdir / "back.img"
         store.download(DownloadRequest(up.url, str(dest)))
         assert dest.read_bytes() == data
+
+
+def test_encoded_download_to_a_stream_gets_the_image_in_order(
+    backend: BackendHarness, workdir: Path
+) -> None:
+    data = image_bytes(image_size(backend))
+    source = write_file(workdir / "disk.img", data)
+    with backend.open(encryption_key=KEY) as store:
+        up = upload(store, backend, source, "disk.img", "zstd")
+        sink = io.BytesIO()
+        down = store.download(DownloadRequest(up.url, destination_stream=sink))
+    assert sink.getvalue() == data
+    assert (down.checksum, down.content_length) == (hashlib.sha256(data).hexdigest(), len(data))
