@@ -226,8 +226,17 @@ def test_a_flipped_stored_byte_fails_and_commits_nothing(
     assert files_under(workdir) == {"disk.img"}
 
 
+def assert_key_not_kept(state_dir: Path) -> None:
+    """Resume journals and state files hold what a resume needs, never the key."""
+    files = [p for p in state_dir.rglob("*") if p.is_file()]
+    assert files, "the interrupted transfer left no resume state"
+    for path in files:
+        content = path.read_bytes()
+        assert KEY not in content and KEY.hex().encode() not in content, path
+
+
 def test_encoded_upload_resumes_after_an_interruption(
-    backend: BackendHarness, workdir: Path
+    backend: BackendHarness, workdir: Path, private_state_dir: Path
 ) -> None:
     backend.require(Capability.UPLOAD_RESUME)
     # Incompressible: every frame is stored whole (raw), so each fills an S3 part of its own
@@ -239,6 +248,7 @@ def test_encoded_upload_resumes_after_an_interruption(
             upload(store, backend, source, "disk.img", "zstd",
                    InterruptAt(backend.upload_unit))  # fmt: skip
         assert backend.read_object("disk.img") is None
+        assert_key_not_kept(private_state_dir)
         up = upload(store, backend, source, "disk.img", "zstd")
         assert 0 < up.resumed_from <= len(data)
         assert up.bytes_transferred == len(data) - up.resumed_from
@@ -265,7 +275,9 @@ def test_encoded_upload_with_another_key_does_not_resume(
         assert dest.read_bytes() == data
 
 
-def test_encoded_download_resumes_frame_by_frame(backend: BackendHarness, workdir: Path) -> None:
+def test_encoded_download_resumes_frame_by_frame(
+    backend: BackendHarness, workdir: Path, private_state_dir: Path
+) -> None:
     backend.require(Capability.DOWNLOAD_RESUME)
     # Eight frames or more, fetched one at a time: the interruption leaves some undone.
     data = image_bytes(max(4 * MiB, 8 * backend.upload_unit) + 123)
@@ -278,6 +290,8 @@ def test_encoded_download_resumes_frame_by_frame(backend: BackendHarness, workdi
                 DownloadRequest(up.url, str(dest), progress_callback=InterruptAt(len(data) // 8))
             )
         assert not dest.exists()
+        assert_key_not_kept(private_state_dir)
+        assert KEY not in (workdir / "imported.img.vmstore-partial.state").read_bytes()
         down = store.download(DownloadRequest(up.url, str(dest)))
         assert 0 < down.resumed_from <= len(data)
         assert down.bytes_transferred == len(data) - down.resumed_from
