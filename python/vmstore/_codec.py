@@ -153,9 +153,11 @@ class Encoding:
         encryption = None
         raw = data.get("encryption")
         if raw is not None:
-            if not isinstance(raw, dict) or raw.get("aead") != AEAD_NAME or raw.get(
-                "kdf"
-            ) != KDF_NAME:
+            if (
+                not isinstance(raw, dict)
+                or raw.get("aead") != AEAD_NAME
+                or raw.get("kdf") != KDF_NAME
+            ):
                 raise ValueError("encryption is not AES-256-GCM with HKDF-SHA256")
             salt, check = _hex(raw.get("salt"), SALT_SIZE), _hex(raw.get("key_check"), 32)
             encryption = Encryption(salt, check)
@@ -175,9 +177,10 @@ class Encoding:
         if any(length < minimum for length in stored):
             raise ValueError("a frame is shorter than its header")
         encoding = cls(compression, encryption, tuple(zip(plain, stored, strict=True)))
-        if data.get("plain_size") != encoding.plain_size or data.get(
-            "stored_size"
-        ) != encoding.stored_size:
+        if (
+            data.get("plain_size") != encoding.plain_size
+            or data.get("stored_size") != encoding.stored_size
+        ):
             raise ValueError("the frame index does not add up to the recorded sizes")
         return encoding
 
@@ -312,7 +315,7 @@ class Encoder:
 
     @property
     def encoding_scheme(self) -> str:
-        """"zstd", "aes-256-gcm" or "zstd+aes-256-gcm"."""
+        """ "zstd", "aes-256-gcm" or "zstd+aes-256-gcm"."""
         return Encoding(self.compression, self.encryption, ()).scheme
 
     def encode(self, number: int, offset: int, data: object, last: bool) -> EncodedPart:
@@ -374,9 +377,7 @@ def encode_parts(
     def passed(part: _native.SourcePart) -> EncodedPart:
         length, crc = stored[part.number]
         encoder.record(part.number, part.length, length, crc)
-        return EncodedPart(
-            part.number, part.offset, part.length, part.crc64nvme, crc, length, None
-        )
+        return EncodedPart(part.number, part.offset, part.length, part.crc64nvme, crc, length, None)
 
     def finish(part: _native.SourcePart, future: cf.Future[EncodedPart] | None) -> EncodedPart:
         if future is None:
@@ -495,9 +496,7 @@ def group_frames(
         )
         data = held[0].data if len(held) == 1 else b"".join(f.data or b"" for f in held)
         assert data is not None
-        return FramePart(
-            number, held[0].offset, sum(f.length for f in held), crc, data, records
-        )
+        return FramePart(number, held[0].offset, sum(f.length for f in held), crc, data, records)
 
     for frame in frames:
         if frame.data is None:

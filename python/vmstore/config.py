@@ -35,9 +35,7 @@ _STRING_FIELDS = (
     "ca_bundle",
 )
 
-_SECRET_FIELDS = frozenset(
-    {"access_key", "secret_key", "session_token", "token", "encryption_key"}
-)
+_SECRET_FIELDS = frozenset({"access_key", "secret_key", "session_token", "token", "encryption_key"})
 _MASK = "***"
 
 # Environment variable -> field. VMSTORE_* wins over the AWS name when both are set, so

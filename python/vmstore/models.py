@@ -126,7 +126,7 @@ class UploadRequest:
         if self.compression is not None and self.compression != "zstd":
             raise InvalidConfigError(
                 f"UploadRequest.compression {self.compression!r} is not supported: use None "
-                "or \"zstd\""
+                'or "zstd"'
             )
         if (self.source_path is None) == (self.source_stream is None):
             raise InvalidConfigError(

@@ -42,6 +42,7 @@ FLAG_BY_FIELD = {
     "ca_bundle": "--ca-bundle",
 }
 
+
 def _add_key_file_option(parser: argparse.ArgumentParser, purpose: str) -> None:
     parser.add_argument(
         "--encryption-key-file",
