@@ -11,7 +11,7 @@ shuffled order per repetition, the image warm in the page cache:
 
   vmstore-plain        NFS upload of the image into a local directory, as it is (copy_file)
   vmstore-zstd         the same with ``compression="zstd"`` (frames of the NFS chunk, 32 MiB)
-  vmstore-zstd+aes     the same, encrypted too (AES-256-GCM)
+  vmstore-zstd+aes     the same, encrypted too (AES-256-GCM-SIV)
   vmstore-get-zstd     download of the vmstore-zstd object (decode + write + verify)
   zstd-T0              ``zstd -3 -T0`` of the image to a file (all cores, one stream)
   zstd-T1              ``zstd -3 -T1`` (one worker), for reference

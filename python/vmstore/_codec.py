@@ -3,7 +3,7 @@ one download pipeline (docs/FORMAT.md is the specification).
 
 An encoded upload turns each part the one pass reads (:class:`vmstore._native.UploadSource`)
 into one self-delimiting frame (native :class:`vmstore._native.FrameCodec`: zstd, then
-AES-256-GCM, with the GIL released), on ``concurrency`` threads, in order. The whole-object
+AES-256-GCM-SIV, with the GIL released), on ``concurrency`` threads, in order. The whole-object
 SHA-256 stays that of the image (the pass hashes the plain bytes); the stored bytes' CRC-64/NVME
 (S3's per-part and FULL_OBJECT checksums) is computed per frame and combined.
 
@@ -37,7 +37,7 @@ companion record refuses it instead of handing out encoded bytes as the image.""
 
 FORMAT_NAME = "vmstore-frames"
 FORMAT_VERSION = 1
-AEAD_NAME = "AES-256-GCM"
+AEAD_NAME = "AES-256-GCM-SIV"
 KDF_NAME = "HKDF-SHA256"
 SALT_SIZE = 32
 
@@ -86,7 +86,7 @@ class Encoding:
 
     @property
     def scheme(self) -> str:
-        names = [name for name in (self.compression, self.encryption and "aes-256-gcm") if name]
+        names = [name for name in (self.compression, self.encryption and "aes-256-gcm-siv") if name]
         return "+".join(names)
 
     @property
@@ -158,7 +158,7 @@ class Encoding:
                 or raw.get("aead") != AEAD_NAME
                 or raw.get("kdf") != KDF_NAME
             ):
-                raise ValueError("encryption is not AES-256-GCM with HKDF-SHA256")
+                raise ValueError("encryption is not AES-256-GCM-SIV with HKDF-SHA256")
             salt, check = _hex(raw.get("salt"), SALT_SIZE), _hex(raw.get("key_check"), 32)
             encryption = Encryption(salt, check)
         runs, stored = data.get("frame_plain_lengths"), data.get("frame_stored_lengths")
@@ -291,9 +291,9 @@ class EncodedPart:
 class Encoder:
     """The frame encoder of one upload attempt, and the frame index it builds.
 
-    ``salt`` is the upload's (a resumed S3 upload passes the journal's); a new encoder draws a
-    random one, and a random 4-byte nonce prefix per attempt, so no (key, nonce) pair repeats
-    across uploads or across attempts of one upload.
+    ``salt`` is the upload's (a resumed upload passes its journal's); a new encoder draws a
+    random one, so no frame key is shared by two uploads. Frames are deterministic for a given
+    salt (AES-GCM-SIV, nonce = frame index): a part sent again is the same bytes.
     """
 
     def __init__(
@@ -308,14 +308,13 @@ class Encoder:
             compression=compression,
             key=key,
             salt=salt if key is not None else None,
-            nonce_prefix=secrets.token_bytes(4),
         )
         self._frames: dict[int, tuple[int, int, int]] = {}
         """index -> (plain length, stored length, stored CRC-64/NVME)"""
 
     @property
     def encoding_scheme(self) -> str:
-        """ "zstd", "aes-256-gcm" or "zstd+aes-256-gcm"."""
+        """ "zstd", "aes-256-gcm-siv" or "zstd+aes-256-gcm-siv"."""
         return Encoding(self.compression, self.encryption, ()).scheme
 
     def encode(self, number: int, offset: int, data: object, last: bool) -> EncodedPart:
@@ -473,16 +472,36 @@ class FramePart:
         return self.offset + self.length
 
 
+class GroupingChanged(Exception):
+    """A resumed upload's frames no longer group into the parts stored before (their stored
+    sizes changed): the upload must start over."""
+
+
 def group_frames(
-    frames: Iterable[EncodedPart], *, first_number: int, min_size: int
+    frames: Iterable[EncodedPart],
+    *,
+    first_number: int,
+    min_size: int,
+    stored_part_of: Mapping[int, int] | None = None,
 ) -> Iterator[FramePart]:
     """Frames (in order) gathered into parts of at least ``min_size`` stored bytes (the last
-    part may be smaller), numbered from ``first_number``."""
+    part may be smaller), numbered from ``first_number``.
+
+    A resumed upload passes ``stored_part_of`` (frame number -> number of the stored part
+    holding it; those frames come without data): grouping restarts after each stored part,
+    which reproduces the parts of the interrupted attempt in between (the same frames have the
+    same stored sizes, and a stored part ends where a group ended). If it does not,
+    GroupingChanged is raised rather than a part sent under another part's number.
+    """
+    stored_part_of = stored_part_of or {}
+    stored_numbers = set(stored_part_of.values())
     number = first_number
     held: list[EncodedPart] = []
     size = 0
 
     def emit() -> FramePart:
+        if number in stored_numbers:
+            raise GroupingChanged(f"part {number} would hold other frames than it stores")
         crc = 0
         for index, frame in enumerate(held):
             crc = (
@@ -499,6 +518,12 @@ def group_frames(
         return FramePart(number, held[0].offset, sum(f.length for f in held), crc, data, records)
 
     for frame in frames:
+        stored = stored_part_of.get(frame.number)
+        if stored is not None:
+            if held:
+                raise GroupingChanged(f"frame {frame.number} no longer starts a part")
+            number = stored + 1
+            continue
         if frame.data is None:
             raise AssertionError(f"frame {frame.number} has no bytes to send")
         held.append(frame)
@@ -524,6 +549,7 @@ __all__ = [
     "Frame",
     "FramePart",
     "FrameRecord",
+    "GroupingChanged",
     "decoder_for",
     "encode_parts",
     "group_frames",

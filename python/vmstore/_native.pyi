@@ -245,7 +245,7 @@ class UploadSource:
 FRAME_HEADER_SIZE: int
 """Bytes of the fixed header in front of every stored frame (48)."""
 FRAME_TAG_SIZE: int
-"""Bytes of an encrypted frame's AES-GCM tag (16)."""
+"""Bytes of an encrypted frame's AES-GCM-SIV tag (16)."""
 
 @final
 class EncodedFrame:
@@ -259,7 +259,7 @@ class EncodedFrame:
 @final
 class FrameCodec:
     """One transfer's frame transform: zstd (``compression="zstd"``, ``level``) and/or
-    AES-256-GCM under HKDF-SHA256(``key``, ``salt``). Errors: InvalidConfigError for bad
+    AES-256-GCM-SIV under HKDF-SHA256(``key``, ``salt``). Errors: InvalidConfigError for bad
     parameters; ``decode`` raises ChecksumMismatchError for a frame that is damaged, altered,
     from another object or out of place."""
 

@@ -1,4 +1,4 @@
-//! Frames: the per-part transform of an encoded upload (zstd, then AES-256-GCM) and its
+//! Frames: the per-part transform of an encoded upload (zstd, then AES-256-GCM-SIV) and its
 //! inverse on download. docs/FORMAT.md is the specification; this file implements it.
 //!
 //! One part of the image becomes one self-delimiting frame: a fixed 48-byte header, then the
@@ -9,13 +9,17 @@
 //!
 //! Encryption: a random 32-byte salt per upload; HKDF-SHA256(key, salt) gives the upload's
 //! frame key and a key-check value (recorded, so a wrong key is refused before any byte is
-//! written). The nonce is a random 4-byte prefix (per encoder: per upload attempt) and the
-//! frame index; the AAD is the salt and the whole frame header (format version, flags with
-//! the last-frame flag, index, plain offset, plain length, payload length), so frames cannot
-//! be reordered, moved between objects or dropped from the end without failing to decrypt.
+//! written). The nonce is the header's 4-byte prefix (0 as vmstore writes it) and the frame
+//! index; the AAD is the salt and the whole frame header (format version, flags with the
+//! last-frame flag, index, plain offset, plain length, payload length), so frames cannot be
+//! reordered, moved between objects or dropped from the end without failing to decrypt.
+//! AES-GCM-SIV (RFC 8452) rather than AES-GCM: a resumed or retried upload encrypts a frame
+//! again under the same key and nonce, which GCM-SIV makes deterministic (the same part gives
+//! the same stored bytes, which servers that refuse to replace a part with other bytes need)
+//! and safe even if the source changed meanwhile (it reveals only whether the two were equal).
 
-use aes_gcm::aead::{AeadInPlace, KeyInit};
-use aes_gcm::{Aes256Gcm, Key, Nonce, Tag};
+use aes_gcm_siv::aead::{AeadInPlace, KeyInit};
+use aes_gcm_siv::{Aes256GcmSiv, Key, Nonce, Tag};
 use crc_fast::{CrcAlgorithm, Digest as CrcDigest};
 use hkdf::Hkdf;
 use pyo3::prelude::*;
@@ -210,7 +214,7 @@ pub struct Place {
 /// The transform of one upload (or download): compression and/or encryption parameters.
 pub struct Codec {
     level: Option<i32>,
-    cipher: Option<(Aes256Gcm, [u8; SALT_LEN])>,
+    cipher: Option<(Aes256GcmSiv, [u8; SALT_LEN])>,
     nonce_prefix: [u8; 4],
 }
 
@@ -226,7 +230,7 @@ impl Codec {
                 let (frame_key, _) = derive(key, salt)?;
                 let mut s = [0u8; SALT_LEN];
                 s.copy_from_slice(salt);
-                Some((Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&frame_key)), s))
+                Some((Aes256GcmSiv::new(Key::<Aes256GcmSiv>::from_slice(&frame_key)), s))
             }
             None => None,
         };
@@ -274,7 +278,7 @@ impl Codec {
             let nonce = nonce_for(header.nonce_prefix, place.index);
             let tag = cipher
                 .encrypt_in_place_detached(Nonce::from_slice(&nonce), &aad_for(salt, &head), &mut frame[HEADER_LEN..])
-                .map_err(|_| FrameError::Config("AES-GCM encryption failed (part too large)".into()))?;
+                .map_err(|_| FrameError::Config("AES-GCM-SIV encryption failed (part too large)".into()))?;
             frame.extend_from_slice(tag.as_slice());
         }
         Ok(frame)
@@ -383,7 +387,8 @@ pub struct EncodedFrame {
 #[pymethods]
 impl PyFrameCodec {
     /// ``compression``: None or "zstd" (``level``, default 3). ``key`` and ``salt``: 32 bytes
-    /// each, or both None. ``nonce_prefix``: 4 random bytes per encoder (ignored on decode).
+    /// each, or both None. ``nonce_prefix``: the header's 4 nonce bytes (default 0; decode
+    /// takes them from each frame's header).
     #[new]
     #[pyo3(signature = (*, compression = None, level = DEFAULT_LEVEL, key = None, salt = None, nonce_prefix = None))]
     fn new(

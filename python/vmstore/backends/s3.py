@@ -34,10 +34,12 @@ import botocore.exceptions
 from vmstore import _native
 from vmstore._codec import (
     ENCODING_METADATA_KEY,
+    EncodedPart,
     Encoder,
     Encoding,
     FramePart,
     FrameRecord,
+    GroupingChanged,
     encode_parts,
     group_frames,
     missing_record,
@@ -1218,17 +1220,16 @@ class _MultipartUpload:
         previous.parts = {n: part for n, part in previous.parts.items() if listed.get(n) == part[0]}
         if previous.encoding is not None:
             # The same salt: the frames stored already and those still to come are one object.
-            # Parts gather a varying number of frames, so only the stored prefix of parts
-            # (holding a prefix of the frames) is kept; later parts are sent again (S3 keeps
-            # the last part sent under a number, and Complete drops the ones not listed).
-            kept, frame_number = 0, 1
-            while kept + 1 in previous.parts and kept + 1 in previous.frames:
-                numbers = [f.number for f in previous.frames[kept + 1]]
-                if numbers != list(range(frame_number, frame_number + len(numbers))):
-                    break
-                kept, frame_number = kept + 1, frame_number + len(numbers)
-            previous.parts = {n: previous.parts[n] for n in range(1, kept + 1)}
-            previous.frames = {n: previous.frames[n] for n in range(1, kept + 1)}
+            # A stored part is kept with the consecutive frames its journal line names; the
+            # parts between are regrouped the same way (see group_frames).
+            previous.parts = {
+                n: part
+                for n, part in previous.parts.items()
+                if n in previous.frames and _consecutive(previous.frames[n])
+            }
+            previous.frames = {n: previous.frames[n] for n in previous.parts}
+            if not _ordered(previous.frames):
+                previous.parts, previous.frames = {}, {}
             salt = previous.encoding.get("salt")
             self.encoder = Encoder(
                 self.request.compression,
@@ -1291,10 +1292,13 @@ class _MultipartUpload:
                     concurrency=self.storage._config.concurrency,
                     stored={n: (f.stored_length, f.crc64nvme) for n, f in stored_frames.items()},
                 )
-                outgoing = group_frames(
-                    (frame for frame in frames if frame.data is not None),
-                    first_number=len(state.parts) + 1,
+                outgoing = _regrouped(
+                    frames,
+                    first_number=1,
                     min_size=S3_MIN_PART,
+                    stored_part_of={
+                        f.number: n for n, records in state.frames.items() for f in records
+                    },
                 )
             send_parts(
                 outgoing,
@@ -1544,6 +1548,32 @@ class _FirstThen:
         if self._first is not None:
             yield self._first
         yield from self._feed
+
+
+def _regrouped(frames: Iterator[EncodedPart], **kwargs: Any) -> Iterator[FramePart]:
+    """group_frames, a grouping that no longer matches the stored parts restarting the
+    upload (as a stored part that no longer matches the source does)."""
+    try:
+        yield from group_frames(frames, **kwargs)
+    except GroupingChanged as exc:
+        log.warning("the frames no longer group into the stored parts: %s", exc)
+        raise _ResumedPartDiffers(0) from exc
+
+
+def _consecutive(frames: tuple[FrameRecord, ...]) -> bool:
+    numbers = [frame.number for frame in frames]
+    return bool(numbers) and numbers == list(range(numbers[0], numbers[0] + len(numbers)))
+
+
+def _ordered(parts: dict[int, tuple[FrameRecord, ...]]) -> bool:
+    """Stored parts hold increasing, disjoint runs of frames, in part-number order."""
+    last = 0
+    for number in sorted(parts):
+        frames = parts[number]
+        if frames[0].number <= last:
+            return False
+        last = frames[-1].number
+    return True
 
 
 def _aware(moment: object) -> datetime:
