@@ -138,6 +138,7 @@ def test_encoded_round_trip_reports_the_image_and_stores_frames(
 
         meta = store.get_metadata(up.url)
         assert (meta.size, meta.checksum) == (len(data), expected)
+        assert not any(key.startswith("vmstore") for key in meta.custom_metadata)
 
         seen.clear()
         dest = workdir / "imported.img"
