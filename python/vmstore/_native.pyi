@@ -89,9 +89,9 @@ class ChunkWriter:
         frontier passes them (SHA-256 always, plus ``crc``), from whichever thread's
         ``write_at`` moved the frontier, with the GIL taken for the call. ``data`` is the
         object given to ``write_at`` (a copy when that was a mutable buffer held early, or a
-        part of it). An exception from ``sink`` is raised unchanged by that ``write_at`` and
-        stops the writer. ``final_path``/``temp_path`` are ``""``; ``set_len``, ``mark_done``
-        raise; ``commit``/``abort`` just close."""
+        part of it). An exception from ``sink`` stops the writer and is raised unchanged by
+        that ``write_at`` and every later call. ``final_path``/``temp_path`` are ``""``;
+        ``set_len``, ``mark_done`` raise; ``commit``/``abort`` just close."""
     @property
     def final_path(self) -> str: ...
     @property

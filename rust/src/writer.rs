@@ -250,6 +250,9 @@ struct Failure {
     os_error: Option<i32>,
     kind: io::ErrorKind,
     detail: String,
+    /// An exception raised by Python code (a stream sink): every caller re-raises that same
+    /// exception, cause included, whichever thread happened to meet it first.
+    python: Option<Arc<PyErr>>,
 }
 
 impl Failure {
@@ -260,17 +263,25 @@ impl Failure {
                 os_error: source.raw_os_error(),
                 kind: source.kind(),
                 detail: source.to_string(),
+                python: None,
             },
             other => Failure {
                 context: "the in-order pass over the written bytes stopped".into(),
                 os_error: None,
                 kind: io::ErrorKind::Other,
                 detail: other.to_string(),
+                python: match other {
+                    CoreError::Python(exc) => Some(Arc::clone(exc)),
+                    _ => None,
+                },
             },
         }
     }
 
     fn to_error(&self) -> CoreError {
+        if let Some(exc) = &self.python {
+            return CoreError::Python(Arc::clone(exc));
+        }
         let source = match self.os_error {
             Some(code) => io::Error::from_raw_os_error(code),
             None => io::Error::new(self.kind, self.detail.clone()),
