@@ -166,7 +166,9 @@ def test_default_policy_refuses_address_in_every_spelling(
     assert host.strip("[]") in error.message
     assert f"({address})" in error.message or host == address
     assert rule in error.message
-    assert "allowed_hosts" in error.message and "VMSTORE_ALLOWED_HOSTS" in error.message
+    assert "list the host (or a CIDR holding its address) in StorageConfig.allowed_hosts" in (
+        error.message
+    )
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1", "10.1.2.3", "192.168.0.1", "fd00::1"])
@@ -578,6 +580,31 @@ def test_same_refusal_on_s3_and_http(
 def test_nfs_has_no_hosts(share: Path, tmp_path: Path) -> None:
     with new_storage(StorageConfig(type="nfs", endpoint=str(share), allowed_hosts=["x.test"])) as s:
         round_trip(s, "nfs://disk.img", tmp_path)
+
+
+def test_cli_allowed_hosts_flag_and_environment(vmstore_cmd: str, tmp_path: Path) -> None:
+    """Refused when the store is built (a literal 127.0.0.1 that the list does not hold), so
+    the child process never connects; exit status 4 as for any PermissionDenied."""
+    env = {**os.environ, "VMSTORE_STATE_DIR": str(tmp_path / "state")}
+    url = "http://127.0.0.1:9/disk.img"
+
+    def run(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [vmstore_cmd, *args],
+            capture_output=True,
+            text=True,
+            env={**env, **extra},
+            timeout=120,
+            check=False,
+        )
+
+    flag = run("stat", "--allowed-hosts", "files.test,10.0.0.0/8", url)
+    assert flag.returncode == 4, flag.stderr
+    assert "127.0.0.1" in flag.stderr and "--allowed-hosts" in flag.stderr
+    environ = run("stat", url, VMSTORE_ALLOWED_HOSTS="files.test")
+    assert environ.returncode == 4, environ.stderr
+    bad = run("stat", "--allowed-hosts", "10.0.0.0/99", url)
+    assert bad.returncode == 7 and "--allowed-hosts" in bad.stderr, bad.stderr
 
 
 # --- the whole module again, where only loopback exists --------------------------------------

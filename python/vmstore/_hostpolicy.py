@@ -55,8 +55,8 @@ replace it (``monkeypatch.setattr(vmstore._hostpolicy, "default_resolver", stub)
 
 ENV_VARIABLE = "VMSTORE_ALLOWED_HOSTS"
 _HOW_TO_ALLOW = (
-    "to allow it, list the host or a CIDR holding the address in StorageConfig.allowed_hosts "
-    f"({ENV_VARIABLE}, --allowed-hosts; then only the listed hosts are reachable)"
+    "to allow it, list the host (or a CIDR holding its address) in StorageConfig.allowed_hosts; "
+    "only the hosts listed there are then reachable"
 )
 
 _DEFAULT_REFUSED: tuple[tuple[IPNetwork, str], ...] = tuple(
