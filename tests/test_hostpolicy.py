@@ -373,22 +373,34 @@ def test_http_redirect_to_a_refused_host_is_refused_before_connecting(
     assert resolver.count("metadata.test") == 1 and resolver.count("other.test") == 0
 
 
+@pytest.mark.parametrize("concurrency", [1, 4])
 def test_http_rebinding_name_is_connected_to_the_checked_address_only(
-    plain: PlainServer, resolver: StubResolver, socket_guard: SocketGuard, tmp_path: Path
+    concurrency: int,
+    plain: PlainServer,
+    resolver: StubResolver,
+    socket_guard: SocketGuard,
+    tmp_path: Path,
 ) -> None:
-    """rebind.test is 127.0.0.1 on the first lookup and 169.254.169.254 afterwards: the
-    transfer goes to 127.0.0.1, or is refused, never to 169.254.x."""
+    """rebind.test is 127.0.0.1 on the first lookup and 169.254.169.254 afterwards. With one
+    connection (kept alive) the transfer goes to 127.0.0.1 on the one checked lookup; with
+    four, the second connection's lookup is refused. Never a connect to 169.254.x."""
     data = random_bytes(2 << 20, seed=3)
     plain.put_file("disk.img", data)
-    store = http_store(f"http://rebind.test:{plain.port}", chunk_size=256 * KiB, concurrency=4)
+    dest = tmp_path / "d"
+    store = http_store(
+        f"http://rebind.test:{plain.port}", chunk_size=256 * KiB, concurrency=concurrency
+    )
     with store:
-        try:
-            store.download(DownloadRequest("/disk.img", destination_path=str(tmp_path / "d")))
-        except PermissionDeniedError as error:
-            assert "rebind.test (169.254.169.254)" in error.message
+        if concurrency == 1:
+            store.download(DownloadRequest("/disk.img", destination_path=str(dest)))
+            assert dest.read_bytes() == data
+            assert resolver.count("rebind.test") == 1
         else:
-            assert (tmp_path / "d").read_bytes() == data
-    assert resolver.count("rebind.test") >= 1
+            error = refused(
+                lambda: store.download(DownloadRequest("/disk.img", destination_path=str(dest)))
+            )
+            assert "rebind.test (169.254.169.254)" in error.message
+            assert not dest.exists()
     assert {host for host, _ in socket_guard.connects} == {"127.0.0.1"}
 
 
@@ -507,15 +519,31 @@ def test_s3_unlisted_endpoint_is_refused(
     assert socket_guard.connects == []
 
 
+@pytest.mark.parametrize("concurrency", [1, 4])
 def test_s3_rebinding_endpoint_never_reaches_link_local(
-    s3_server: S3Server, resolver: StubResolver, socket_guard: SocketGuard, tmp_path: Path
+    concurrency: int,
+    s3_server: S3Server,
+    resolver: StubResolver,
+    socket_guard: SocketGuard,
+    tmp_path: Path,
 ) -> None:
-    with s3_store(s3_server, "rebind.test") as store:
+    """As for HTTP: the one checked lookup serves a kept-alive connection; any later
+    connection's lookup (169.254.169.254) is refused, not retried, never connected."""
+    url = f"s3://{s3_server.bucket}/{unique_prefix()}/disk.img"
+    data = random_bytes(3 << 20, seed=8)
+    source = write_file(tmp_path / "src.img", data)
+    dest = tmp_path / "dst.img"
+    with s3_store(s3_server, "rebind.test", concurrency=concurrency, chunk_size=1 << 20) as store:
         try:
-            round_trip(store, f"s3://{s3_server.bucket}/{unique_prefix()}/disk.img", tmp_path)
+            store.upload(UploadRequest(source_path=str(source), destination_url=url))
+            store.download(DownloadRequest(source_url=url, destination_path=str(dest)))
         except PermissionDeniedError as error:
+            assert concurrency > 1, "one connection needs one lookup"
             assert "rebind.test (169.254.169.254)" in error.message
-    assert {host for host, _ in socket_guard.connects} <= {"127.0.0.1"}
+        else:
+            assert dest.read_bytes() == data
+            assert resolver.count("rebind.test") == 1
+    assert {host for host, _ in socket_guard.connects} == {"127.0.0.1"}
 
 
 # --- the same refusal on S3 and HTTP ---------------------------------------------------------

@@ -365,11 +365,15 @@ class HostPolicy:
         raise error
 
 
-def _refused(host: str, address: str, reason: str) -> PermissionDeniedError:
+class HostRefusedError(PermissionDeniedError):
+    """The host policy refused a connection (a PermissionDeniedError to callers)."""
+
+
+def _refused(host: str, address: str, reason: str) -> HostRefusedError:
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
     shown = f"{host} ({address})" if address and address != host.strip("[]") else host
-    return PermissionDeniedError(f"refusing to connect to {shown}: {reason}; {_HOW_TO_ALLOW}")
+    return HostRefusedError(f"refusing to connect to {shown}: {reason}; {_HOW_TO_ALLOW}")
 
 
 def refusal_in(exc: BaseException | None) -> PermissionDeniedError | None:
@@ -377,9 +381,7 @@ def refusal_in(exc: BaseException | None) -> PermissionDeniedError | None:
     HTTPClientError, urllib3 in MaxRetryError), or None."""
     seen = 0
     while exc is not None and seen < 8:
-        if isinstance(exc, PermissionDeniedError) and exc.message.startswith(
-            "refusing to connect to "
-        ):
+        if isinstance(exc, HostRefusedError):
             return exc
         inner = getattr(exc, "kwargs", {}).get("error") if hasattr(exc, "kwargs") else None
         if not isinstance(inner, BaseException):
