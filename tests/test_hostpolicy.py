@@ -339,6 +339,20 @@ def test_http_url_with_a_refused_literal_host(
     assert socket_guard.connects == []
 
 
+def test_http_mapped_literal_is_judged_as_ipv4_and_connected_as_written(
+    plain: PlainServer, socket_guard: SocketGuard
+) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    plain.put_file("disk.img", b"12345")
+    endpoint = f"http://[::ffff:127.0.0.1]:{plain.port}"
+    with http_store(endpoint, allowed_hosts=["127.0.0.0/8"]) as store:
+        assert store.get_metadata("/disk.img").size == 5
+    connected = [ipaddress.ip_address(host) for host in socket_guard.connects_to(plain.port)]
+    assert connected == [ipaddress.ip_address("::ffff:127.0.0.1")]  # IPv6, as written
+    refused(lambda: http_store(endpoint, allowed_hosts=["::1"]))
+
+
 def test_http_endpoint_refused_when_the_store_is_built(resolver: StubResolver) -> None:
     error = refused(lambda: http_store(f"http://{METADATA}"))
     assert METADATA in error.message and "link-local" in error.message

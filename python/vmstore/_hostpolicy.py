@@ -97,11 +97,17 @@ def canonical_address(address: IPAddress) -> IPAddress:
 
 
 def literal_address(host: str) -> IPAddress | None:
-    """``host`` as an IP address if it is written as one (in any spelling the system's
-    resolver would accept as numeric), else None."""
+    """``host`` as the (canonical) IP address it is written as, in any spelling the system's
+    resolver would accept as numeric; None for a name."""
+    written = _written_address(host)
+    return None if written is None else canonical_address(written)
+
+
+def _written_address(host: str) -> IPAddress | None:
+    """The address a numeric host names as written (an IPv6 form stays IPv6, scope kept)."""
     text = host.strip().strip("[]").rstrip(".")
     try:
-        return canonical_address(ipaddress.ip_address(text))
+        return ipaddress.ip_address(text)
     except ValueError:
         pass
     if text and _NUMERIC_HOST.match(text):
@@ -110,6 +116,21 @@ def literal_address(host: str) -> IPAddress | None:
         except OSError:
             return None
     return None
+
+
+def _literal_sockaddr(address: IPAddress, port: int) -> tuple[int, tuple[Any, ...]]:
+    """(family, sockaddr) to connect to a numeric host: the address as written (a NAT64 or
+    mapped IPv6 address goes out as IPv6, as the caller wrote it), with its scope."""
+    if isinstance(address, ipaddress.IPv4Address):
+        return socket.AF_INET, (str(address), port)
+    scope = address.scope_id or ""
+    try:
+        scope_index = (
+            int(scope) if scope.isdigit() else (socket.if_nametoindex(scope) if scope else 0)
+        )
+    except OSError as exc:
+        raise socket.gaierror(socket.EAI_NONAME, f"no network interface {scope!r}") from exc
+    return socket.AF_INET6, (str(ipaddress.IPv6Address(int(address))), port, 0, scope_index)
 
 
 def _normal_name(name: str) -> str:
@@ -291,17 +312,12 @@ class HostPolicy:
         per address, sockaddr holding the checked address itself. Any refused address
         refuses the host (a name that also points at the metadata service is not trusted)."""
         self.check_host(host)
-        literal = literal_address(host)
-        if literal is not None:
-            # A numeric host is connected to as the address it means, never re-parsed.
+        written = _written_address(host)
+        if written is not None:
+            # A numeric host is never handed to a resolver: connected to as written.
+            af, sockaddr = _literal_sockaddr(written, port)
             infos: Sequence[tuple[Any, ...]] = [
-                (
-                    socket.AF_INET if literal.version == 4 else socket.AF_INET6,
-                    socket.SOCK_STREAM,
-                    socket.IPPROTO_TCP,
-                    "",
-                    (str(literal), port),
-                )
+                (af, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", sockaddr)
             ]
         else:
             resolver = self._resolver or default_resolver
