@@ -209,6 +209,17 @@ def test_allowed_hosts_names_and_cidrs() -> None:
     policy.check_host("10.0.0.1")
 
 
+def test_allowed_hosts_idna_names_and_mapped_cidrs() -> None:
+    """urllib3 connects with the IDNA form of a name; an IPv4-mapped CIDR is its IPv4 net."""
+    policy = HostPolicy(["bücher.example", "::ffff:10.0.0.0/104"])
+    ip = ipaddress.ip_address
+    assert policy.refusal("xn--bcher-kva.example", ip("192.0.2.1")) is None
+    assert policy.refusal("Bücher.Example.", ip("192.0.2.1")) is None
+    assert policy.refusal("any.test", ip("10.1.2.3")) is None
+    assert policy.refusal("any.test", ip("::ffff:10.1.2.3")) is None
+    assert policy.refusal("any.test", ip("11.1.2.3")) is not None
+
+
 def test_allowed_hosts_without_cidrs_refuses_unlisted_names_without_resolving(
     resolver: StubResolver,
 ) -> None:

@@ -77,6 +77,7 @@ _DEFAULT_REFUSED: tuple[tuple[IPNetwork, str], ...] = tuple(
 )
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 _IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
 # Characters of a host the C library may read as an IPv4 number (inet_aton's forms).
 _NUMERIC_HOST = re.compile(r"^[0-9a-fA-FxX.]+$")
@@ -134,7 +135,12 @@ def _literal_sockaddr(address: IPAddress, port: int) -> tuple[int, tuple[Any, ..
 
 
 def _normal_name(name: str) -> str:
-    return name.strip().rstrip(".").lower()
+    """Lower case, no trailing dot, IDNA (the form urllib3 resolves and connects with)."""
+    name = name.strip().rstrip(".").lower()
+    try:
+        return name.encode("idna").decode("ascii")
+    except UnicodeError:
+        return name
 
 
 @dataclass(frozen=True)
@@ -160,11 +166,11 @@ class AllowedHosts:
             if network is not None:
                 networks.append(network)
                 continue
-            name = _normal_name(entry)
+            name = entry.strip().rstrip(".").lower()
             wildcard = name.startswith("*.")
             if wildcard:
                 name = name[2:]
-            _check_name(entry, name)
+            name = _check_name(entry, name)
             if wildcard:
                 suffixes.append("." + name)
             else:
@@ -189,16 +195,23 @@ def _parse_network(entry: str) -> IPNetwork | None:
     if "/" in entry:
         address, _, length = entry.partition("/")
         try:
-            return ipaddress.ip_network(f"{address.strip('[]')}/{length}")
+            network = ipaddress.ip_network(f"{address.strip('[]')}/{length}")
         except ValueError as exc:
             raise _invalid(
                 f"{entry!r} is not a valid CIDR ({exc}; e.g. 10.0.0.0/8, fd00::/8)"
             ) from exc
+        if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_MAPPED):
+            # Addresses are judged in IPv4 form, so an IPv4-mapped CIDR is its IPv4 network.
+            return ipaddress.IPv4Network(
+                (int(network.network_address) & 0xFFFFFFFF, network.prefixlen - 96)
+            )
+        return network
     address_only = literal_address(entry)
     return None if address_only is None else ipaddress.ip_network(address_only)
 
 
-def _check_name(entry: str, name: str) -> None:
+def _check_name(entry: str, name: str) -> str:
+    """``name`` in IDNA form, or InvalidConfigError when it is no host name."""
     if ":" in name or "/" in name or "@" in name:
         raise _invalid(
             f"{entry!r} is neither a host name nor a CIDR (no scheme, port or path: "
@@ -214,6 +227,7 @@ def _check_name(entry: str, name: str) -> None:
     if labels[-1].isdigit():
         # No top-level domain is numeric: this was meant as an address, and is not one.
         raise _invalid(f"{entry!r} is not a valid IP address")
+    return ascii_name
 
 
 def _invalid(problem: str) -> InvalidConfigError:
