@@ -555,19 +555,20 @@ def test_s3_rebinding_endpoint_never_reaches_link_local(
     """As for HTTP: the one checked lookup serves a kept-alive connection; any later
     connection's lookup (169.254.169.254) is refused, not retried, never connected."""
     url = f"s3://{s3_server.bucket}/{unique_prefix()}/disk.img"
-    data = random_bytes(3 << 20, seed=8)
+    data = random_bytes(12 << 20, seed=8)  # three 5 MiB parts: four connections at once
     source = write_file(tmp_path / "src.img", data)
     dest = tmp_path / "dst.img"
-    with s3_store(s3_server, "rebind.test", concurrency=concurrency, chunk_size=1 << 20) as store:
-        try:
+    with s3_store(s3_server, "rebind.test", concurrency=concurrency, chunk_size=5 << 20) as store:
+        if concurrency == 1:
             store.upload(UploadRequest(source_path=str(source), destination_url=url))
             store.download(DownloadRequest(source_url=url, destination_path=str(dest)))
-        except PermissionDeniedError as error:
-            assert concurrency > 1, "one connection needs one lookup"
-            assert "rebind.test (169.254.169.254)" in error.message
-        else:
             assert dest.read_bytes() == data
             assert resolver.count("rebind.test") == 1
+        else:
+            error = refused(
+                lambda: store.upload(UploadRequest(source_path=str(source), destination_url=url))
+            )
+            assert "rebind.test (169.254.169.254)" in error.message
     assert {host for host, _ in socket_guard.connects} == {"127.0.0.1"}
 
 
