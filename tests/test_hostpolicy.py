@@ -631,6 +631,17 @@ def test_same_refusal_on_s3_and_http(
     assert len(resolver.lookups) <= 1
 
 
+def test_a_botocore_without_the_expected_session_fails_closed() -> None:
+    """If botocore's URLLib3Session ever changes shape, no S3 store is built without the
+    policy: InvalidConfigError instead of connections that bypass it."""
+
+    class Changed:
+        _endpoint = type("Endpoint", (), {"http_session": object()})()
+
+    with pytest.raises(InvalidConfigError, match="host policy"):
+        hostpolicy.install_on_boto3_client(Changed(), HostPolicy())
+
+
 def test_nfs_has_no_hosts(share: Path, tmp_path: Path) -> None:
     with new_storage(StorageConfig(type="nfs", endpoint=str(share), allowed_hosts=["x.test"])) as s:
         round_trip(s, "nfs://disk.img", tmp_path)

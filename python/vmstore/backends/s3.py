@@ -544,7 +544,11 @@ class S3Storage:
         except (botocore.exceptions.BotoCoreError, ValueError) as exc:
             raise InvalidConfigError(f"could not set up the S3 client: {exc}", cause=exc) from exc
         # Every connection resolves through the host policy and goes to the checked address.
-        install_on_boto3_client(self._client, self._policy)
+        try:
+            install_on_boto3_client(self._client, self._policy)
+        except InvalidConfigError:
+            self._client.close()
+            raise
         self._closed = False
         # CRC-64/NVME per part until the server refuses it once (then SHA-256).
         self._checksum_algorithm = CHECKSUM_CRC64NVME
