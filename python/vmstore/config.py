@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from vmstore._hostpolicy import check_allowed_hosts, split_allowed_hosts
 from vmstore._registry import BUILTIN_BACKEND_TYPES, backend_names
 from vmstore.errors import InvalidConfigError
 
@@ -56,6 +57,7 @@ _ENV_VARIABLES: dict[str, tuple[str, ...]] = {
     "max_retries": ("VMSTORE_MAX_RETRIES",),
     "chunk_size": ("VMSTORE_CHUNK_SIZE",),
     "concurrency": ("VMSTORE_CONCURRENCY",),
+    "allowed_hosts": ("VMSTORE_ALLOWED_HOSTS",),
 }
 
 _TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
@@ -112,6 +114,9 @@ class StorageConfig:
     max_retries: int = 3
     chunk_size: int | None = None
     concurrency: int = 4
+    allowed_hosts: list[str] | None = None
+    """Host policy (SSRF): None refuses link-local (cloud metadata), unspecified, multicast
+    and broadcast addresses; a list makes only those names and CIDRs reachable."""
 
     def __post_init__(self) -> None:
         self.type = _check_type(self.type)
@@ -155,6 +160,7 @@ class StorageConfig:
             )
         if not _is_int(self.concurrency) or not 1 <= self.concurrency <= MAX_CONCURRENCY:
             raise _invalid("concurrency", f"must be an integer from 1 to {MAX_CONCURRENCY}")
+        self.allowed_hosts = check_allowed_hosts(self.allowed_hosts)
 
     def __repr__(self) -> str:
         shown = []
@@ -226,6 +232,8 @@ def _parse_env_value(field_name: str, variable: str, text: str) -> object:
         if word in _FALSE_WORDS:
             return False
         raise InvalidConfigError(f"{variable}={text!r} is not a boolean; use true or false")
+    if field_name == "allowed_hosts":
+        return split_allowed_hosts(text) or None
     try:
         if field_name == "chunk_size":
             return parse_byte_size(text) if text.strip() else None

@@ -54,6 +54,7 @@ import requests.auth
 import urllib3.exceptions
 
 from vmstore._download import DownloadSettings, RemoteObject, download_object
+from vmstore._hostpolicy import HostPolicy, policy_adapter
 from vmstore._incomplete import cutoff, known_downloads, remove_download
 from vmstore._oserrors import storage_error_from_oserror
 from vmstore._retry import RetryableError, RetryPolicy
@@ -518,8 +519,10 @@ class _Transport:
         # Byte ranges must be ranges of the file itself, not of a compressed rendition.
         session.headers.update({"Accept-Encoding": "identity", "User-Agent": _user_agent()})
         # Retries are vmstore's (RetryPolicy), so max_retries means one thing everywhere.
-        adapter = requests.adapters.HTTPAdapter(
-            pool_connections=4, pool_maxsize=config.concurrency + 4, max_retries=0
+        # Every connection resolves through the host policy and goes to the checked address.
+        self.policy = HostPolicy.from_config(config)
+        adapter = policy_adapter(
+            self.policy, pool_connections=4, pool_maxsize=config.concurrency + 4, max_retries=0
         )
         session.mount("http://", adapter)
         session.mount("https://", adapter)
@@ -550,6 +553,7 @@ class _Transport:
             ):
                 self._warned_plain_http = True
                 log.warning("sending the bearer token over plain http to %s", _display(hop))
+            self.policy.check_url(hop)  # each hop: a redirect may point anywhere
             response = self._session.request(
                 method,
                 hop,
@@ -743,7 +747,9 @@ class HttpStorage:
         self._retry = RetryPolicy(max_retries=config.max_retries)
         # A scheme-less endpoint takes the scheme the type names; use_ssl=False forces http.
         self._use_ssl = config.type == "https" and config.use_ssl
-        normalize_endpoint(config.endpoint, use_ssl=self._use_ssl)  # InvalidConfigError early
+        endpoint = normalize_endpoint(config.endpoint, use_ssl=self._use_ssl)  # early errors
+        if endpoint:
+            HostPolicy.from_config(config).check_host(urlsplit(endpoint).hostname or "")
         self._transport = _Transport(config)
         self._closed = False
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self, cast
+from urllib.parse import urlsplit
 
 import boto3
 import botocore.config
@@ -34,6 +35,7 @@ import botocore.exceptions
 from vmstore import _native
 from vmstore._download import DownloadSettings, RemoteObject, S3Checksum, download_object
 from vmstore._failure import keeps_partial
+from vmstore._hostpolicy import HostPolicy, install_on_boto3_client, refusal_in
 from vmstore._incomplete import cutoff, known_downloads, remove_download, state_dir
 from vmstore._oserrors import storage_error_from_oserror
 from vmstore._retry import RetryableError, RetryPolicy
@@ -121,7 +123,7 @@ def _error_code(exc: botocore.exceptions.ClientError) -> tuple[str, int]:
 
 def classify_retry(exc: BaseException) -> RetryableError | None:
     """The transient S3 failures worth another attempt."""
-    if isinstance(exc, StorageError):
+    if isinstance(exc, StorageError) or refusal_in(exc) is not None:
         return None
     if isinstance(exc, botocore.exceptions.ClientError):
         code, status = _error_code(exc)
@@ -153,6 +155,9 @@ def storage_error(exc: BaseException, action: str, location: S3Location) -> Stor
     where = s3_url(location)
     if isinstance(exc, StorageError):
         return exc
+    refused = refusal_in(exc)  # the host policy's, wrapped by botocore in HTTPClientError
+    if refused is not None:
+        return refused
     if isinstance(exc, botocore.exceptions.ClientError):
         code, status = _error_code(exc)
         if code == "NoSuchBucket":
@@ -491,6 +496,9 @@ class S3Storage:
         self._endpoint = (
             normalize_endpoint(config.endpoint, use_ssl=config.use_ssl) if config.endpoint else ""
         )
+        self._policy = HostPolicy.from_config(config)
+        if self._endpoint:
+            self._policy.check_host(urlsplit(self._endpoint).hostname or "")
         client_config = botocore.config.Config(
             signature_version="s3v4",
             # Custom endpoints rarely have wildcard DNS for virtual-hosted buckets.
@@ -535,6 +543,12 @@ class S3Storage:
             )
         except (botocore.exceptions.BotoCoreError, ValueError) as exc:
             raise InvalidConfigError(f"could not set up the S3 client: {exc}", cause=exc) from exc
+        # Every connection resolves through the host policy and goes to the checked address.
+        try:
+            install_on_boto3_client(self._client, self._policy)
+        except InvalidConfigError:
+            self._client.close()
+            raise
         self._closed = False
         # CRC-64/NVME per part until the server refuses it once (then SHA-256).
         self._checksum_algorithm = CHECKSUM_CRC64NVME

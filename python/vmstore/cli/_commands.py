@@ -136,6 +136,7 @@ def open_storage(args: argparse.Namespace, url: str, origins: SettingOrigins) ->
         # A flag that is absent must not override VMSTORE_INSECURE_SKIP_VERIFY.
         insecure_skip_verify=True if args.insecure_skip_verify else None,
         ca_bundle=args.ca_bundle,
+        allowed_hosts=args.allowed_hosts,
     )
     return new_storage(config)
 

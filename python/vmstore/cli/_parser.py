@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, NoReturn
 
+from vmstore._hostpolicy import split_allowed_hosts
 from vmstore.cli._progress import PROGRESS_MODES
 from vmstore.config import parse_byte_size
 from vmstore.errors import ErrorType
@@ -40,6 +41,7 @@ FLAG_BY_FIELD = {
     "max_retries": "--max-retries",
     "insecure_skip_verify": "--insecure-skip-verify",
     "ca_bundle": "--ca-bundle",
+    "allowed_hosts": "--allowed-hosts",
 }
 
 _EPILOG = """\
@@ -207,6 +209,14 @@ def _add_backend_options(parser: argparse.ArgumentParser, *, on_subcommand: bool
         default=default(None),
         metavar="PATH",
         help="CA certificates to trust [VMSTORE_CA_BUNDLE]",
+    )
+    group.add_argument(
+        "--allowed-hosts",
+        type=split_allowed_hosts,
+        default=default(None),
+        metavar="HOSTS",
+        help="comma-separated names and CIDRs, the only hosts S3/HTTP may reach "
+        "[VMSTORE_ALLOWED_HOSTS; default: all but link-local, multicast, ...]",
     )
 
 
