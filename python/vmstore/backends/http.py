@@ -54,7 +54,7 @@ import requests.adapters
 import requests.auth
 import urllib3.exceptions
 
-from vmstore import _many
+from vmstore import _logredact, _many
 from vmstore._download import DownloadSettings, RemoteObject, download_object
 from vmstore._incomplete import cutoff, known_downloads, remove_download
 from vmstore._oserrors import storage_error_from_oserror
@@ -120,13 +120,21 @@ class HttpStatusError(Exception):
     """The server answered with a status that is not success (raised before mapping)."""
 
     def __init__(
-        self, method: str, status: int, reason: str, *, retry_after: float | None = None
+        self,
+        method: str,
+        status: int,
+        reason: str,
+        *,
+        retry_after: float | None = None,
+        code: str = "",
     ) -> None:
         super().__init__(f"{method} answered {status} {reason}".strip())
         self.method = method
         self.status = status
         self.reason = reason
         self.retry_after = retry_after
+        self.code = code
+        """The S3 error code of an XML error body (a presigned URL's server), else ""."""
 
 
 class _ResourceChangedError(OperationFailedError):
@@ -362,6 +370,14 @@ def _map_error(exc: BaseException, action: str, where: str) -> StorageError:
         what = f"could not {action} {where}"
         if status in (404, 410):
             return NotFoundError(f"{what}: no such file on the server ({status})", cause=exc)
+        if exc.code in _S3_DENIED_CODES:
+            # rclone answers an expired or mis-signed presigned URL with 400 AccessDenied.
+            return PermissionDeniedError(
+                f"{what}: the server refused access ({status} {exc.code}); a presigned URL "
+                "may have expired or been altered (ask for a new one), otherwise check "
+                "StorageConfig.token (VMSTORE_TOKEN) and the server's permissions",
+                cause=exc,
+            )
         if status in (401, 403):
             return PermissionDeniedError(
                 f"{what}: the server refused access ({status} {exc.reason}); check "
@@ -624,10 +640,31 @@ def _check(response: requests.Response, method: str) -> requests.Response:
     if 200 <= response.status_code < 300:
         return response
     retry_after = _retry_after(response.headers.get("Retry-After"))
+    code = _s3_error_code(response) if response.status_code in (400, 403) else ""
     response.close()
     raise HttpStatusError(
-        method, response.status_code, response.reason or "", retry_after=retry_after
+        method, response.status_code, response.reason or "", retry_after=retry_after, code=code
     )
+
+
+_S3_DENIED_CODES = frozenset(
+    {"AccessDenied", "ExpiredToken", "SignatureDoesNotMatch", "InvalidAccessKeyId",
+     "AuthorizationQueryParametersError", "InvalidToken", "TokenRefreshRequired"}
+)  # fmt: skip
+_S3_ERROR_CODE = re.compile(rb"<Code>\s*([A-Za-z]+)\s*</Code>")
+
+
+def _s3_error_code(response: requests.Response) -> str:
+    """The ``<Code>`` of an S3 XML error body (at most its first 4 KiB are read)."""
+    if "xml" not in response.headers.get("Content-Type", "").lower():
+        return ""
+    try:
+        # The first block of the body, whether it was streamed or already read.
+        head: bytes = next(response.iter_content(4096), b"")
+    except (OSError, requests.RequestException, urllib3.exceptions.HTTPError):
+        return ""
+    match = _S3_ERROR_CODE.search(head)
+    return match.group(1).decode() if match else ""
 
 
 def _read_exactly(response: requests.Response, length: int) -> bytes:
@@ -769,6 +806,7 @@ class HttpStorage:
 
     def __init__(self, config: StorageConfig) -> None:
         self._config = config
+        _logredact.install()  # no presigned URL's signature in urllib3/botocore logs
         self._chunk_size = config.chunk_size or DEFAULT_CHUNK_SIZE
         self._retry = RetryPolicy(max_retries=config.max_retries)
         # A scheme-less endpoint takes the scheme the type names; use_ssl=False forces http.
@@ -865,14 +903,14 @@ class HttpStorage:
         """HEAD's answers from ``GET`` with ``Range: bytes=0-0``; None if that fails too
         (``strict``: raise its HttpStatusError instead)."""
         response = self._transport.send("GET", url, headers={"Range": "bytes=0-0"}, stream=True)
+        if strict:
+            _check(response, "GET")  # before the probe is closed: an error body tells why
         _close_probe(response)
         # Decided by Content-Range, not by the status: rclone answers a range with 200.
         if _is_range_answer(response, 0, 0):
             return dataclasses.replace(_Head.parse(response.headers, ranged=True), ranged=True)
         if response.status_code == 200:
             return dataclasses.replace(_Head.parse(response.headers), ranged=False)
-        if strict:
-            _check(response, "GET")
         return None
 
     # -- sidecar --------------------------------------------------------------------------

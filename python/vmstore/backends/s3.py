@@ -31,7 +31,7 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
-from vmstore import _many, _native
+from vmstore import _logredact, _many, _native
 from vmstore._download import DownloadSettings, RemoteObject, S3Checksum, download_object
 from vmstore._failure import keeps_partial
 from vmstore._incomplete import cutoff, known_downloads, remove_download, state_dir
@@ -487,6 +487,7 @@ class S3Storage:
 
     def __init__(self, config: StorageConfig) -> None:
         self._config = config
+        _logredact.install()  # no presigned URL's signature in urllib3/botocore logs
         self._chunk_size = config.chunk_size or DEFAULT_CHUNK_SIZE
         self._retry = RetryPolicy(max_retries=config.max_retries)
         self._endpoint = (
