@@ -147,3 +147,29 @@ def test_upload_of_two_disks_to_an_s3_prefix(
     items = json.loads(result.stdout)["items"]
     assert [item["url"] for item in items] == [prefix + "a.qcow2", prefix + "b.qcow2"]
     assert [item["checksum"] for item in items] == [sha256_bytes(a), sha256_bytes(b)]
+
+
+def test_download_of_a_presigned_url_never_prints_its_signature(
+    vmstore_cmd: str, host: Path, moto: S3Server, tmp_path: Path
+) -> None:
+    from vmstore import StorageConfig, UploadRequest, new_storage
+
+    data = random_bytes(1 << 20, seed=5)
+    write_file(host / "root.qcow2", data)
+    config = StorageConfig(type="s3", endpoint=moto.endpoint, bucket=moto.bucket,
+                           access_key=moto.access_key, secret_key=moto.secret_key,
+                           use_ssl=False)  # fmt: skip
+    url = f"s3://{moto.bucket}/{unique_prefix()}/root.qcow2"
+    with new_storage(config) as store:
+        store.upload(UploadRequest(source_path=str(host / "root.qcow2"), destination_url=url))
+        presigned = store.presign(url, expires_in=300)
+    signature = presigned.rpartition("X-Amz-Signature=")[2]
+    assert len(signature) == 64
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VMSTORE_", "AWS_"))}
+    env["VMSTORE_STATE_DIR"] = str(tmp_path / "state")
+    result = _run(vmstore_cmd, host, env, "download", presigned, "out.qcow2", "--json",
+                  "--verbose", "--expected-checksum", sha256_bytes(data))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert (host / "out.qcow2").read_bytes() == data
+    assert signature not in result.stdout + result.stderr
+    assert json.loads(result.stdout)["url"] == presigned.partition("?")[0]

@@ -128,7 +128,7 @@ def open_storage(args: argparse.Namespace, url: str, origins: SettingOrigins) ->
                 f"cannot tell the backend from {url!r}: give a URL that starts with s3://, "
                 "nfs://, http:// or https://, or pass --type (or set VMSTORE_TYPE)"
             )
-        origins.origin["type"] = f"the scheme of {url!r}"
+        origins.origin["type"] = f"the scheme of {redact_url(url)!r}"
     config = StorageConfig.from_env(
         environ=origins.environ,
         type=backend_type,
@@ -294,7 +294,7 @@ def run_download(run: Invocation) -> int:
                 EXIT_DESTINATION_EXISTS,
             )
         )
-    label = f"download {args.url}"
+    label = f"download {redact_url(args.url)}"  # a presigned URL's query is a credential
     with open_storage(args, args.url, run.origins) as store:
         display = run.console.start_progress(label)
         summary: TransferSummary | None = None
@@ -319,7 +319,7 @@ def run_download(run: Invocation) -> int:
             display.finish(summary)
     run.console.result(
         {
-            "url": args.url,
+            "url": redact_url(args.url),
             "destination": response.destination_path or STREAM,
             "size": response.content_length,
             "checksum": response.checksum,
