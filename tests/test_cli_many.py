@@ -149,7 +149,7 @@ def test_upload_of_two_disks_to_an_s3_prefix(
     assert [item["checksum"] for item in items] == [sha256_bytes(a), sha256_bytes(b)]
 
 
-def test_download_of_a_presigned_url_never_prints_its_signature(
+def test_presign_prints_a_url_whose_download_never_prints_its_signature(
     vmstore_cmd: str, host: Path, moto: S3Server, tmp_path: Path
 ) -> None:
     from vmstore import StorageConfig, UploadRequest, new_storage
@@ -162,11 +162,17 @@ def test_download_of_a_presigned_url_never_prints_its_signature(
     url = f"s3://{moto.bucket}/{unique_prefix()}/root.qcow2"
     with new_storage(config) as store:
         store.upload(UploadRequest(source_path=str(host / "root.qcow2"), destination_url=url))
-        presigned = store.presign(url, expires_in=300)
-    signature = presigned.rpartition("X-Amz-Signature=")[2]
-    assert len(signature) == 64
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VMSTORE_", "AWS_"))}
     env["VMSTORE_STATE_DIR"] = str(tmp_path / "state")
+    s3_env = {**env, "VMSTORE_ENDPOINT": moto.endpoint, "AWS_ACCESS_KEY_ID": moto.access_key,
+              "AWS_SECRET_ACCESS_KEY": moto.secret_key}  # fmt: skip
+    too_long = _run(vmstore_cmd, host, s3_env, "presign", url, "--expires-in", "8d")
+    assert too_long.returncode == 7 and "expires_in" in too_long.stderr
+    made = _run(vmstore_cmd, host, s3_env, "presign", url, "--expires-in", "5m")
+    assert made.returncode == 0, made.stderr
+    presigned = made.stdout.strip()
+    signature = presigned.rpartition("X-Amz-Signature=")[2]
+    assert len(signature) == 64
     result = _run(vmstore_cmd, host, env, "download", presigned, "out.qcow2", "--json",
                   "--verbose", "--expected-checksum", sha256_bytes(data))  # fmt: skip
     assert result.returncode == 0, result.stderr

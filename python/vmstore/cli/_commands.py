@@ -503,6 +503,21 @@ def run_rm(run: Invocation) -> int:
     return 0
 
 
+def run_presign(run: Invocation) -> int:
+    seconds = run.args.expires_in
+    if seconds != int(seconds):
+        raise usage_failure(f"--expires-in must be whole seconds, not {seconds:g}")
+    with open_storage(run.args, run.args.url, run.origins) as store:
+        presigned = store.presign(run.args.url, expires_in=int(seconds))
+    # The URL itself is the result (it carries its signature: whoever has it can read the
+    # object until it expires); nothing else prints it.
+    if run.console.json_result:
+        run.console.result({"url": presigned, "expires_in": int(seconds)})
+    else:
+        run.console.text(presigned)
+    return 0
+
+
 def run_gc(run: Invocation) -> int:
     args = run.args
     # No prefix: the backend comes from --type / VMSTORE_TYPE (there is no URL to read it from).
@@ -615,5 +630,6 @@ HANDLERS: dict[str, Callable[[Invocation], int]] = {
     "stat": run_stat,
     "rm": run_rm,
     "gc": run_gc,
+    "presign": run_presign,
     "checksum": run_checksum,
 }

@@ -51,6 +51,7 @@ examples:
   vmstore download nfs://vm-exports/disk.raw - | dd of=/dev/vdb bs=4M
   vmstore upload a.qcow2 b.qcow2 s3://vms/vm-01/   # several: one budget, one progress view
   vmstore download s3://vms/vm-01/a.qcow2 s3://vms/vm-01/b.qcow2 imported/
+  vmstore presign s3://vms/vm-01/a.qcow2 --expires-in 10m   # for curl, no keys needed
   vmstore stat nfs://vm-exports/disk.qcow2
   vmstore rm nfs://vm-exports/disk.qcow2
   vmstore checksum disk.qcow2
@@ -359,6 +360,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gc.add_argument(
         "--dry-run", action="store_true", help="list what would be removed, remove nothing"
+    )
+
+    presign = _add_command(
+        commands,
+        "presign",
+        "print a URL that downloads an S3 object without credentials until it expires "
+        "(curl, a browser, or vmstore download with no S3 keys)",
+        "vmstore presign s3://vm-exports/disk.qcow2 --expires-in 1h",
+    )
+    presign.add_argument("url", metavar="URL", help="S3 object to share")
+    presign.add_argument(
+        "--expires-in",
+        metavar="AGE",
+        default="1h",
+        type=parse_age,
+        help="how long the URL works: 90s, 30m, 12h, 7d (1 s to 7 days; default 1h)",
     )
 
     checksum = _add_command(
