@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -163,3 +164,46 @@ def test_library_debug_logs_never_show_a_signature(caplog: pytest.LogCaptureFixt
     assert signature not in caplog.text
     assert "key%2F2026" not in caplog.text
     assert "X-Amz-Signature=REDACTED" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("concurrency", "items", "shares"),
+    # (items beyond the budget start as slots come back, with what is free then: not pinned)
+    [(4, 3, [2, 1, 1]), (4, 10, [1] * 4), (8, 2, [4, 4]), (1, 3, [1]), (64, 3, [22, 21, 21])],
+)
+def test_items_share_the_budget_in_input_order(
+    host: Path, concurrency: int, items: int, shares: list[int]
+) -> None:
+    from vmstore import _many
+
+    seen: dict[str, int] = {}
+    running = 0
+    peak = 0
+    lock = threading.Lock()
+
+    def upload(request: UploadRequest) -> UploadResponse:
+        nonlocal running, peak
+        share = concurrency_for(concurrency)
+        with lock:
+            seen[request.destination_url] = share
+            running += share
+            peak = max(peak, running)
+        time.sleep(0.05)
+        with lock:
+            running -= share
+        return UploadResponse(request.destination_url, "0" * 64, 0, "", 0)
+
+    source = write_file(host / "s.img", b"x")
+    results = _many.upload_many(
+        [UploadRequest(source_path=str(source), destination_url=f"u{n}") for n in range(items)],
+        upload,
+        lambda url: url,
+        concurrency=concurrency,
+        raise_on_error=False,
+        progress_callback=None,
+        cancel=None,
+    )
+    urls = [f"u{n}" for n in range(items)]
+    assert [r.url for r in results if isinstance(r, UploadResponse)] == urls
+    assert [seen[url] for url in urls[: len(shares)]] == shares
+    assert peak <= concurrency
