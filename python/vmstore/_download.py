@@ -54,6 +54,7 @@ from vmstore.errors import (
 )
 from vmstore.models import DownloadRequest, DownloadResponse, WritableStream, parse_sha256_hex
 from vmstore.progress import ProgressReporter
+from vmstore.urls import redact_url
 
 log = logging.getLogger("vmstore.download")
 
@@ -508,7 +509,7 @@ def _download_to_stream(
 
 def _check_cancel(request: DownloadRequest) -> None:
     if request.cancel is not None and request.cancel.is_cancelled:
-        raise CancelledError(f"download of {request.source_url} cancelled")
+        raise CancelledError(f"download of {redact_url(request.source_url)} cancelled")
 
 
 def _fetch_ranges(
@@ -525,6 +526,7 @@ def _fetch_ranges(
     a download uses. ``landed(numbers, save)`` records chunks now on disk (file only)."""
     stop = threading.Event()
     window = settings.concurrency + WINDOW_EXTRA
+    shown_url = redact_url(request.source_url)
 
     def fetch(chunk: Chunk) -> Chunk:
         def attempt() -> bytes:
@@ -540,7 +542,7 @@ def _fetch_ranges(
         data = settings.retry.call(
             attempt,
             classify=settings.classify,
-            describe=f"reading bytes {chunk.offset}-{chunk.end - 1} of {request.source_url}",
+            describe=f"reading bytes {chunk.offset}-{chunk.end - 1} of {shown_url}",
             cancelled=stop,
         )
         # The reader's buffer is ours alone: held by reference if it lands early.
@@ -626,7 +628,7 @@ def _fetch_stream(
             raise RetryableError(f"{obj.url} ended after {position} of {obj.size} bytes")
 
     settings.retry.call(
-        attempt, classify=settings.classify, describe=f"reading {request.source_url}"
+        attempt, classify=settings.classify, describe=f"reading {obj.url}"
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Callable
@@ -10,6 +11,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from vmstore.errors import InvalidConfigError
+from vmstore.urls import redact_url
 
 if TYPE_CHECKING:
     from vmstore._native import CancelToken
@@ -29,6 +31,18 @@ _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 S3_MAX_OBJECT_SIZE = 5 << 40
 """The largest object S3 stores (5 TiB): a stream announced as larger cannot be uploaded."""
+
+
+def _repr_redacting(instance: object, url_fields: tuple[str, ...]) -> str:
+    """The dataclass repr, with the URL fields shown by :func:`vmstore.urls.redact_url`: a
+    presigned URL's signature (a credential) never appears in a repr or a log line."""
+    shown = []
+    for item in dataclasses.fields(instance):  # type: ignore[arg-type]
+        value = getattr(instance, item.name)
+        if item.name in url_fields and isinstance(value, str):
+            value = redact_url(value)
+        shown.append(f"{item.name}={value!r}")
+    return f"{type(instance).__name__}({', '.join(shown)})"
 
 
 @runtime_checkable
@@ -235,6 +249,9 @@ class DownloadRequest:
             # form is checked here, once for every backend; each backend normalizes it.
             parse_sha256_hex(self.expected_checksum, "DownloadRequest.expected_checksum")
 
+    def __repr__(self) -> str:
+        return _repr_redacting(self, ("source_url",))
+
 
 @dataclass(frozen=True)
 class DownloadResponse:
@@ -263,6 +280,9 @@ class FileMetadata:
     last_modified: datetime
     content_type: str = DEFAULT_CONTENT_TYPE
     custom_metadata: dict[str, str] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return _repr_redacting(self, ("url",))
 
 
 @dataclass(frozen=True)

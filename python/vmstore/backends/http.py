@@ -34,6 +34,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import dataclasses
 import email.utils
 import http.client
 import ipaddress
@@ -46,13 +47,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self, TypeVar
-from urllib.parse import quote, unquote, urljoin, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urljoin, urlsplit, urlunsplit
 
 import requests
 import requests.adapters
 import requests.auth
 import urllib3.exceptions
 
+from vmstore import _logredact, _many
 from vmstore._download import DownloadSettings, RemoteObject, download_object
 from vmstore._hostpolicy import HostPolicy, policy_adapter
 from vmstore._incomplete import cutoff, known_downloads, remove_download
@@ -91,7 +93,7 @@ from vmstore.models import (
     UploadResponse,
     normalize_custom_metadata,
 )
-from vmstore.urls import normalize_endpoint, parse_http_url
+from vmstore.urls import has_query, normalize_endpoint, parse_http_url, redact_url
 
 T = TypeVar("T")
 
@@ -119,13 +121,21 @@ class HttpStatusError(Exception):
     """The server answered with a status that is not success (raised before mapping)."""
 
     def __init__(
-        self, method: str, status: int, reason: str, *, retry_after: float | None = None
+        self,
+        method: str,
+        status: int,
+        reason: str,
+        *,
+        retry_after: float | None = None,
+        code: str = "",
     ) -> None:
         super().__init__(f"{method} answered {status} {reason}".strip())
         self.method = method
         self.status = status
         self.reason = reason
         self.retry_after = retry_after
+        self.code = code
+        """The S3 error code of an XML error body (a presigned URL's server), else ""."""
 
 
 class _ResourceChangedError(OperationFailedError):
@@ -137,12 +147,7 @@ class _ResourceChangedError(OperationFailedError):
 
 def _display(url: str) -> str:
     """``url`` without user info, query or fragment: those may carry credentials."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    return redact_url(url)
 
 
 def _with_path_suffix(url: str, suffix: str) -> str:
@@ -335,7 +340,27 @@ def storage_error(exc: BaseException, action: str, url: str, *, token: str = "")
     if token and token in error.message:
         # Belt and braces: no message ever carries the token, whatever a server echoed.
         error = type(error)(error.message.replace(token, "***"), cause=exc)
+    secrets = _query_secrets(url)
+    if any(secret in error.message for secret in secrets):
+        # Nor a presigned URL's signature, whatever an exception's text held of the URL.
+        message = error.message
+        for secret in secrets:
+            message = message.replace(secret, "REDACTED")
+        error = type(error)(message, cause=exc)
     return error
+
+
+def _query_secrets(url: str) -> list[str]:
+    """The query of ``url`` and its longer values (signatures, credentials, tokens), as
+    they could appear in a message: raw and percent-decoded, longest first."""
+    query = urlsplit(url).query
+    if not query:
+        return []
+    found = {query, unquote(query)}
+    for _name, value in parse_qsl(query, keep_blank_values=True):
+        if len(value) >= 8:
+            found.update({value, quote(value, safe="")})
+    return sorted(found, key=len, reverse=True)
 
 
 def _map_error(exc: BaseException, action: str, where: str) -> StorageError:
@@ -346,6 +371,14 @@ def _map_error(exc: BaseException, action: str, where: str) -> StorageError:
         what = f"could not {action} {where}"
         if status in (404, 410):
             return NotFoundError(f"{what}: no such file on the server ({status})", cause=exc)
+        if exc.code in _S3_DENIED_CODES:
+            # rclone answers an expired or mis-signed presigned URL with 400 AccessDenied.
+            return PermissionDeniedError(
+                f"{what}: the server refused access ({status} {exc.code}); a presigned URL "
+                "may have expired or been altered (ask for a new one), otherwise check "
+                "StorageConfig.token (VMSTORE_TOKEN) and the server's permissions",
+                cause=exc,
+            )
         if status in (401, 403):
             return PermissionDeniedError(
                 f"{what}: the server refused access ({status} {exc.reason}); check "
@@ -452,6 +485,9 @@ class _Head:
     checksum: str | None
     metadata: dict[str, str]
     accept_ranges: str
+    ranged: bool | None = None
+    """From a ranged GET standing in for HEAD: whether the answer was the range asked for
+    (None: learnt from HEAD, not probed)."""
 
     @classmethod
     def parse(cls, headers: Mapping[str, str], *, ranged: bool = False) -> _Head:
@@ -583,11 +619,20 @@ def _user_agent() -> str:
     return f"vmstore/{__version__} python-requests/{requests.__version__}"
 
 
+def _is_range_answer(response: requests.Response, start: int, last: int) -> bool:
+    """Whether a success carries exactly bytes ``start``-``last``: a 206, or a 200 with that
+    Content-Range (rclone's answer)."""
+    content_range = response.headers.get("Content-Range", "")
+    return response.status_code in (200, 206) and content_range.startswith(
+        f"bytes {start}-{last}/"
+    )
+
+
 def _close_probe(response: requests.Response) -> None:
     """Finish a one-byte ``Range: bytes=0-0`` probe. A 206 carries that byte: reading it
     returns the connection to the pool for the ranged GETs that follow. Any other answer is
     closed unread, dropping the connection: a server ignoring Range sends the whole file."""
-    if response.status_code == 206:
+    if _is_range_answer(response, 0, 0):
         # .content, not raw.read: requests pools the connection only once it saw the body.
         with contextlib.suppress(requests.RequestException, OSError):
             _ = response.content
@@ -599,10 +644,31 @@ def _check(response: requests.Response, method: str) -> requests.Response:
     if 200 <= response.status_code < 300:
         return response
     retry_after = _retry_after(response.headers.get("Retry-After"))
+    code = _s3_error_code(response) if response.status_code in (400, 403) else ""
     response.close()
     raise HttpStatusError(
-        method, response.status_code, response.reason or "", retry_after=retry_after
+        method, response.status_code, response.reason or "", retry_after=retry_after, code=code
     )
+
+
+_S3_DENIED_CODES = frozenset(
+    {"AccessDenied", "ExpiredToken", "SignatureDoesNotMatch", "InvalidAccessKeyId",
+     "AuthorizationQueryParametersError", "InvalidToken", "TokenRefreshRequired"}
+)  # fmt: skip
+_S3_ERROR_CODE = re.compile(rb"<Code>\s*([A-Za-z]+)\s*</Code>")
+
+
+def _s3_error_code(response: requests.Response) -> str:
+    """The ``<Code>`` of an S3 XML error body (at most its first 4 KiB are read)."""
+    if "xml" not in response.headers.get("Content-Type", "").lower():
+        return ""
+    try:
+        # The first block of the body, whether it was streamed or already read.
+        head: bytes = next(response.iter_content(4096), b"")
+    except (OSError, requests.RequestException, urllib3.exceptions.HTTPError):
+        return ""
+    match = _S3_ERROR_CODE.search(head)
+    return match.group(1).decode() if match else ""
 
 
 def _read_exactly(response: requests.Response, length: int) -> bytes:
@@ -646,7 +712,8 @@ class _ObjectReader:
     def read_range(self, start: int, end: int) -> bytes:
         response = self._get({"Range": f"bytes={start}-{end - 1}"})
         with contextlib.closing(response):
-            if response.status_code == 206:
+            # A 200 with a Content-Range is a range too (rclone answers so).
+            if response.status_code == 206 or response.headers.get("Content-Range"):
                 expected = f"bytes {start}-{end - 1}/"
                 content_range = response.headers.get("Content-Range", "")
                 total = content_range.rpartition("/")[2]
@@ -743,6 +810,7 @@ class HttpStorage:
 
     def __init__(self, config: StorageConfig) -> None:
         self._config = config
+        _logredact.install()  # no presigned URL's signature in urllib3/botocore logs
         self._chunk_size = config.chunk_size or DEFAULT_CHUNK_SIZE
         self._retry = RetryPolicy(max_retries=config.max_retries)
         # A scheme-less endpoint takes the scheme the type names; use_ssl=False forces http.
@@ -780,7 +848,21 @@ class HttpStorage:
         resolved = parse_http_url(url, endpoint=self._config.endpoint, use_ssl=self._use_ssl)
         if unquote(urlsplit(resolved).path).endswith(SIDECAR_SUFFIX):
             raise InvalidConfigError(
-                f"{url!r} names a vmstore metadata sidecar ({SIDECAR_SUFFIX}); choose another name"
+                f"{_display(url)!r} names a vmstore metadata sidecar ({SIDECAR_SUFFIX}); "
+                "choose another name"
+            )
+        return resolved
+
+    def _writable_url(self, url: str, action: str) -> str:
+        """A URL to PUT or DELETE: one with a query string (a presigned GET URL) is refused,
+        since a sidecar or parent collection derived from it would carry a signature made
+        for another path."""
+        resolved = self._url(url)
+        if has_query(resolved):
+            raise InvalidConfigError(
+                f"cannot {action} {_display(resolved)} through a URL with a query string (such "
+                "as a presigned URL): it is fetched as it is and only itself, so it can only be "
+                "downloaded; use the plain URL with StorageConfig.token, or the S3 backend"
             )
         return resolved
 
@@ -805,6 +887,11 @@ class HttpStorage:
 
     def _head(self, url: str, action: str = "read metadata of") -> _Head:
         def head() -> _Head:
+            if has_query(url):
+                # A presigned URL is signed for GET: a HEAD with its signature is refused
+                # (403, counted as a failed request by the store), so a one-byte ranged GET
+                # answers instead, its Content-Range giving the size.
+                return self._head_by_get(url, strict=True) or _Head.parse({})
             response = self._transport.send("HEAD", url)
             response.close()
             if response.status_code in (403, 405, 501):
@@ -818,13 +905,18 @@ class HttpStorage:
 
         return self._call(action, url, head)
 
-    def _head_by_get(self, url: str) -> _Head | None:
+    def _head_by_get(self, url: str, *, strict: bool = False) -> _Head | None:
+        """HEAD's answers from ``GET`` with ``Range: bytes=0-0``; None if that fails too
+        (``strict``: raise its HttpStatusError instead)."""
         response = self._transport.send("GET", url, headers={"Range": "bytes=0-0"}, stream=True)
+        if strict:
+            _check(response, "GET")  # before the probe is closed: an error body tells why
         _close_probe(response)
-        if response.status_code == 206:
-            return _Head.parse(response.headers, ranged=True)
+        # Decided by Content-Range, not by the status: rclone answers a range with 200.
+        if _is_range_answer(response, 0, 0):
+            return dataclasses.replace(_Head.parse(response.headers, ranged=True), ranged=True)
         if response.status_code == 200:
-            return _Head.parse(response.headers)
+            return dataclasses.replace(_Head.parse(response.headers), ranged=False)
         return None
 
     # -- sidecar --------------------------------------------------------------------------
@@ -877,7 +969,8 @@ class HttpStorage:
     def get_metadata(self, url: str) -> FileMetadata:
         url = self._url(url)
         head = self._head(url)
-        sidecar = None if head.checksum else self._read_sidecar(url, head)
+        # A query URL is only itself: no sidecar URL is derived from it.
+        sidecar = None if head.checksum or has_query(url) else self._read_sidecar(url, head)
         custom = dict(head.metadata)
         if sidecar is not None:
             custom.update(sidecar.metadata)
@@ -908,7 +1001,7 @@ class HttpStorage:
         self._call(action, url, delete)
 
     def delete(self, url: str) -> None:
-        url = self._url(url)
+        url = self._writable_url(url, "delete")
         self._delete_one(url, "delete")
         self._delete_one(_with_path_suffix(url, SIDECAR_SUFFIX), "delete the sidecar of")
 
@@ -942,7 +1035,7 @@ class HttpStorage:
         url = self._url(request.source_url)
         settings = DownloadSettings(
             chunk_size=self._chunk_size,
-            concurrency=self._config.concurrency,
+            concurrency=_many.concurrency_for(self._config.concurrency),
             retry=self._retry,
             classify=classify_retry,
         )
@@ -969,12 +1062,14 @@ class HttpStorage:
     def _prepare_download(self, url: str) -> tuple[RemoteObject, _ObjectReader]:
         head = self._head(url)
         checksum = head.checksum
-        if checksum is None:
+        if checksum is None and not has_query(url):
             sidecar = self._read_sidecar(url, head)
             checksum = sidecar.sha256 if sidecar else None
         size = head.size
         supports_ranges = head.accept_ranges != "none"
-        if size is None or (supports_ranges and size > self._chunk_size):
+        if head.ranged is not None and size is not None:
+            supports_ranges = head.ranged  # the ranged GET standing in for HEAD showed it
+        elif size is None or (supports_ranges and size > self._chunk_size):
             # Decided by the answer, not by Accept-Ranges: some servers claim ranges and send
             # 200, others send 206 without the header.
             supports_ranges, total = self._probe_ranges(url, head.validator)
@@ -1011,7 +1106,7 @@ class HttpStorage:
                 raise _ResourceChangedError(f"{_display(url)} changed during the download")
             _check(response, "GET")
             total = response.headers.get("Content-Range", "").rpartition("/")[2]
-            ranged = response.status_code == 206 and bool(response.headers.get("Content-Range"))
+            ranged = _is_range_answer(response, 0, 0)
             return ranged, int(total) if total.isdigit() else None
 
         return self._call("download", url, probe)
@@ -1023,7 +1118,7 @@ class HttpStorage:
         to resume). The SHA-256 is known only once the last byte is read, after the headers
         went out, so a server that keeps no checksum of its own gets a sidecar afterwards;
         a source that fits in one chunk is read first and its checksum sent as headers."""
-        url = self._url(request.destination_url)
+        url = self._writable_url(request.destination_url, "upload to")
         metadata = normalize_custom_metadata(request.metadata)
         cancel = request.cancel
 
@@ -1156,6 +1251,49 @@ class HttpStorage:
             return response.status_code
 
         return self._call("upload to", url, head)
+
+    # -- many at once, and presigned URLs ---------------------------------------------------
+
+    def upload_many(
+        self,
+        items: Iterable[UploadRequest],
+        *,
+        raise_on_error: bool = False,
+        progress_callback: _many.ProgressCallback | None = None,
+        cancel: _many.CancelToken | None = None,
+    ) -> list[UploadResponse | StorageError]:
+        """Upload every item under one concurrency budget; see :mod:`vmstore._many`."""
+        return _many.upload_many(
+            items,
+            self.upload,
+            lambda url: self._writable_url(url, "upload to"),
+            concurrency=self._config.concurrency,
+            raise_on_error=raise_on_error,
+            progress_callback=progress_callback,
+            cancel=cancel,
+        )
+
+    def download_many(
+        self,
+        items: Iterable[DownloadRequest],
+        *,
+        raise_on_error: bool = False,
+        progress_callback: _many.ProgressCallback | None = None,
+        cancel: _many.CancelToken | None = None,
+    ) -> list[DownloadResponse | StorageError]:
+        """Download every item under one concurrency budget; see :mod:`vmstore._many`."""
+        return _many.download_many(
+            items,
+            self.download,
+            concurrency=self._config.concurrency,
+            raise_on_error=raise_on_error,
+            progress_callback=progress_callback,
+            cancel=cancel,
+        )
+
+    def presign(self, url: str, expires_in: int = 3600) -> str:
+        """Presigned URLs are an S3 feature: always InvalidConfigError here."""
+        _many.refuse_presign("HTTP")
 
 
 def _upload_headers(

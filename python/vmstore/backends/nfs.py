@@ -37,13 +37,13 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Protocol, Self
 
-from vmstore import _native
+from vmstore import _many, _native
 from vmstore._failure import keeps_partial
 from vmstore._incomplete import (
     cutoff,
@@ -1085,3 +1085,46 @@ class NfsStorage:
             result.bytes_copied / elapsed / (1 << 20),
             result.sha256,
         )
+
+    # -- many at once, and presigned URLs ---------------------------------------------------
+
+    def upload_many(
+        self,
+        items: Iterable[UploadRequest],
+        *,
+        raise_on_error: bool = False,
+        progress_callback: _many.ProgressCallback | None = None,
+        cancel: _many.CancelToken | None = None,
+    ) -> list[UploadResponse | StorageError]:
+        """Upload every item under one concurrency budget; see :mod:`vmstore._many`."""
+        return _many.upload_many(
+            items,
+            self.upload,
+            lambda url: self._resolve(url).path,
+            concurrency=self._config.concurrency,
+            raise_on_error=raise_on_error,
+            progress_callback=progress_callback,
+            cancel=cancel,
+        )
+
+    def download_many(
+        self,
+        items: Iterable[DownloadRequest],
+        *,
+        raise_on_error: bool = False,
+        progress_callback: _many.ProgressCallback | None = None,
+        cancel: _many.CancelToken | None = None,
+    ) -> list[DownloadResponse | StorageError]:
+        """Download every item under one concurrency budget; see :mod:`vmstore._many`."""
+        return _many.download_many(
+            items,
+            self.download,
+            concurrency=self._config.concurrency,
+            raise_on_error=raise_on_error,
+            progress_callback=progress_callback,
+            cancel=cancel,
+        )
+
+    def presign(self, url: str, expires_in: int = 3600) -> str:
+        """Presigned URLs are an S3 feature: always InvalidConfigError here."""
+        _many.refuse_presign("NFS")

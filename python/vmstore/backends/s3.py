@@ -32,7 +32,7 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
-from vmstore import _native
+from vmstore import _logredact, _many, _native
 from vmstore._download import DownloadSettings, RemoteObject, S3Checksum, download_object
 from vmstore._failure import keeps_partial
 from vmstore._hostpolicy import HostPolicy, install_on_boto3_client, refusal_in
@@ -81,6 +81,7 @@ from vmstore.urls import S3Location, normalize_endpoint, parse_s3_url, s3_url
 log = logging.getLogger("vmstore.s3")
 
 DEFAULT_CHUNK_SIZE = 10 << 20
+MAX_PRESIGN_SECONDS = 7 * 24 * 3600
 
 _NOT_FOUND = {"NoSuchKey", "NotFound", "404", "NoSuchUpload"}
 _DENIED = {
@@ -491,6 +492,7 @@ class S3Storage:
 
     def __init__(self, config: StorageConfig) -> None:
         self._config = config
+        _logredact.install()  # no presigned URL's signature in urllib3/botocore logs
         self._chunk_size = config.chunk_size or DEFAULT_CHUNK_SIZE
         self._retry = RetryPolicy(max_retries=config.max_retries)
         self._endpoint = (
@@ -863,7 +865,7 @@ class S3Storage:
         )
         settings = DownloadSettings(
             chunk_size=self._chunk_size,
-            concurrency=self._config.concurrency,
+            concurrency=_many.concurrency_for(self._config.concurrency),
             retry=self._retry,
             classify=classify_retry,
         )
@@ -915,6 +917,77 @@ class S3Storage:
         """The per-part checksum this server takes: CRC-64/NVME (with a FULL_OBJECT checksum
         at Complete, no second pass) unless it refused that once, then SHA-256."""
         return self._checksum_algorithm
+
+    # -- many at once, and presigned URLs ---------------------------------------------------
+
+    def upload_many(
+        self,
+        items: Iterable[UploadRequest],
+        *,
+        raise_on_error: bool = False,
+        progress_callback: _many.ProgressCallback | None = None,
+        cancel: _many.CancelToken | None = None,
+    ) -> list[UploadResponse | StorageError]:
+        """Upload every item under one concurrency budget; see :mod:`vmstore._many`."""
+        return _many.upload_many(
+            items,
+            self.upload,
+            lambda url: self._location(url),
+            concurrency=self._config.concurrency,
+            raise_on_error=raise_on_error,
+            progress_callback=progress_callback,
+            cancel=cancel,
+        )
+
+    def download_many(
+        self,
+        items: Iterable[DownloadRequest],
+        *,
+        raise_on_error: bool = False,
+        progress_callback: _many.ProgressCallback | None = None,
+        cancel: _many.CancelToken | None = None,
+    ) -> list[DownloadResponse | StorageError]:
+        """Download every item under one concurrency budget; see :mod:`vmstore._many`."""
+        return _many.download_many(
+            items,
+            self.download,
+            concurrency=self._config.concurrency,
+            raise_on_error=raise_on_error,
+            progress_callback=progress_callback,
+            cancel=cancel,
+        )
+
+    def presign(self, url: str, expires_in: int = 3600) -> str:
+        """A URL that GETs the object without credentials until ``expires_in`` seconds
+        (1 to 604800, SigV4's limit of 7 days) have passed: for curl, a browser, or vmstore's
+        HTTP backend (``DownloadRequest(source_url=presigned)`` on a ``type="http"`` store).
+
+        The object is looked up first (one HEAD), so a missing one is NotFoundError now rather
+        than a URL that answers 404 later; it may still be deleted or replaced afterwards (a
+        download through the HTTP backend pins the ETag it first saw). The URL carries a
+        credential: vmstore never logs it, and shows it in messages without its query.
+        """
+        if isinstance(expires_in, bool) or not isinstance(expires_in, int):
+            raise InvalidConfigError(
+                f"expires_in must be a whole number of seconds, not {type(expires_in).__name__}"
+            )
+        if not 1 <= expires_in <= MAX_PRESIGN_SECONDS:
+            raise InvalidConfigError(
+                f"expires_in must be from 1 to {MAX_PRESIGN_SECONDS} seconds (7 days, the "
+                f"longest a SigV4 signature is valid), not {expires_in}"
+            )
+        location = self._location(url)
+        self._head(location)
+        try:
+            presigned: str = self._client.generate_presigned_url(
+                "get_object",
+                Params={"Bucket": location.bucket, "Key": location.key},
+                ExpiresIn=expires_in,
+            )
+        except Exception as exc:
+            raise storage_error(exc, "presign", location) from exc
+        log.info("presigned %s for %d s", s3_url(location), expires_in)
+        return presigned
 
 
 class _MultipartUpload:
@@ -1160,7 +1233,7 @@ class _MultipartUpload:
             send_parts(
                 sent_or_stored(iter(feed)),
                 lambda part: self._send_part(state, part),
-                concurrency=self.storage._config.concurrency,
+                concurrency=_many.concurrency_for(self.storage._config.concurrency),
                 stop=self.stop,
                 on_landed=landed,
                 cancelled=self._cancelled,

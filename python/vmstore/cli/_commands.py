@@ -9,10 +9,11 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import BinaryIO, cast
+from urllib.parse import unquote, urlsplit
 
 from vmstore import _native
 from vmstore.cli._output import Console, Failure
@@ -32,10 +33,16 @@ from vmstore.errors import (
     PermissionDeniedError,
     StorageError,
 )
-from vmstore.models import DownloadRequest, ProgressCallback, UploadRequest
+from vmstore.models import (
+    DownloadRequest,
+    DownloadResponse,
+    ProgressCallback,
+    UploadRequest,
+    UploadResponse,
+)
 from vmstore.progress import PROGRESS_INTERVAL_SECONDS, ProgressReporter
 from vmstore.storage import Storage, new_storage
-from vmstore.urls import url_scheme
+from vmstore.urls import redact_url, url_scheme
 
 # The backend a URL names by its scheme when neither --type nor VMSTORE_TYPE says.
 TYPE_BY_SCHEME = {"s3": "s3", "nfs": "nfs", "http": "http", "https": "https"}
@@ -121,7 +128,7 @@ def open_storage(args: argparse.Namespace, url: str, origins: SettingOrigins) ->
                 f"cannot tell the backend from {url!r}: give a URL that starts with s3://, "
                 "nfs://, http:// or https://, or pass --type (or set VMSTORE_TYPE)"
             )
-        origins.origin["type"] = f"the scheme of {url!r}"
+        origins.origin["type"] = f"the scheme of {redact_url(url)!r}"
     config = StorageConfig.from_env(
         environ=origins.environ,
         type=backend_type,
@@ -215,6 +222,10 @@ def _callback(display: Display) -> ProgressCallback | None:
 
 def run_upload(run: Invocation) -> int:
     args = run.args
+    sources: list[str] = args.source if isinstance(args.source, list) else [args.source]
+    if len(sources) > 1 or args.url.endswith("/"):
+        return run_upload_many(run, sources)
+    args.source = sources[0]
     from_stdin = args.source == STREAM
     if args.size is not None and not from_stdin:
         raise usage_failure("--size is for a stream (SOURCE -); a file's size is read from it")
@@ -262,6 +273,10 @@ def run_upload(run: Invocation) -> int:
 
 def run_download(run: Invocation) -> int:
     args = run.args
+    urls: list[str] = args.url if isinstance(args.url, list) else [args.url]
+    if len(urls) > 1 or args.destination.endswith("/"):
+        return run_download_many(run, urls)
+    args.url = urls[0]
     to_stdout = args.destination == STREAM
     if to_stdout:
         if _is_terminal(sys.stdout):
@@ -280,7 +295,7 @@ def run_download(run: Invocation) -> int:
                 EXIT_DESTINATION_EXISTS,
             )
         )
-    label = f"download {args.url}"
+    label = f"download {redact_url(args.url)}"  # a presigned URL's query is a credential
     with open_storage(args, args.url, run.origins) as store:
         display = run.console.start_progress(label)
         summary: TransferSummary | None = None
@@ -305,7 +320,7 @@ def run_download(run: Invocation) -> int:
             display.finish(summary)
     run.console.result(
         {
-            "url": args.url,
+            "url": redact_url(args.url),
             "destination": response.destination_path or STREAM,
             "size": response.content_length,
             "checksum": response.checksum,
@@ -314,6 +329,164 @@ def run_download(run: Invocation) -> int:
         }
     )
     return 0
+
+
+# --- several at once: one budget, one progress view, a line (or JSON item) per item -------
+
+
+def _many_usage(what: str, where: str) -> CommandFailed:
+    return usage_failure(
+        f"several {what}s go to a {where} ending in '/' (each keeps its file name); "
+        f"give one {what} to name the destination itself"
+    )
+
+
+def run_upload_many(run: Invocation, sources: list[str]) -> int:
+    args = run.args
+    if not args.url.endswith("/"):
+        raise _many_usage("SOURCE", "URL")
+    if STREAM in sources:
+        raise usage_failure("SOURCE - (stdin) can only be uploaded alone")
+    if args.size is not None:
+        raise usage_failure("--size is for a stream (SOURCE -); a file's size is read from it")
+    requests = [
+        UploadRequest(
+            source_path=source,
+            destination_url=args.url + os.path.basename(os.path.normpath(source)),
+            metadata=dict(args.metadata),
+            content_type=args.content_type,
+            resume=not args.no_resume,
+        )
+        for source in sources
+    ]
+    with open_storage(args, args.url, run.origins) as store:
+        display = run.console.start_progress(_count_label("upload", len(sources)))
+        done: list[UploadResponse | StorageError] | None = None
+        try:
+            done = store.upload_many(requests, progress_callback=_callback(display))
+        finally:
+            display.finish(_many_summary(done))
+    results = done
+    rows: list[dict[str, object]] = []
+    for request, result in zip(requests, results, strict=True):
+        row: dict[str, object] = {"source": request.source_path, "url": request.destination_url}
+        if isinstance(result, StorageError):
+            row["error"] = run.failure_of(result).as_json()["error"]
+        else:
+            row.update(
+                url=result.url,
+                size=result.size,
+                checksum=result.checksum,
+                bytes_transferred=result.bytes_transferred,
+                resumed_from=result.resumed_from,
+                etag=result.etag,
+            )
+        rows.append(row)
+    return _report_many(run, rows, [r for r in results if isinstance(r, StorageError)])
+
+
+def run_download_many(run: Invocation, urls: list[str]) -> int:
+    args = run.args
+    directory = args.destination
+    if not directory.endswith("/"):
+        raise _many_usage("URL", "DEST directory")
+    if args.no_clobber:
+        existing = [url for url in urls if os.path.lexists(directory + _file_name(url))]
+        if existing:
+            raise CommandFailed(
+                Failure(
+                    "DestinationExists",
+                    f"{directory + _file_name(existing[0])} already exists and --no-clobber "
+                    "was given; nothing was downloaded",
+                    EXIT_DESTINATION_EXISTS,
+                )
+            )
+    requests = [
+        DownloadRequest(
+            source_url=url,
+            destination_path=directory + _file_name(url),
+            verify_checksum=not args.no_verify,
+            expected_checksum=args.expected_checksum,
+            resume=not args.no_resume,
+        )
+        for url in urls
+    ]
+    with open_storage(args, urls[0], run.origins) as store:
+        display = run.console.start_progress(_count_label("download", len(urls)))
+        done: list[DownloadResponse | StorageError] | None = None
+        try:
+            done = store.download_many(requests, progress_callback=_callback(display))
+        finally:
+            display.finish(_many_summary(done))
+    results = done
+    rows: list[dict[str, object]] = []
+    for request, result in zip(requests, results, strict=True):
+        row: dict[str, object] = {
+            "url": redact_url(request.source_url),
+            "destination": request.destination_path,
+        }
+        if isinstance(result, StorageError):
+            row["error"] = run.failure_of(result).as_json()["error"]
+        else:
+            row.update(
+                size=result.content_length,
+                checksum=result.checksum,
+                bytes_transferred=result.bytes_transferred,
+                resumed_from=result.resumed_from,
+            )
+        rows.append(row)
+    return _report_many(run, rows, [r for r in results if isinstance(r, StorageError)])
+
+
+def _count_label(verb: str, count: int) -> str:
+    return f"{verb} {count} file{'s' if count != 1 else ''}"
+
+
+def _file_name(url: str) -> str:
+    """The name a downloaded object gets in DEST/: the last segment of its URL's path."""
+    name = unquote(urlsplit(url).path.rstrip("/").rpartition("/")[2])
+    if not name or name in (".", ".."):
+        raise usage_failure(f"{redact_url(url)} names no file to put in the DEST directory")
+    return name
+
+
+def _many_summary(results: Sequence[object] | None) -> TransferSummary | None:
+    if results is None:
+        return None
+    moved = total = resumed = 0
+    for result in results:
+        if isinstance(result, UploadResponse):
+            moved, total = moved + result.bytes_transferred, total + result.size
+            resumed += result.resumed_from
+        elif isinstance(result, DownloadResponse):
+            moved, total = moved + result.bytes_transferred, total + result.content_length
+            resumed += result.resumed_from
+    return TransferSummary(moved, total, resumed)
+
+
+def _report_many(
+    run: Invocation, rows: list[dict[str, object]], failures: list[StorageError]
+) -> int:
+    """One JSON object listing every item, or a line per item (failures on stderr); the exit
+    status is that of the first failure's type, 0 when none failed."""
+    if run.console.json_result:
+        run.console.result({"items": rows, "failed": len(failures)})
+    else:
+        for row in rows:
+            name = row.get("source") or row["url"]
+            if "error" in row:
+                error = row["error"]
+                assert isinstance(error, dict)
+                run.console.stderr.write(
+                    f"vmstore: error ({error['type']}): {name}: {error['message']}\n"
+                )
+            else:
+                target = row.get("destination") or row["url"]
+                run.console.text(f"{row['checksum']}  {name} -> {target}")
+        run.console.stderr.flush()
+    if not failures:
+        return 0
+    return run.failure_of(failures[0]).exit_status
 
 
 def run_stat(run: Invocation) -> int:
@@ -328,6 +501,21 @@ def run_rm(run: Invocation) -> int:
         store.delete(run.args.url)
     if run.console.json_result:
         run.console.result({"url": run.args.url})
+    return 0
+
+
+def run_presign(run: Invocation) -> int:
+    seconds = run.args.expires_in
+    if seconds != int(seconds):
+        raise usage_failure(f"--expires-in must be whole seconds, not {seconds:g}")
+    with open_storage(run.args, run.args.url, run.origins) as store:
+        presigned = store.presign(run.args.url, expires_in=int(seconds))
+    # The URL itself is the result (it carries its signature: whoever has it can read the
+    # object until it expires); nothing else prints it.
+    if run.console.json_result:
+        run.console.result({"url": presigned, "expires_in": int(seconds)})
+    else:
+        run.console.text(presigned)
     return 0
 
 
@@ -443,5 +631,6 @@ HANDLERS: dict[str, Callable[[Invocation], int]] = {
     "stat": run_stat,
     "rm": run_rm,
     "gc": run_gc,
+    "presign": run_presign,
     "checksum": run_checksum,
 }

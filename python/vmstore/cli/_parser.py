@@ -51,6 +51,9 @@ examples:
   vmstore download nfs://vm-exports/disk.qcow2 imported.qcow2 --json
   qemu-img convert -O raw disk.qcow2 /dev/stdout | vmstore upload - nfs://vm-exports/disk.raw
   vmstore download nfs://vm-exports/disk.raw - | dd of=/dev/vdb bs=4M
+  vmstore upload a.qcow2 b.qcow2 s3://vms/vm-01/   # several: one budget, one progress view
+  vmstore download s3://vms/vm-01/a.qcow2 s3://vms/vm-01/b.qcow2 imported/
+  vmstore presign s3://vms/vm-01/a.qcow2 --expires-in 10m   # for curl, no keys needed
   vmstore stat nfs://vm-exports/disk.qcow2
   vmstore rm nfs://vm-exports/disk.qcow2
   vmstore checksum disk.qcow2
@@ -261,8 +264,15 @@ def build_parser() -> argparse.ArgumentParser:
         "upload a local file, or stdin (-), to URL",
         "vmstore upload disk.qcow2 nfs://vm-exports/disk.qcow2 --metadata vm-name=vm01",
     )
-    upload.add_argument("source", metavar="SOURCE", help="local file to upload; - for stdin")
-    upload.add_argument("url", metavar="URL", help="where to store it")
+    upload.add_argument(
+        "source",
+        metavar="SOURCE",
+        nargs="+",
+        help="local file to upload; - for stdin; several files go to URL/ under their names",
+    )
+    upload.add_argument(
+        "url", metavar="URL", help="where to store it; ending in /: a prefix for each SOURCE"
+    )
     upload.add_argument(
         "--metadata",
         type=_metadata_item,
@@ -291,8 +301,14 @@ def build_parser() -> argparse.ArgumentParser:
         "download URL to a local file, or to stdout (-)",
         "vmstore download nfs://vm-exports/disk.qcow2 imported.qcow2",
     )
-    download.add_argument("url", metavar="URL", help="object to download")
-    download.add_argument("destination", metavar="DEST", help="local file to write; - for stdout")
+    download.add_argument(
+        "url", metavar="URL", nargs="+", help="object to download (several: DEST must be DIR/)"
+    )
+    download.add_argument(
+        "destination",
+        metavar="DEST",
+        help="local file to write; - for stdout; ending in /: a directory for each URL's file",
+    )
     download.add_argument(
         "--expected-checksum",
         metavar="HEX",
@@ -354,6 +370,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gc.add_argument(
         "--dry-run", action="store_true", help="list what would be removed, remove nothing"
+    )
+
+    presign = _add_command(
+        commands,
+        "presign",
+        "print a URL that downloads an S3 object without credentials until it expires "
+        "(curl, a browser, or vmstore download with no S3 keys)",
+        "vmstore presign s3://vm-exports/disk.qcow2 --expires-in 1h",
+    )
+    presign.add_argument("url", metavar="URL", help="S3 object to share")
+    presign.add_argument(
+        "--expires-in",
+        metavar="AGE",
+        default="1h",
+        type=parse_age,
+        help="how long the URL works: 90s, 30m, 12h, 7d (1 s to 7 days; default 1h)",
     )
 
     checksum = _add_command(
