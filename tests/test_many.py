@@ -4,6 +4,7 @@ wrappers, and the log filter that keeps presigned signatures out of library logs
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import threading
 import time
@@ -49,11 +50,25 @@ class _SlowStream:
 
     def __init__(self) -> None:
         self.reads = 0
+        self.reading = threading.Event()
 
     def read(self, size: int = -1) -> bytes:
         self.reads += 1
+        self.reading.set()
         time.sleep(0.01)
         return b"\x01" * (64 << 10)
+
+
+class _VanishingStream:
+    """A producer whose data is gone (ENOENT) once ``other`` is being read: so the batch is
+    known to have a running item when this one fails, however loaded the machine is."""
+
+    def __init__(self, other: _SlowStream) -> None:
+        self._other = other
+
+    def read(self, size: int = -1) -> bytes:
+        self._other.reading.wait(10)
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/gone.img")
 
 
 def test_raise_on_error_cancels_the_items_still_running(
@@ -65,7 +80,7 @@ def test_raise_on_error_cancels_the_items_still_running(
         nfs_store.upload_many(
             [
                 UploadRequest(source_stream=slow, destination_url="vm/endless.img"),
-                UploadRequest(source_path=str(host / "absent.img"), destination_url="vm/a.img"),
+                UploadRequest(source_stream=_VanishingStream(slow), destination_url="vm/a.img"),
             ],
             raise_on_error=True,
         )
