@@ -4,7 +4,6 @@ messages, reprs and vmstore's state."""
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import logging
 import os
@@ -147,9 +146,6 @@ def test_presigned_download_that_was_interrupted_resumes_with_a_new_presigned_ur
             patch.setattr(http_backend._ObjectReader, "read_range", cut_after_four_chunks)
             with pytest.raises(NetworkError):
                 http.download(DownloadRequest(source_url=first, destination_path=str(destination)))
-        # The failed call's traceback (a reference cycle) holds its ChunkWriter, whose flock
-        # on the partial goes only when it is collected: see the report of branch "many".
-        gc.collect()
         kept = _everything_under(state_dir) + _everything_under(tmp_path)
         assert "imported.raw.vmstore-partial" in kept
         for secret in _secrets(first):
