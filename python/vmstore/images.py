@@ -28,7 +28,7 @@ from typing import Any
 from vmstore import _native
 from vmstore._oserrors import storage_error_from_oserror
 from vmstore.errors import InvalidConfigError, StorageError
-from vmstore.models import ReadableStream
+from vmstore.models import IMAGE_FORMAT_KEY, VIRTUAL_SIZE_KEY, ReadableStream
 
 log = logging.getLogger("vmstore.images")
 
@@ -37,8 +37,7 @@ HEAD_BYTES = 4 << 20
 formats (a qcow2 header lies in its first cluster, at most 2 MiB; a vhdx's metadata region
 starts at 2 MiB when qemu-img made it)."""
 
-FORMAT_KEY = "vmstore-image-format"
-VIRTUAL_SIZE_KEY = "vmstore-virtual-size"
+FORMAT_KEY = IMAGE_FORMAT_KEY
 """Object metadata keys of an S3 single PUT (and HTTP upload headers) recording the image's
 format and virtual size; hidden from ``custom_metadata`` like the SHA-256."""
 
@@ -191,15 +190,15 @@ def screen(
     if info.refers_to_other_files:
         if not allow:
             raise _refusal(name, info, outcome)
-        log.warning("%s is %s; transferring it as asked (allow_backing_file)", name,
-                    _describe(info))
+        log.warning(
+            "%s is %s; transferring it as asked (allow_backing_file)", name, _describe(info)
+        )
     return info
 
 
 def check_upload_file(path: str, *, allow: bool) -> ImageInfo | None:
     """The upload hook for a file source, before any byte is sent."""
-    return screen(lambda: inspect_image(path), path, allow=allow,
-                  outcome="nothing was uploaded")
+    return screen(lambda: inspect_image(path), path, allow=allow, outcome="nothing was uploaded")
 
 
 class _ReplayStream:
@@ -252,8 +251,7 @@ def _read_head(stream: ReadableStream, limit: int) -> bytes:
                 exc, "read", "the source stream", advice="nothing was stored; retry"
             ) from exc
         except ValueError as exc:  # read from a closed file
-            raise InvalidConfigError(f"could not read the source stream: {exc}",
-                                     cause=exc) from exc
+            raise InvalidConfigError(f"could not read the source stream: {exc}", cause=exc) from exc
         if data is None:  # a non-blocking stream with nothing yet
             time.sleep(0.01)
             continue
@@ -275,9 +273,12 @@ def check_upload_stream(
     inspected before any byte is sent; the stream to read from instead is returned (the head
     served again first, then the rest)."""
     head = _read_head(stream, HEAD_BYTES)
-    whole = len(head) < HEAD_BYTES
+    if len(head) < HEAD_BYTES:
+        size = len(head)  # the whole stream
+    elif size is not None and size < len(head):
+        size = None  # a wrong size_hint, which the upload reports itself
     info = screen(
-        lambda: inspect_image_bytes(head, size=len(head) if whole else size),
+        lambda: inspect_image_bytes(head, size=size),
         "the source stream",
         allow=allow,
         outcome="nothing was uploaded",
