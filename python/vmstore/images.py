@@ -161,8 +161,8 @@ def _describe(info: ImageInfo) -> str:
 def _refusal(name: str, info: ImageInfo, outcome: str) -> InvalidConfigError:
     return InvalidConfigError(
         f"{name} is {_describe(info)}: an importer that opens it reads that file from its own "
-        f"host (a crafted image reads host files such as /etc/shadow); {outcome}. To store it "
-        f"anyway, {OVERRIDE}"
+        f"host (a crafted image reads host files such as /etc/shadow); {outcome}. To accept "
+        f"it anyway, {OVERRIDE}"
     )
 
 

@@ -658,6 +658,9 @@ fn vhdx(input: &Input<'_>) -> CoreResult<ImageInfo> {
         }
     }
     let Some((_, header)) = best else {
+        if input.available() < (128 << 10) + 80 {
+            return Err(input.outside(64 << 10, (64 << 10) + 80, "the vhdx headers"));
+        }
         return Err(bad(format!("{name}: no vhdx header at 64 KiB or 128 KiB")));
     };
     info.version = Some(u32::from(le16(&header, 66)));
@@ -673,6 +676,9 @@ fn vhdx(input: &Input<'_>) -> CoreResult<ImageInfo> {
         }
     }
     let Some(table) = region else {
+        if input.available() < 256 << 10 {
+            return Err(input.outside(192 << 10, 64 << 10, "the vhdx region table"));
+        }
         return Err(bad(format!("{name}: no vhdx region table at 192 KiB or 256 KiB")));
     };
     let count = le32(&table, 8) as usize;

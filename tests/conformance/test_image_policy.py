@@ -73,7 +73,9 @@ def test_a_download_never_commits_an_image_naming_a_backing_file_unless_allowed(
     backend: BackendHarness, store: Storage, images: Path, workdir: Path
 ) -> None:
     child = images / "child.qcow2"
-    up = store.upload(UploadRequest(str(child), backend.url("child.qcow2"), allow_backing_file=True))
+    up = store.upload(
+        UploadRequest(str(child), backend.url("child.qcow2"), allow_backing_file=True)
+    )
     assert backend.read_object("child.qcow2") == child.read_bytes()
     destination = workdir / "dl" / "child.qcow2"
 

@@ -32,6 +32,7 @@ from vmstore.errors import (
     PermissionDeniedError,
     StorageError,
 )
+from vmstore.images import inspect_image
 from vmstore.models import DownloadRequest, ProgressCallback, UploadRequest
 from vmstore.progress import PROGRESS_INTERVAL_SECONDS, ProgressReporter
 from vmstore.storage import Storage, new_storage
@@ -238,6 +239,7 @@ def run_upload(run: Invocation) -> int:
                 progress_callback=_callback(display),
                 content_type=args.content_type,
                 resume=not from_stdin and not args.no_resume,  # a stream cannot be re-read
+                allow_backing_file=args.allow_backing_file,
             )
             response = store.upload(request)
             summary = TransferSummary(
@@ -293,6 +295,7 @@ def run_download(run: Invocation) -> int:
                 progress_callback=_callback(display),
                 # What went to a stream's reader cannot be taken back and re-sent.
                 resume=not to_stdout and not args.no_resume,
+                allow_backing_file=args.allow_backing_file,
             )
             response = store.download(request)
             if to_stdout:
@@ -436,6 +439,20 @@ def _is_terminal(stream: object) -> bool:
         return False
 
 
+def run_inspect(run: Invocation) -> int:
+    info = inspect_image(run.args.file)
+    fields: dict[str, object] = {"file": run.args.file, **info.to_dict()}
+    fields["refers_to_other_files"] = info.refers_to_other_files
+    if not run.console.json_result:
+        # One line per field; lists as comma-separated names, "-" for none.
+        fields = {
+            name: (", ".join(value) or None) if isinstance(value, list) else value
+            for name, value in fields.items()
+        }
+    run.console.result(fields)
+    return 0
+
+
 HANDLERS: dict[str, Callable[[Invocation], int]] = {
     "upload": run_upload,
     "download": run_download,
@@ -443,4 +460,5 @@ HANDLERS: dict[str, Callable[[Invocation], int]] = {
     "rm": run_rm,
     "gc": run_gc,
     "checksum": run_checksum,
+    "inspect": run_inspect,
 }
