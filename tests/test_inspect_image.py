@@ -387,9 +387,7 @@ def test_truncated_headers_give_an_error_or_an_answer_never_a_crash(
         path = _write(tmp_path / "cut", part)
         for outcome in (
             _must_be_info_or_storage_error(lambda p=path: inspect_image(p)),
-            _must_be_info_or_storage_error(
-                lambda b=part: inspect_image_bytes(b, size=len(b))
-            ),
+            _must_be_info_or_storage_error(lambda b=part: inspect_image_bytes(b, size=len(b))),
         ):
             if isinstance(outcome, StorageError):
                 assert isinstance(outcome, InvalidConfigError), outcome
@@ -478,9 +476,7 @@ def test_random_and_mutated_headers_give_an_image_info_or_a_storage_error(
         whole = (
             _must_be_info_or_storage_error(lambda b=blob: inspect_image(_write(path, b)))
             if round_number % 10 == 0
-            else _must_be_info_or_storage_error(
-                lambda b=blob: inspect_image_bytes(b, size=len(b))
-            )
+            else _must_be_info_or_storage_error(lambda b=blob: inspect_image_bytes(b, size=len(b)))
         )
         head = _must_be_info_or_storage_error(lambda b=blob: inspect_image_bytes(b))
         for outcome in (whole, head):
