@@ -237,6 +237,12 @@ pub fn inspect_head(head: &[u8], size: Option<u64>, name: &str) -> CoreResult<Im
 }
 
 fn inspect(input: &Input<'_>) -> CoreResult<ImageInfo> {
+    inspect_within(input, true)
+}
+
+/// `unwrap`: look inside a compressed wrapper (only one level: a wrapper inside a wrapper is
+/// refused, and a gzip quine cannot recurse).
+fn inspect_within(input: &Input<'_>, unwrap: bool) -> CoreResult<ImageInfo> {
     let magic = input.read_upto(0, 512, "the header")?;
     if magic.starts_with(b"QFI\xfb") {
         return qcow2(input);
@@ -251,6 +257,9 @@ fn inspect(input: &Input<'_>) -> CoreResult<ImageInfo> {
         return vhd(input, &magic);
     }
     if let Some(wrapper) = wrapper_of(&magic) {
+        if !unwrap {
+            return Err(bad(format!("{}: a {wrapper} stream inside a compressed wrapper", input.name())));
+        }
         return wrapped(input, wrapper);
     }
     if is_vmdk_descriptor(&magic) {
@@ -787,6 +796,10 @@ fn wrapper_of(start: &[u8]) -> Option<&'static str> {
     }
 }
 
+/// Compressed bytes read at most to decompress a wrapper's head: a stream that yields nothing
+/// (empty gzip members, zstd skippable frames) is not read to its end.
+const MAX_COMPRESSED_READ: u64 = 64 << 20;
+
 /// The compressed bytes of the input, as a reader that never reads past what is available.
 struct InputReader<'a, 'b> {
     input: &'b Input<'a>,
@@ -795,7 +808,8 @@ struct InputReader<'a, 'b> {
 
 impl Read for InputReader<'_, '_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let left = self.input.available().saturating_sub(self.position);
+        let end = self.input.available().min(MAX_COMPRESSED_READ);
+        let left = end.saturating_sub(self.position);
         let want = (buf.len() as u64).min(left).min(1 << 20);
         if want == 0 {
             return Ok(0);
@@ -857,15 +871,15 @@ fn wrapped(input: &Input<'_>, wrapper: &'static str) -> CoreResult<ImageInfo> {
     let (head, complete) = decompress_head(input, wrapper);
     let name = format!("{} (inside its {wrapper} wrapper)", input.name());
     let size = complete.then_some(head.len() as u64);
-    let inner = match inspect(&Input::Head { data: &head, len: size, name }) {
+    let nested = head.get(..8).and_then(wrapper_of).is_some();
+    let inner = match inspect_within(&Input::Head { data: &head, len: size, name }, false) {
         Ok(inner) => inner,
         // What is inside could not be read (cut short, or not an image): raw, size unknown.
-        Err(CoreError::InvalidArgument(_)) if !complete => ImageInfo { format: "raw", ..ImageInfo::default() },
+        Err(CoreError::InvalidArgument(_)) if !complete && !nested => {
+            ImageInfo { format: "raw", ..ImageInfo::default() }
+        }
         Err(err) => return Err(err),
     };
-    if inner.wrapper.is_some() {
-        return Err(bad(format!("{}: a {wrapper} wrapper around another compressed wrapper", input.name())));
-    }
     Ok(ImageInfo { wrapper: Some(wrapper), ..inner })
 }
 
@@ -1025,6 +1039,20 @@ mod tests {
         assert_eq!(vhdx_parent(&locator, "t").expect("parsed").as_deref(), Some("..\\base.vhdx"));
         locator[24..28].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(vhdx_parent(&locator, "t").is_err());
+    }
+
+    #[test]
+    fn a_wrapper_inside_a_wrapper_is_refused() {
+        use std::io::Write;
+        let mut inner = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        inner.write_all(&qcow2_header(3, 16)).expect("in memory");
+        let inner = inner.finish().expect("in memory");
+        let info = head(&inner).expect("one level is inspected");
+        assert_eq!((info.format, info.wrapper), ("qcow2", Some("gzip")));
+        let mut outer = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        outer.write_all(&inner).expect("in memory");
+        let outer = outer.finish().expect("in memory");
+        assert!(matches!(head(&outer), Err(CoreError::InvalidArgument(_))));
     }
 
     #[test]
