@@ -35,6 +35,7 @@ from vmstore import (
 )
 from vmstore._sidecar import Sidecar
 from vmstore.images import (
+    EARLY_BYTES,
     HEAD_BYTES,
     StreamGate,
     check_download_file,
@@ -530,23 +531,43 @@ def test_a_stream_naming_a_backing_file_is_refused_before_it_is_passed_on() -> N
     assert info is not None and info.backing_file == "/etc/shadow"
 
 
-def test_the_download_stream_gate_holds_the_head_until_it_was_checked() -> None:
+def test_the_download_stream_gate_holds_the_head_until_it_was_checked(
+    made: dict[str, tuple[Path, str]],
+) -> None:
     received: list[bytes] = []
     data = random.Random(3).randbytes(HEAD_BYTES + 5000)
     gate = StreamGate(received.append, "s3://b/k", len(data))
     gate(data[:1000])
-    gate(memoryview(data)[1000 : HEAD_BYTES - 1])
+    gate(memoryview(data)[1000 : EARLY_BYTES - 1])
     assert received == []  # nothing reaches the consumer before the header was checked
-    gate(data[HEAD_BYTES - 1 :])
+    gate(data[EARLY_BYTES - 1 : EARLY_BYTES + 10])  # raw: decided from the first 64 KiB
+    assert b"".join(received) == data[: EARLY_BYTES + 10]
+    gate(data[EARLY_BYTES + 10 :])
     gate.close()
     assert b"".join(received) == data
 
+    # A vhdx's tables lie further in: held until the whole head is there.
+    vhdx = made["vhdx"][0].read_bytes()
+    held: list[bytes] = []
+    vhdx_gate = StreamGate(held.append, "s3://b/v", len(vhdx))
+    vhdx_gate(vhdx[: HEAD_BYTES - 1])
+    assert held == []
+    vhdx_gate(vhdx[HEAD_BYTES - 1 :])
+    vhdx_gate.close()
+    assert b"".join(held) == vhdx
+
+    # A qcow2 naming a backing file is refused as soon as its header is there.
     refused: list[bytes] = []
     bad = StreamGate(refused.append, "s3://b/k", None)
-    bad(_qcow2_naming(b"base.img")[:3000])
     with pytest.raises(InvalidConfigError, match="nothing was written"):
-        bad.close()
+        bad(_qcow2_naming(b"base.img") + bytes(EARLY_BYTES))
     assert refused == []
+    small: list[bytes] = []
+    short = StreamGate(small.append, "s3://b/k", None)
+    short(_qcow2_naming(b"base.img")[:3000])
+    with pytest.raises(InvalidConfigError):
+        short.close()
+    assert small == []
 
 
 def test_the_sidecar_keeps_the_image_record() -> None:

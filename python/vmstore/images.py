@@ -297,24 +297,45 @@ def check_download_file(partial_path: str, url: str, destination: str, *, allow:
     )
 
 
+EARLY_BYTES = 64 << 10
+"""A download stream's head is first inspected at this length: a raw image or a qcow2 (whose
+header reads need nothing it lacks, or fail) is decided then, without holding 4 MiB back."""
+
+
 class StreamGate:
-    """The download hook for a stream destination: holds the first :data:`HEAD_BYTES`
-    back from ``emit`` until the image header in them has been checked (or the object ended
-    sooner), so a refused image never reaches the consumer. ``size`` is the object's."""
+    """The download hook for a stream destination: holds the start of the object back from
+    ``emit`` until the image header in it has been checked, so a refused image never reaches
+    the consumer. Raw images and qcow2 are decided from the first :data:`EARLY_BYTES`; other
+    formats (whose tables lie further in) and compressed wrappers from the first
+    :data:`HEAD_BYTES`, or from the whole object when it is shorter. ``size`` is the object's."""
 
     def __init__(self, emit: Callable[[bytes], None], url: str, size: int | None) -> None:
         self._emit = emit
         self._url = url
         self._size = size
         self._held: bytearray | None = bytearray()
+        self._tried_early = False
 
     def __call__(self, data: bytes | bytearray | memoryview) -> None:
         if self._held is None:
             self._emit(data if isinstance(data, bytes) else bytes(data))
             return
         self._held += data
-        if len(self._held) >= HEAD_BYTES:
+        if len(self._held) >= HEAD_BYTES or (
+            len(self._held) >= EARLY_BYTES and not self._tried_early and self._decided_early()
+        ):
             self._release()
+
+    def _decided_early(self) -> bool:
+        """Whether the bytes held already decide: the answer cannot change with more of them
+        (a raw image's does not; a qcow2's header reads all succeeded)."""
+        self._tried_early = True
+        assert self._held is not None
+        try:
+            info = inspect_image_bytes(self._held)
+        except StorageError:
+            return False  # perhaps a table further in: wait for the whole head
+        return info.wrapper is None and info.format in ("raw", "qcow2")
 
     def close(self) -> None:
         """The object has ended: check and release whatever is held."""

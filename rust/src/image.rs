@@ -243,7 +243,9 @@ fn inspect(input: &Input<'_>) -> CoreResult<ImageInfo> {
 /// `unwrap`: look inside a compressed wrapper (only one level: a wrapper inside a wrapper is
 /// refused, and a gzip quine cannot recurse).
 fn inspect_within(input: &Input<'_>, unwrap: bool) -> CoreResult<ImageInfo> {
-    let magic = input.read_upto(0, 512, "the header")?;
+    // qemu probes a format from the first 2 KiB (a vmdk descriptor's "version=" may follow
+    // comment lines anywhere in them).
+    let magic = input.read_upto(0, 2048, "the header")?;
     if magic.starts_with(b"QFI\xfb") {
         return qcow2(input);
     }
