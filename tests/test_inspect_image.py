@@ -197,6 +197,31 @@ def test_a_compressed_copy_reports_its_wrapper_and_what_is_inside(
     assert inspect_image_bytes(wrapped.read_bytes()[:HEAD_BYTES]) == info
 
 
+def test_a_stream_optimized_vmdk_with_data_agrees_with_qemu_img(tmp_path: Path) -> None:
+    raw = _write(tmp_path / "data.raw", random.Random(5).randbytes(3 * MiB))
+    vmdk = tmp_path / "so.vmdk"
+    run("qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized",
+        raw, vmdk)  # fmt: skip
+    theirs = qemu_info(vmdk, "vmdk")
+    ours = inspect_image(vmdk)
+    assert (ours.format, ours.virtual_size, ours.subformat, ours.compression_type) == (
+        "vmdk",
+        theirs["virtual-size"],
+        "streamOptimized",
+        "deflate",
+    )
+
+
+def test_qcow2_dirty_and_corrupt_bits_are_reported(
+    made: dict[str, tuple[Path, str]], tmp_path: Path
+) -> None:
+    data = bytearray(made["qcow2-v3"][0].read_bytes())
+    data[72:80] = (1 | 2).to_bytes(8, "big")
+    info = inspect_image(_write(tmp_path / "dirty.qcow2", bytes(data)))
+    assert (info.dirty, info.corrupt, info.features) == (True, True, ("dirty", "corrupt"))
+    assert qemu_info(tmp_path / "dirty.qcow2", "qcow2")["format-specific"]["data"]["corrupt"]
+
+
 def test_a_small_compressed_raw_image_has_its_size_known(tmp_path: Path) -> None:
     data = b"\x01" * 100_000
     path = tmp_path / "small.raw.gz"

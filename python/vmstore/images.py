@@ -223,6 +223,10 @@ class _ReplayStream:
         data = self._stream.read(len(buffer))
         if data is None:
             return None
+        if len(data) > len(buffer):
+            raise InvalidConfigError(
+                f"source_stream.read({len(buffer)}) returned {len(data)} bytes"
+            )
         memoryview(buffer).cast("B")[: len(data)] = data
         return len(data)
 
@@ -359,13 +363,20 @@ class StreamGate:
 # --- what an upload records ------------------------------------------------------------------
 
 
+def stored_format(info: ImageInfo) -> str:
+    """The format of the bytes stored: a compressed copy's is its wrapper ("gzip", "xz",
+    "zstd"; an importer must decompress it before anything reads it as an image)."""
+    return info.wrapper or info.format
+
+
 def record_of(info: ImageInfo, size: int) -> dict[str, Any]:
-    """The sidecar's ``image`` object for an upload of ``size`` bytes: format and virtual
-    size (a raw image's is its size)."""
+    """The sidecar's ``image`` object for an upload of ``size`` bytes: the stored format and
+    the guest disk's virtual size (a raw image's is its size; a compressed copy's is that of
+    the image inside when its header says)."""
     virtual = info.virtual_size
     if virtual is None and info.format == "raw" and info.wrapper is None:
         virtual = size
-    return {"format": info.format, "virtual_size": virtual}
+    return {"format": stored_format(info), "virtual_size": virtual}
 
 
 def metadata_of(info: ImageInfo | None, size: int | None) -> dict[str, str]:
@@ -374,7 +385,7 @@ def metadata_of(info: ImageInfo | None, size: int | None) -> dict[str, str]:
     if info is None:
         return {}
     virtual = record_of(info, size)["virtual_size"] if size is not None else info.virtual_size
-    out = {FORMAT_KEY: info.format}
+    out = {FORMAT_KEY: stored_format(info)}
     if virtual is not None:
         out[VIRTUAL_SIZE_KEY] = str(virtual)
     return out

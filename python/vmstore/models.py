@@ -280,8 +280,8 @@ class FileMetadata:
     content_type: str = DEFAULT_CONTENT_TYPE
     custom_metadata: dict[str, str] = field(default_factory=dict)
     image_format: str | None = None
-    """The image format vmstore recorded at upload ("qcow2", "vmdk", "vhd", "vhdx", "raw");
-    None for an object stored without that record."""
+    """The image format vmstore recorded at upload ("qcow2", "vmdk", "vhd", "vhdx", "raw";
+    "gzip", "xz" or "zstd" for a compressed copy); None for an object stored without it."""
     virtual_size: int | None = None
     """The guest disk's size in bytes recorded at upload (None when not recorded)."""
 

@@ -8,6 +8,7 @@ The images are made by qemu-img, as an exporter would make them.
 
 from __future__ import annotations
 
+import gzip
 import io
 import shutil
 import subprocess
@@ -125,6 +126,21 @@ def test_get_metadata_reports_the_format_and_virtual_size_recorded_at_upload(
     # And the record does not get in a download's way.
     down = store.download(DownloadRequest(up.url, str(workdir / name)))
     assert down.checksum == md.checksum
+
+
+def test_a_compressed_copy_records_its_wrapper_as_the_format(
+    backend: BackendHarness, store: Storage, images: Path
+) -> None:
+    gz = write_file(images / "plain.qcow2.gz", gzip.compress((images / "plain.qcow2").read_bytes()))
+    up = store.upload(UploadRequest(str(gz), backend.url("plain.qcow2.gz")))
+    md = store.get_metadata(up.url)
+    assert (md.image_format, md.virtual_size) == ("gzip", 64 * MiB)
+    # The policy looks inside the wrapper too.
+    child_gz = write_file(
+        images / "child.qcow2.gz", gzip.compress((images / "child.qcow2").read_bytes())
+    )
+    with pytest.raises(InvalidConfigError, match="gzip wrapper"):
+        store.upload(UploadRequest(str(child_gz), backend.url("child.qcow2.gz")))
 
 
 def test_the_image_record_keys_are_reserved_in_metadata(
