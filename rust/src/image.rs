@@ -364,8 +364,8 @@ fn qcow2(input: &Input<'_>) -> CoreResult<ImageInfo> {
                  is longer than 1023 bytes or runs past the first cluster"
             )));
         }
-        let raw = input.read(backing_offset, backing_size, "the qcow2 backing file name")?;
-        let backing = String::from_utf8_lossy(&raw).into_owned();
+        // As qemu reads it: a C string, ending at a NUL if there is one.
+        let backing = text(&input.read(backing_offset, backing_size, "the qcow2 backing file name")?);
         info.backing_file = (!backing.is_empty()).then_some(backing);
     }
 
