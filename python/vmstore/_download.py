@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol, cast
 
-from vmstore import _native
+from vmstore import _native, images
 from vmstore._failure import keeps_partial
 from vmstore._incomplete import forget_download, record_download
 from vmstore._localpath import check_destination_file, stream_label
@@ -370,6 +370,9 @@ def _download(
             if resumed_bytes:
                 raise _ResumedBytesDiffer()
             raise ChecksumMismatchError(f"{problem}; {destination} was left as it was")
+        if not request.allow_backing_file:
+            # The image policy's hook: the verified partial's header, before the commit.
+            images.check_download_file(partial, obj.url, destination, allow=False)
         # The final (total, total) report comes before the commit, as for every backend:
         # a callback that raises there still stops the file from appearing.
         reporter.finish(obj.size)
@@ -464,7 +467,9 @@ def _download_to_stream(
         obj.size,
         sink.name,
     )
-    writer = _native.ChunkWriter.for_stream(sink, crc=check.crc)
+    # The image policy's hook: the head is held back until its header was checked.
+    gate = None if request.allow_backing_file else images.StreamGate(sink, obj.url, obj.size)
+    writer = _native.ChunkWriter.for_stream(gate or sink, crc=check.crc)
     try:
         reporter = ProgressReporter(request.progress_callback, obj.size)
         reporter(0, obj.size)
@@ -475,6 +480,8 @@ def _download_to_stream(
             _fetch_stream(obj, reader, writer, request, reporter, settings)
         digest = writer.hexdigest(obj.size)
         crcs = writer.crc_values(obj.size) if check.crc else {}
+        if gate is not None:
+            gate.close()
         sink.flush()
         problem = check.mismatch(obj.url, digest, crcs)
         if problem is not None:

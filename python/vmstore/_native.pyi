@@ -239,3 +239,14 @@ class UploadSource:
         """SHA-256 hex of every byte consumed so far."""
     def crc64nvme(self) -> int:
         """CRC-64/NVME of every byte consumed so far."""
+
+# --- image inspection (rust/src/image.rs; vmstore.images wraps these) ---------------------
+
+def inspect_image_path(path: str) -> dict[str, object]:
+    """What the header of the image file at ``path`` says (the fields of
+    ``vmstore.images.ImageInfo``); GIL released; InvalidConfigError for a malformed header."""
+
+def inspect_image_bytes(
+    head: bytes, *, size: int | None = None, name: str = "<stream>"
+) -> dict[str, object]:
+    """The same for the start of an image (``size``: the whole image's length, when known)."""

@@ -13,7 +13,8 @@ The format (one JSON object; unknown keys are ignored, so newer writers stay rea
 
     {"version": 2, "sha256": "<64 hex>", "size": 123, "etag": "...", "mtime_ns": 0,
      "content_type": "...", "metadata": {"k": "v"}, "uploaded_at": "<ISO 8601>",
-     "upload_token": "..."}            # upload_token only when set
+     "upload_token": "...",            # upload_token only when set
+     "image": {"format": "qcow2", "virtual_size": 1073741824}}   # image only when recorded
 
 Version 1 (vmstore 0.1) had no ``version``, ``etag`` or ``upload_token``; such sidecars are
 still read, and are bound to their data by ``size`` and ``mtime_ns`` (the committed file's
@@ -59,6 +60,9 @@ class Sidecar:
     uploaded_at: str = ""
     mtime_ns: int = 0
     upload_token: str | None = None
+    image: Mapping[str, Any] | None = None
+    """What the upload's image header said: {"format": "qcow2", "virtual_size": 123}
+    (virtual_size may be null); None when not recorded (see vmstore.images)."""
 
     def to_json(self) -> str:
         data: dict[str, Any] = {
@@ -73,6 +77,8 @@ class Sidecar:
         }
         if self.upload_token is not None:
             data["upload_token"] = self.upload_token
+        if self.image is not None:
+            data["image"] = dict(self.image)
         return json.dumps(data, indent=2, sort_keys=True)
 
     def to_bytes(self) -> bytes:
@@ -120,6 +126,7 @@ class Sidecar:
             uploaded_at=_text(data, "uploaded_at"),
             mtime_ns=mtime_ns,
             upload_token=token,
+            image=_image(data.get("image")),
         )
 
     def mismatch(
@@ -166,6 +173,17 @@ class Sidecar:
             self.mismatch(size=size, etag=etag, mtime_ns=mtime_ns, upload_token=upload_token)
             is None
         )
+
+
+def _image(value: object) -> dict[str, Any] | None:
+    """The ``image`` record, or None when absent or not of the known shape (the rest of the
+    sidecar stays usable: the checksum is what it is for)."""
+    if not isinstance(value, dict):
+        return None
+    fmt, virtual = value.get("format"), value.get("virtual_size")
+    if not isinstance(fmt, str) or not (virtual is None or (_is_int(virtual) and virtual >= 0)):
+        return None
+    return {"format": fmt, "virtual_size": virtual}
 
 
 def _is_int(value: object) -> TypeGuard[int]:

@@ -22,10 +22,11 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from vmstore import _native
+from vmstore import _native, images
 from vmstore._localpath import check_source_file
 from vmstore._parts import MIB, S3_MAX_PART, S3_MAX_PARTS, s3_part_size
 from vmstore.errors import CancelledError, ChecksumMismatchError, InvalidConfigError
+from vmstore.images import ImageInfo
 from vmstore.models import S3_MAX_OBJECT_SIZE, UploadRequest
 from vmstore.progress import ProgressReporter
 
@@ -74,6 +75,9 @@ class SourcePlan:
     stat: os.stat_result | None
     """The file's stat when opened (None for a stream): a changed mtime means the source was
     written to during the upload."""
+    image: ImageInfo | None = None
+    """What the source's image header said (checked by vmstore.images before any byte was
+    sent), recorded with the object; None when it could not be read."""
 
     @property
     def is_stream(self) -> bool:
@@ -135,13 +139,18 @@ def plan_source(
     source of known size; an unsized stream grows its parts (:func:`stream_part_size`)."""
     if request.source_stream is not None:
         hint = request.size_hint
-        source = _native.UploadSource.stream(request.source_stream, name="<stream>")
         if hint is not None:
             fixed = part_size_for(hint)
-            return SourcePlan(source, "<stream>", hint, lambda _n: fixed, None)
+        # The image policy's hook: the stream's head is inspected before any byte goes out.
+        stream, image = images.check_upload_stream(
+            request.source_stream, allow=request.allow_backing_file, size=hint
+        )
+        source = _native.UploadSource.stream(stream, name="<stream>")
+        if hint is not None:
+            return SourcePlan(source, "<stream>", hint, lambda _n: fixed, None, image)
         first = part_size_for(0)
         return SourcePlan(
-            source, "<stream>", None, lambda n: stream_part_size(n, first), None
+            source, "<stream>", None, lambda n: stream_part_size(n, first), None, image
         )
     assert request.source_path is not None
     path = os.path.abspath(request.source_path)
@@ -150,9 +159,10 @@ def plan_source(
         raise InvalidConfigError(
             f"{path} holds {stat.st_size} bytes, more than the 5 TiB an object may hold"
         )
+    image = images.check_upload_file(path, allow=request.allow_backing_file)
     source = _native.UploadSource.file(path, direct=direct)
     fixed = part_size_for(source.size or 0)
-    return SourcePlan(source, path, source.size, lambda _n: fixed, stat)
+    return SourcePlan(source, path, source.size, lambda _n: fixed, stat, image)
 
 
 def s3_part_size_for(requested: int) -> Callable[[int], int]:

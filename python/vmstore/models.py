@@ -27,6 +27,11 @@ DEFAULT_CONTENT_TYPE = "application/octet-stream"
 SHA256_KEY = "sha256"
 """The metadata key under which a store keeps the whole-object SHA-256 (hidden from callers)."""
 
+IMAGE_FORMAT_KEY = "vmstore-image-format"
+VIRTUAL_SIZE_KEY = "vmstore-virtual-size"
+"""Metadata keys under which a store keeps the image format and virtual size recorded at upload
+(hidden from callers, reserved like sha256; see vmstore.images)."""
+
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 S3_MAX_OBJECT_SIZE = 5 << 40
@@ -108,6 +113,11 @@ def normalize_custom_metadata(metadata: dict[str, str]) -> dict[str, str]:
                 f"metadata key {SHA256_KEY!r} is reserved: vmstore computes and stores the "
                 "SHA-256 itself; remove it from the metadata"
             )
+        if key in (IMAGE_FORMAT_KEY, VIRTUAL_SIZE_KEY):
+            raise InvalidConfigError(
+                f"metadata key {key!r} is reserved: vmstore records the image's format and "
+                "virtual size from its header itself; remove it from the metadata"
+            )
         normalized[key] = value
     return normalized
 
@@ -133,6 +143,9 @@ class UploadRequest:
     cancel: CancelToken | None = None
     source_stream: ReadableStream | None = None
     size_hint: int | None = None
+    allow_backing_file: bool = False
+    """Upload even an image whose header names a backing file or external data file (refused
+    by default: an importer that follows it reads files of its own host; see vmstore.images)."""
 
     def __post_init__(self) -> None:
         if (self.source_path is None) == (self.source_stream is None):
@@ -219,6 +232,9 @@ class DownloadRequest:
     resume: bool = True
     cancel: CancelToken | None = None
     destination_stream: WritableStream | None = None
+    allow_backing_file: bool = False
+    """Save even an image whose header names a backing file or external data file (by
+    default such a download is verified, then not committed; see vmstore.images)."""
 
     def __post_init__(self) -> None:
         if (self.destination_path is None) == (self.destination_stream is None):
@@ -280,6 +296,11 @@ class FileMetadata:
     last_modified: datetime
     content_type: str = DEFAULT_CONTENT_TYPE
     custom_metadata: dict[str, str] = field(default_factory=dict)
+    image_format: str | None = None
+    """The image format vmstore recorded at upload ("qcow2", "vmdk", "vhd", "vhdx", "raw";
+    "gzip", "xz" or "zstd" for a compressed copy); None for an object stored without it."""
+    virtual_size: int | None = None
+    """The guest disk's size in bytes recorded at upload (None when not recorded)."""
 
     def __repr__(self) -> str:
         return _repr_redacting(self, ("url",))

@@ -13,6 +13,7 @@ mod copy;
 mod error;
 mod fsinfo;
 mod hash;
+mod image;
 mod progress;
 mod reader;
 mod source;
@@ -106,6 +107,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sha256_file, m)?)?;
     m.add_function(wrap_pyfunction!(is_network_filesystem, m)?)?;
     m.add_function(wrap_pyfunction!(error::errno_classes, m)?)?;
+    m.add_function(wrap_pyfunction!(image::inspect_image_path, m)?)?;
+    m.add_function(wrap_pyfunction!(image::inspect_image_bytes, m)?)?;
     m.add("DEFAULT_PROGRESS_INTERVAL_MS", progress::DEFAULT_INTERVAL_MS)?;
     Ok(())
 }

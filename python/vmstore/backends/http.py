@@ -54,7 +54,7 @@ import requests.adapters
 import requests.auth
 import urllib3.exceptions
 
-from vmstore import _logredact, _many
+from vmstore import _logredact, _many, images
 from vmstore._download import DownloadSettings, RemoteObject, download_object
 from vmstore._hostpolicy import HostPolicy, policy_adapter
 from vmstore._incomplete import cutoff, known_downloads, remove_download
@@ -975,6 +975,11 @@ class HttpStorage:
         if sidecar is not None:
             custom.update(sidecar.metadata)
         custom.pop(SHA256_KEY, None)
+        image_format, virtual_size = images.from_metadata(custom)
+        if sidecar is not None and sidecar.image is not None:
+            image_format, virtual_size = images.from_record(sidecar.image)
+        for key in images.IMAGE_KEYS:
+            custom.pop(key, None)
         last_modified = _http_date(head.validator.last_modified)
         if last_modified is None and sidecar is not None:
             with contextlib.suppress(ValueError):
@@ -988,6 +993,8 @@ class HttpStorage:
             # The uploader's declared type beats the server's guess from the file name.
             content_type=sidecar.content_type if sidecar else head.content_type,
             custom_metadata=custom,
+            image_format=image_format,
+            virtual_size=virtual_size,
         )
 
     def _delete_one(self, url: str, action: str) -> None:
@@ -1156,7 +1163,9 @@ class HttpStorage:
             data = plan.read_whole()
             digest = plan.source.sha256()
             reporter.finish(size)  # before the PUT, as every final report precedes the commit
-            headers = _upload_headers(size, digest, content_type, metadata)
+            headers = _upload_headers(
+                size, digest, content_type, {**metadata, **images.metadata_of(plan.image, size)}
+            )
             body_factory = lambda: PartBody(data)  # noqa: E731 - a fresh body per attempt
             body: _PipelineBody | None = None
         else:
@@ -1175,7 +1184,9 @@ class HttpStorage:
                 return plan
 
             body = _PipelineBody(reopen, size, lambda sent: reporter(sent, size or 0), cancelled)
-            headers = _upload_headers(size, None, content_type, metadata)
+            headers = _upload_headers(
+                size, None, content_type, {**metadata, **images.metadata_of(plan.image, size)}
+            )
             body_factory = lambda: body  # noqa: E731
 
         made_parents = is_new
@@ -1207,7 +1218,8 @@ class HttpStorage:
             raise ChecksumMismatchError(
                 f"{_display(url)} holds {head.size} bytes after the upload, expected {size}"
             )
-        if not _stores_natively(head, digest, metadata):
+        recorded = {**metadata, **images.metadata_of(plan.image, size)}
+        if not _stores_natively(head, digest, recorded):
             self._write_sidecar(
                 url,
                 Sidecar(
@@ -1217,6 +1229,7 @@ class HttpStorage:
                     content_type=content_type,
                     metadata=metadata,
                     uploaded_at=datetime.now(UTC).isoformat(),
+                    image=images.record_of(plan.image, size) if plan.image else None,
                 ),
             )
         reporter.finish(size)

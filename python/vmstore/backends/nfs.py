@@ -43,7 +43,7 @@ from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Protocol, Self
 
-from vmstore import _many, _native
+from vmstore import _many, _native, images
 from vmstore._failure import keeps_partial
 from vmstore._incomplete import (
     cutoff,
@@ -269,6 +269,15 @@ class NfsStorage:
                 f"cannot upload to {target.url}: a directory of that name exists; "
                 "give a file path inside it"
             )
+        # The image policy's hook, before anything is written to the share.
+        stream = request.source_stream
+        if stream is not None:
+            stream, image = images.check_upload_stream(
+                stream, allow=request.allow_backing_file, size=request.size_hint
+            )
+        else:
+            assert source_path is not None
+            image = images.check_upload_file(source_path, allow=request.allow_backing_file)
         self._make_parent_directories(target)
         content_type = request.content_type or (
             (mimetypes.guess_type(source_path)[0] if source_path else None) or DEFAULT_CONTENT_TYPE
@@ -286,6 +295,7 @@ class NfsStorage:
                 content_type=content_type,
                 metadata=metadata,
                 uploaded_at=datetime.now(UTC).isoformat(),
+                image=images.record_of(image, temp_stat.st_size) if image else None,
             )
             self._write_sidecar(target.path, sidecar)
             sidecar_written.append((sidecar, temp_stat))
@@ -302,9 +312,9 @@ class NfsStorage:
         # written (the commit's fsync or rename) leaves the previous object's sidecar.
         previous_sidecar = self._sidecar_bytes(target.path)
         try:
-            if request.source_stream is not None:
+            if stream is not None:
                 result = self._copy_stream_in(
-                    request.source_stream,
+                    stream,
                     size_hint=request.size_hint,
                     final_path=target.path,
                     progress_callback=request.progress_callback,
@@ -369,7 +379,12 @@ class NfsStorage:
             progress_callback=request.progress_callback,
             cancel=request.cancel,
             expected_sha256=expected_sha256,
-            before_commit=None,
+            # The image policy's hook: the verified copy's header, before it is renamed.
+            before_commit=None
+            if request.allow_backing_file
+            else lambda _copied, temp_path: images.check_download_file(
+                temp_path, target.url, destination_path, allow=False
+            ),
         )
         forget_download(partial_path)
         self._log_done("downloaded", target.url, result, started)
@@ -394,6 +409,8 @@ class NfsStorage:
             last_modified=datetime.fromtimestamp(st.st_mtime_ns / 1e9, tz=UTC),
             content_type=sidecar.content_type if sidecar else DEFAULT_CONTENT_TYPE,
             custom_metadata=dict(sidecar.metadata) if sidecar else {},
+            image_format=images.from_record(sidecar.image if sidecar else None)[0],
+            virtual_size=images.from_record(sidecar.image if sidecar else None)[1],
         )
 
     def delete(self, url: str) -> None:
@@ -672,6 +689,11 @@ class NfsStorage:
         hasher = _native.Sha256()
         reporter = ProgressReporter(request.progress_callback, opened.st_size)
         done = 0
+        # The image policy's hook: the head is held back until its header was checked.
+        emit: Callable[[bytes], None] = lambda data: _write_to_stream(stream, data, label)  # noqa: E731
+        write = emit if request.allow_backing_file else images.StreamGate(
+            emit, target.url, opened.st_size
+        )
         with os.fdopen(fd, "rb", buffering=0) as source:
             # Judged against the file actually opened: a racing upload cannot slip another
             # file's checksum in between.
@@ -686,9 +708,11 @@ class NfsStorage:
                 if not data:
                     break
                 hasher.update(data)
-                _write_to_stream(stream, data, label)
+                write(data)
                 done += len(data)
                 reporter(done, max(done, opened.st_size))
+            if isinstance(write, images.StreamGate):
+                write.close()
         if done != opened.st_size:
             raise OperationFailedError(
                 f"{target.url} changed size while it was read ({opened.st_size} bytes when "

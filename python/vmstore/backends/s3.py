@@ -32,7 +32,7 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
-from vmstore import _logredact, _many, _native
+from vmstore import _logredact, _many, _native, images
 from vmstore._download import DownloadSettings, RemoteObject, S3Checksum, download_object
 from vmstore._failure import keeps_partial
 from vmstore._hostpolicy import HostPolicy, install_on_boto3_client, refusal_in
@@ -619,6 +619,11 @@ class S3Storage:
         return S3Location(location.bucket, location.key + SIDECAR_SUFFIX)
 
     def _stored_sha256(self, location: S3Location, head: dict[str, Any]) -> str | None:
+        return self._stored_record(location, head)[0]
+
+    def _stored_record(
+        self, location: S3Location, head: dict[str, Any]
+    ) -> tuple[str | None, Sidecar | None]:
         """The SHA-256 vmstore recorded for the object HEAD described, or None.
 
         A single PUT carries it as metadata ``sha256`` (known before the PUT; so did every
@@ -629,10 +634,10 @@ class S3Storage:
         metadata = _lower_metadata(head.get("Metadata", {}))
         recorded = metadata.get(SHA256_KEY)
         if recorded:
-            return recorded.lower()
+            return recorded.lower(), None
         token = metadata.get(UPLOAD_TOKEN_KEY)
         if not token:
-            return None
+            return None, None
         companion = self._companion(location)
         try:
             response = self._call(
@@ -650,10 +655,10 @@ class S3Storage:
             sidecar = Sidecar.from_json(text)
         except NotFoundError:
             log.warning("%s has no checksum sidecar: its SHA-256 is unknown", s3_url(location))
-            return None
+            return None, None
         except SidecarFormatError as exc:
             log.warning("ignoring unreadable sidecar %s: %s", s3_url(companion), exc)
-            return None
+            return None, None
         why = sidecar.mismatch(
             size=int(head.get("ContentLength", -1)), etag=None, upload_token=token
         )
@@ -661,16 +666,21 @@ class S3Storage:
             # Another upload replaced the object after this sidecar's was written, or the
             # other way round: a checksum that may describe other bytes is worse than none.
             log.warning("ignoring sidecar %s: %s", s3_url(companion), why)
-            return None
-        return sidecar.sha256
+            return None, None
+        return sidecar.sha256, sidecar
 
     def get_metadata(self, url: str) -> FileMetadata:
         location = self._location(url)
         head = self._head(location)
         custom = _lower_metadata(head.get("Metadata", {}))
-        checksum = self._stored_sha256(location, head)
+        checksum, sidecar = self._stored_record(location, head)
+        image_format, virtual_size = images.from_metadata(custom)
+        if sidecar is not None and sidecar.image is not None:
+            image_format, virtual_size = images.from_record(sidecar.image)
         custom.pop(SHA256_KEY, None)
         custom.pop(UPLOAD_TOKEN_KEY, None)
+        for key in images.IMAGE_KEYS:
+            custom.pop(key, None)
         last_modified = head.get("LastModified") or datetime.now(UTC)
         if last_modified.tzinfo is None:
             last_modified = last_modified.replace(tzinfo=UTC)
@@ -682,6 +692,8 @@ class S3Storage:
             last_modified=last_modified.astimezone(UTC),
             content_type=head.get("ContentType") or DEFAULT_CONTENT_TYPE,
             custom_metadata=custom,
+            image_format=image_format,
+            virtual_size=virtual_size,
         )
 
     def _delete_key(self, location: S3Location, action: str) -> None:
@@ -1094,7 +1106,11 @@ class _MultipartUpload:
             # Progress was reported in full above; the body only hands out the bytes.
             Body=cast(Any, PartBody(data)),
             ContentType=self.content_type,
-            Metadata={**self.metadata, SHA256_KEY: digest},
+            Metadata={
+                **self.metadata,
+                SHA256_KEY: digest,
+                **images.metadata_of(self.plan.image, size),
+            },
             ChecksumSHA256=_b64(digest),
         )
         etag = _strip_etag(str(response.get("ETag", "")))
@@ -1349,6 +1365,7 @@ class _MultipartUpload:
             metadata=self.metadata,
             uploaded_at=datetime.now(UTC).isoformat(),
             upload_token=state.token,
+            image=images.record_of(self.plan.image, size) if self.plan.image else None,
         )
         companion = self.storage._companion(self.location)
         try:

@@ -33,6 +33,7 @@ from vmstore.errors import (
     PermissionDeniedError,
     StorageError,
 )
+from vmstore.images import inspect_image
 from vmstore.models import (
     DownloadRequest,
     DownloadResponse,
@@ -250,6 +251,7 @@ def run_upload(run: Invocation) -> int:
                 progress_callback=_callback(display),
                 content_type=args.content_type,
                 resume=not from_stdin and not args.no_resume,  # a stream cannot be re-read
+                allow_backing_file=args.allow_backing_file,
             )
             response = store.upload(request)
             summary = TransferSummary(
@@ -309,6 +311,7 @@ def run_download(run: Invocation) -> int:
                 progress_callback=_callback(display),
                 # What went to a stream's reader cannot be taken back and re-sent.
                 resume=not to_stdout and not args.no_resume,
+                allow_backing_file=args.allow_backing_file,
             )
             response = store.download(request)
             if to_stdout:
@@ -625,6 +628,20 @@ def _is_terminal(stream: object) -> bool:
         return False
 
 
+def run_inspect(run: Invocation) -> int:
+    info = inspect_image(run.args.file)
+    fields: dict[str, object] = {"file": run.args.file, **info.to_dict()}
+    fields["refers_to_other_files"] = info.refers_to_other_files
+    if not run.console.json_result:
+        # One line per field; lists as comma-separated names, "-" for none.
+        fields = {
+            name: (", ".join(value) or None) if isinstance(value, list) else value
+            for name, value in fields.items()
+        }
+    run.console.result(fields)
+    return 0
+
+
 HANDLERS: dict[str, Callable[[Invocation], int]] = {
     "upload": run_upload,
     "download": run_download,
@@ -633,4 +650,5 @@ HANDLERS: dict[str, Callable[[Invocation], int]] = {
     "gc": run_gc,
     "presign": run_presign,
     "checksum": run_checksum,
+    "inspect": run_inspect,
 }

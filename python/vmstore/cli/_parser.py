@@ -57,6 +57,7 @@ examples:
   vmstore stat nfs://vm-exports/disk.qcow2
   vmstore rm nfs://vm-exports/disk.qcow2
   vmstore checksum disk.qcow2
+  vmstore inspect disk.qcow2
 
   vmstore --endpoint https://s3.example.com upload disk.qcow2 s3://vms/disk.qcow2
       # keys from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
@@ -294,6 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start over instead of continuing an interrupted upload",
     )
+    upload.add_argument(
+        "--allow-backing-file",
+        action="store_true",
+        help="upload even an image whose header names a backing file or external data file "
+        "(refused by default: an importer following it reads its own host's files)",
+    )
 
     download = _add_command(
         commands,
@@ -328,6 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-clobber",
         action="store_true",
         help=f"refuse (exit {EXIT_DESTINATION_EXISTS}) when DEST already exists",
+    )
+    download.add_argument(
+        "--allow-backing-file",
+        action="store_true",
+        help="save even an image whose header names a backing file or external data file "
+        "(by default it is verified, then not saved)",
     )
 
     stat = _add_command(
@@ -396,6 +409,15 @@ def build_parser() -> argparse.ArgumentParser:
         backend=False,
     )
     checksum.add_argument("file", metavar="FILE", help="local file to hash; - for stdin")
+
+    inspect = _add_command(
+        commands,
+        "inspect",
+        "show what a local image's header says: format, virtual size, backing file, data file",
+        "vmstore inspect disk.qcow2 --json",
+        backend=False,
+    )
+    inspect.add_argument("file", metavar="FILE", help="local image file")
     return parser
 
 
