@@ -60,7 +60,9 @@ def test_a_limited_upload_and_download_take_at_least_size_over_rate(
 def test_concurrent_transfers_share_one_limit(backend: BackendHarness, workdir: Path) -> None:
     """Two uploads at once on one store: together, not each, within the limit."""
     each = 3 * MiB
-    sources = [write_file(workdir / f"disk{i}.img", random_bytes(each, seed=92 + i)) for i in (0, 1)]
+    sources = [
+        write_file(workdir / f"disk{i}.img", random_bytes(each, seed=92 + i)) for i in (0, 1)
+    ]
     errors: list[BaseException] = []
     with backend.open(max_bandwidth=RATE) as store:
 

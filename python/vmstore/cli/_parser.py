@@ -40,6 +40,7 @@ FLAG_BY_FIELD = {
     "max_retries": "--max-retries",
     "insecure_skip_verify": "--insecure-skip-verify",
     "ca_bundle": "--ca-bundle",
+    "max_bandwidth": "--limit-rate",
 }
 
 _EPILOG = """\
@@ -210,6 +211,18 @@ def _add_backend_options(parser: argparse.ArgumentParser, *, on_subcommand: bool
     )
 
 
+def _add_limit_rate(parser: argparse.ArgumentParser) -> None:
+    # Parsed by the command, not argparse: a bad rate is an invalid configuration (exit 7),
+    # as the same value in VMSTORE_MAX_BANDWIDTH is.
+    parser.add_argument(
+        "--limit-rate",
+        dest="max_bandwidth",
+        metavar="RATE",
+        help="at most RATE bytes per second on the wire, e.g. 100M (binary units; 0: no "
+        "limit) [VMSTORE_MAX_BANDWIDTH]",
+    )
+
+
 def _add_command(
     commands: Any,
     name: str,
@@ -274,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start over instead of continuing an interrupted upload",
     )
+    _add_limit_rate(upload)
 
     download = _add_command(
         commands,
@@ -303,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help=f"refuse (exit {EXIT_DESTINATION_EXISTS}) when DEST already exists",
     )
+    _add_limit_rate(download)
 
     stat = _add_command(
         commands,
