@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from vmstore import CancelledError, CancelToken, InvalidConfigError, StorageConfig, _native
 from vmstore._ratelimit import Pacer, StopSignal, limiter_for
 
-from tests.support import MiB
+from tests.support import MiB, random_bytes, write_file
 
 
 def test_the_burst_is_at_most_the_contracts_max_of_a_mib_and_an_eighth() -> None:
@@ -130,3 +131,31 @@ def test_a_pacer_reads_a_body_in_paced_blocks() -> None:
     assert pacer.read(read, len(body)) == body
     assert max(asked) <= pacer.block <= limiter.burst
     assert limiter.granted == len(body)
+
+
+def test_copy_file_counts_what_it_reads_or_what_it_stores(tmp_path: Path) -> None:
+    """The NFS copy's two sides: a download is paced by what it reads off the share, an upload
+    by what it stores onto it (an all-zero MiB read from the source is not written)."""
+    data = bytearray(random_bytes(3 * MiB, seed=3))
+    data[MiB : 2 * MiB] = bytes(MiB)
+    source = write_file(tmp_path / "src", bytes(data))
+    for limit_writes, expected in ((False, 3 * MiB), (True, 2 * MiB)):
+        limiter = _native.RateLimiter(1 << 30)
+        destination = tmp_path / f"dst-{limit_writes}"
+        writer = _native.ChunkWriter(str(destination), str(tmp_path / f"tmp-{limit_writes}"))
+        _native.copy_file(
+            str(source), writer, chunk_size=MiB, limiter=limiter, limit_writes=limit_writes
+        )
+        writer.commit()
+        assert destination.read_bytes() == data
+        assert limiter.granted == expected, limit_writes
+
+
+def test_copy_file_takes_at_least_size_over_rate(tmp_path: Path) -> None:
+    source = write_file(tmp_path / "src", random_bytes(3 * MiB, seed=4))
+    writer = _native.ChunkWriter(str(tmp_path / "dst"), str(tmp_path / "tmp"))
+    started = time.monotonic()
+    _native.copy_file(str(source), writer, chunk_size=MiB, limiter=_native.RateLimiter(4 * MiB))
+
+    assert time.monotonic() - started >= (3 * MiB - MiB) / (4 * MiB)
+    writer.abort()
