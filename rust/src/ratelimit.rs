@@ -118,11 +118,12 @@ impl<C: Clock> TokenBucket<C> {
     /// Take `n` (<= burst) tokens now, going into debt if need be; returns the moment (on
     /// the clock) by which they are earned, i.e. when the caller may send its bytes.
     fn reserve(&self, n: u64) -> Duration {
-        let now = self.clock.now();
         let mut level = self.lock();
-        let earned = now.saturating_sub(level.stamp).as_secs_f64() * self.rate as f64;
+        // Read under the lock, so the stamps of successive reservations never go back.
+        let now = self.clock.now().max(level.stamp);
+        let earned = (now - level.stamp).as_secs_f64() * self.rate as f64;
         level.tokens = (level.tokens + earned).min(self.burst as f64);
-        level.stamp = level.stamp.max(now);
+        level.stamp = now;
         level.tokens -= n as f64;
         if level.tokens >= 0.0 {
             now
