@@ -159,3 +159,13 @@ def test_copy_file_takes_at_least_size_over_rate(tmp_path: Path) -> None:
 
     assert time.monotonic() - started >= (3 * MiB - MiB) / (4 * MiB)
     writer.abort()
+
+
+@pytest.mark.parametrize(
+    ("rate", "block"),
+    [(50 << 20, 1 << 20), (4 << 20, 512 << 10), (1 << 20, 128 << 10), (10 << 10, 16 << 10)],
+)
+def test_a_pacer_moves_blocks_of_an_eighth_of_a_second_at_most_a_mib(rate: int, block: int) -> None:
+    """A slow limit must not leave a connection idle for long between two blocks: servers drop
+    a request body that stalls (S3 after about 20 s)."""
+    assert Pacer(_native.RateLimiter(rate), None).block == block

@@ -25,7 +25,10 @@ from vmstore import _native
 from vmstore.config import StorageConfig
 
 PACED_BLOCK = 1 << 20
-"""Bytes taken off (or handed to) the socket per wait, at most; smaller when the burst is."""
+"""Bytes taken off (or handed to) the socket per wait, at most."""
+
+MIN_PACED_BLOCK = 16 << 10
+"""Bytes per wait, at least (below that the per-call cost would show)."""
 
 
 def limiter_for(config: StorageConfig) -> _native.RateLimiter | None:
@@ -44,8 +47,10 @@ class Pacer:
         self.limiter = limiter
         self._stopped = _native.CancelToken()
         self._tokens = (cancel, self._stopped)
-        self.block = min(PACED_BLOCK, limiter.burst)
-        """How many bytes to move per wait: within one burst, so none goes out faster."""
+        self.block = max(MIN_PACED_BLOCK, min(PACED_BLOCK, limiter.burst, limiter.rate // 8))
+        """How many bytes to move per wait: within one burst, so none goes out faster, and
+        about an eighth of a second's worth at a low rate, so a connection is never idle for
+        long between two blocks (servers drop a request body that stalls: S3 after ~20 s)."""
 
     def take(self, count: int) -> None:
         """Wait (GIL released) until ``count`` bytes may cross the wire."""
@@ -91,4 +96,4 @@ class StopSignal(threading.Event):
             self._pacer.stop()
 
 
-__all__ = ["PACED_BLOCK", "Pacer", "StopSignal", "limiter_for", "pacer_for"]
+__all__ = ["MIN_PACED_BLOCK", "PACED_BLOCK", "Pacer", "StopSignal", "limiter_for", "pacer_for"]
