@@ -1129,3 +1129,66 @@ def test_gc_refuses_an_age_it_cannot_read(cli: Cli) -> None:
     result = cli("gc", "--older-than", "a while")
     assert result.returncode == EXIT_USAGE
     assert "not an age" in result.stderr
+
+
+# --- --limit-rate (issue 9: the bandwidth limit) ---------------------------------------------
+
+
+def test_limit_rate_slows_an_upload_and_a_download_to_the_rate(cli: Cli, host: Path) -> None:
+    data = random_bytes(3 * MiB, seed=72)
+    source = write_file(host / "disk.raw", data)
+
+    started = time.monotonic()
+    up = cli("upload", source, "nfs://limited.raw", "--limit-rate", "4M")
+    up_seconds = time.monotonic() - started
+    started = time.monotonic()
+    down = cli("download", "nfs://limited.raw", host / "back.raw", "--limit-rate", "4M")
+    down_seconds = time.monotonic() - started
+
+    assert up.returncode == EXIT_OK, up.stderr
+    assert down.returncode == EXIT_OK, down.stderr
+    assert (host / "back.raw").read_bytes() == data
+    # (3 MiB - the largest burst the contract allows, 1 MiB) / 4 MiB/s.
+    assert up_seconds >= 0.5 and down_seconds >= 0.5, (up_seconds, down_seconds)
+
+
+def test_the_environment_variable_limits_the_rate_too(cli: Cli, host: Path) -> None:
+    source = write_file(host / "disk.raw", random_bytes(3 * MiB, seed=73))
+
+    started = time.monotonic()
+    result = cli("upload", source, "nfs://env.raw", env={"VMSTORE_MAX_BANDWIDTH": "4M"})
+
+    assert result.returncode == EXIT_OK, result.stderr
+    assert time.monotonic() - started >= 0.5
+
+
+@pytest.mark.parametrize("value", ["fast", "1.5M", "10 parsecs", "-5M"])
+@pytest.mark.parametrize("command", ["upload", "download"])
+def test_a_bad_limit_rate_is_invalid_config_naming_the_flag(
+    cli: Cli, image: tuple[Path, bytes], command: str, value: str
+) -> None:
+    source, _data = image
+    args = (source, "nfs://d.qcow2") if command == "upload" else ("nfs://d.qcow2", "back")
+
+    result = cli(command, *args, f"--limit-rate={value}")
+
+    assert result.returncode == EXIT_INVALID_CONFIG, result.stderr
+    assert "--limit-rate" in assert_error_line(result.stderr, "InvalidConfig")
+
+
+def test_a_bad_max_bandwidth_variable_names_the_variable(
+    cli: Cli, image: tuple[Path, bytes]
+) -> None:
+    source, _data = image
+
+    result = cli("upload", source, "nfs://d.qcow2", env={"VMSTORE_MAX_BANDWIDTH": "lots"})
+
+    assert result.returncode == EXIT_INVALID_CONFIG, result.stderr
+    assert "VMSTORE_MAX_BANDWIDTH" in assert_error_line(result.stderr, "InvalidConfig")
+
+
+def test_limit_rate_is_in_the_help_of_upload_and_download(cli: Cli) -> None:
+    for command in ("upload", "download"):
+        result = cli(command, "--help")
+        assert result.returncode == EXIT_OK
+        assert "--limit-rate" in result.stdout

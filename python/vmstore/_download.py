@@ -44,6 +44,7 @@ from vmstore._incomplete import forget_download, record_download
 from vmstore._localpath import check_destination_file, stream_label
 from vmstore._oserrors import storage_error_from_oserror
 from vmstore._parts import Chunk, ChunkSet, split
+from vmstore._ratelimit import Pacer
 from vmstore._retry import RetryableError, RetryPolicy
 from vmstore.errors import (
     CancelledError,
@@ -130,6 +131,9 @@ class DownloadSettings:
     concurrency: int
     retry: RetryPolicy
     classify: Callable[[BaseException], RetryableError | None]
+    pacer: Pacer | None = None
+    """The bandwidth limit the reader takes its bytes from; stopped when the download fails,
+    so readers waiting on it give up at once."""
 
 
 @dataclass(frozen=True)
@@ -589,6 +593,8 @@ def _fetch_ranges(
                 _check_cancel(request)
         except BaseException:
             stop.set()
+            if settings.pacer is not None:
+                settings.pacer.stop()
             for future in pending:
                 future.cancel()
             # Chunks that finish while we shut down are on disk: keep them for the resume.

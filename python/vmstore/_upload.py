@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from vmstore import _native, images
 from vmstore._localpath import check_source_file
 from vmstore._parts import MIB, S3_MAX_PART, S3_MAX_PARTS, s3_part_size
+from vmstore._ratelimit import Pacer
 from vmstore.errors import CancelledError, ChecksumMismatchError, InvalidConfigError
 from vmstore.images import ImageInfo
 from vmstore.models import S3_MAX_OBJECT_SIZE, UploadRequest
@@ -274,13 +275,28 @@ def unwrap(exc: BaseException) -> BaseException:
     return exc.error if isinstance(exc, CallbackAbort) else exc
 
 
+def pace_body(pacer: Pacer | None, count: int) -> None:
+    """Wait for the store's bandwidth limit before ``count`` body bytes go to the socket. A
+    cancellation is carried out of the HTTP client as a CallbackAbort: botocore would wrap a
+    plain exception raised from a body read into a (retried) HTTPClientError."""
+    if pacer is None:
+        return
+    try:
+        pacer.take(count)
+    except CancelledError as exc:
+        raise CallbackAbort(exc) from None
+
+
 class PartBody:
     """A part's bytes as a file-like HTTP body, handed out in 1 MiB views of the native buffer
-    (no copy). boto3 takes bytes, bytearray or a file; a memoryview it refuses."""
+    (no copy). boto3 takes bytes, bytearray or a file; a memoryview it refuses. With a
+    ``pacer`` each view is taken from the store's bandwidth limit as the client reads it to
+    send (and again when a retry sends it again)."""
 
-    def __init__(self, data: memoryview) -> None:
+    def __init__(self, data: memoryview, pacer: Pacer | None = None) -> None:
         self._data = data
         self._position = 0
+        self._pacer = pacer
 
     def __len__(self) -> int:
         return len(self._data) - self._position
@@ -297,7 +313,11 @@ class PartBody:
         # At least a MiB whatever the caller asks (http.client asks for 16 KiB): a call per
         # MiB rather than per 16 KiB keeps Python off the hot path.
         want = len(self._data) - self._position if size < 0 else max(size, BODY_BLOCK)
+        if self._pacer is not None and size >= 0:
+            # Within one burst per read: a larger block would leave faster than the limit.
+            want = min(want, self._pacer.block)
         block = self._data[self._position : self._position + want]
+        pace_body(self._pacer, len(block))
         self._position += len(block)
         return block
 
@@ -373,6 +393,7 @@ __all__ = [
     "PartFeed",
     "SourcePlan",
     "crc64nvme_b64",
+    "pace_body",
     "part_view",
     "plan_source",
     "s3_part_size_for",

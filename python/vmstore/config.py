@@ -24,6 +24,8 @@ MAX_TIMEOUT = 86400.0
 the float limits overflow the socket and retry arithmetic."""
 MAX_RETRIES = 100
 """With exponential back-off 100 retries already span hours; more is a mistake (or 10**9)."""
+MAX_BANDWIDTH = (1 << 63) - 1
+"""The largest rate the native limiter takes (bytes per second): in effect, no limit."""
 
 _STRING_FIELDS = (
     "endpoint",
@@ -58,6 +60,8 @@ _ENV_VARIABLES: dict[str, tuple[str, ...]] = {
     "chunk_size": ("VMSTORE_CHUNK_SIZE",),
     "concurrency": ("VMSTORE_CONCURRENCY",),
     "allowed_hosts": ("VMSTORE_ALLOWED_HOSTS",),
+
+    "max_bandwidth": ("VMSTORE_MAX_BANDWIDTH",),
 }
 
 _TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
@@ -118,6 +122,10 @@ class StorageConfig:
     """Host policy (SSRF): None refuses link-local (cloud metadata), unspecified, multicast
     and broadcast addresses; a list makes only those names and CIDRs reachable."""
 
+    max_bandwidth: int | None = None
+    """Bytes per second on the wire for the whole store (every transfer and every part
+    together); None or 0 means unlimited."""
+
     def __post_init__(self) -> None:
         self.type = _check_type(self.type)
         for name in _STRING_FIELDS:
@@ -161,6 +169,15 @@ class StorageConfig:
         if not _is_int(self.concurrency) or not 1 <= self.concurrency <= MAX_CONCURRENCY:
             raise _invalid("concurrency", f"must be an integer from 1 to {MAX_CONCURRENCY}")
         self.allowed_hosts = check_allowed_hosts(self.allowed_hosts)
+
+        if self.max_bandwidth is not None and (
+            not _is_int(self.max_bandwidth) or not 0 <= self.max_bandwidth <= MAX_BANDWIDTH
+        ):
+            raise _invalid(
+                "max_bandwidth",
+                "must be a whole number of bytes per second from 0 to "
+                f"{MAX_BANDWIDTH} (0 or None: unlimited), got {self.max_bandwidth!r}",
+            )
 
     def __repr__(self) -> str:
         shown = []
@@ -236,6 +253,8 @@ def _parse_env_value(field_name: str, variable: str, text: str) -> object:
         return split_allowed_hosts(text) or None
     try:
         if field_name == "chunk_size":
+            return parse_byte_size(text) if text.strip() else None
+        if field_name == "max_bandwidth":
             return parse_byte_size(text) if text.strip() else None
         if field_name in ("max_retries", "concurrency"):
             return int(text)

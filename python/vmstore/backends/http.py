@@ -59,6 +59,7 @@ from vmstore._download import DownloadSettings, RemoteObject, download_object
 from vmstore._hostpolicy import HostPolicy, policy_adapter
 from vmstore._incomplete import cutoff, known_downloads, remove_download
 from vmstore._oserrors import storage_error_from_oserror
+from vmstore._ratelimit import Pacer, limiter_for, pacer_for
 from vmstore._retry import RetryableError, RetryPolicy
 from vmstore._sidecar import SIDECAR_SUFFIX, Sidecar, SidecarFormatError
 from vmstore._upload import (
@@ -67,6 +68,7 @@ from vmstore._upload import (
     PartBody,
     PartFeed,
     SourcePlan,
+    pace_body,
     part_view,
     plan_source,
     progress_for,
@@ -671,10 +673,14 @@ def _s3_error_code(response: requests.Response) -> str:
     return match.group(1).decode() if match else ""
 
 
-def _read_exactly(response: requests.Response, length: int) -> bytes:
+def _read_exactly(response: requests.Response, length: int, pacer: Pacer | None = None) -> bytes:
     # raw.read(n) loops in C until n bytes or the end: one call per chunk, not per 10 KiB
-    # as iter_content would do.
-    data: bytes = response.raw.read(length, decode_content=False)
+    # as iter_content would do (with a bandwidth limit: one call per paced block).
+    data: bytes
+    if pacer is not None:
+        data = pacer.read(lambda n: response.raw.read(n, decode_content=False), length)
+    else:
+        data = response.raw.read(length, decode_content=False)
     if len(data) != length:
         raise RetryableError(f"the response body ended after {len(data)} of {length} bytes")
     return data
@@ -683,11 +689,19 @@ def _read_exactly(response: requests.Response, length: int) -> bytes:
 class _ObjectReader:
     """The ObjectReader of the shared pipeline: GETs pinned to one version of the resource."""
 
-    def __init__(self, transport: _Transport, url: str, size: int, validator: _Validator):
+    def __init__(
+        self,
+        transport: _Transport,
+        url: str,
+        size: int,
+        validator: _Validator,
+        pacer: Pacer | None = None,
+    ):
         self._transport = transport
         self._url = url
         self._size = size
         self._validator = validator
+        self._pacer = pacer
 
     def _get(self, headers: dict[str, str]) -> requests.Response:
         response = self._transport.send(
@@ -726,13 +740,16 @@ class _ObjectReader:
             elif not (start == 0 and end == self._size):
                 # The whole object for a part of it: fine only when the part is the whole.
                 raise RetryableError(f"the server ignored Range bytes={start}-{end - 1}")
-            return _read_exactly(response, end - start)
+            return _read_exactly(response, end - start, self._pacer)
 
     def read_stream(self) -> Iterable[bytes]:
         response = self._get({})
+        block_size = STREAM_BLOCK if self._pacer is None else self._pacer.block
         with contextlib.closing(response):
             while True:
-                block: bytes = response.raw.read(STREAM_BLOCK, decode_content=False)
+                if self._pacer is not None:
+                    self._pacer.take(block_size)
+                block: bytes = response.raw.read(block_size, decode_content=False)
                 if not block:
                     return
                 yield block
@@ -757,11 +774,14 @@ class _PipelineBody:
         size: int | None,
         report: Callable[[int], None],
         cancelled: Callable[[], bool],
+        pacer: Pacer | None = None,
     ) -> None:
         self._open_plan = open_plan
         self._size = size
         self._report = report
         self._cancelled = cancelled
+        self._pacer = pacer
+        self._block = BODY_BLOCK if pacer is None else pacer.block
         self.plan: SourcePlan | None = None
         self.sent = 0
 
@@ -776,8 +796,8 @@ class _PipelineBody:
     def _blocks(self, feed: PartFeed) -> Iterator[memoryview]:
         for part in feed:
             view = part_view(part)
-            for start in range(0, len(view), BODY_BLOCK):
-                yield view[start : start + BODY_BLOCK]
+            for start in range(0, len(view), self._block):
+                yield view[start : start + self._block]
 
     def __iter__(self) -> Iterator[memoryview]:
         plan = self._open_plan()
@@ -797,6 +817,8 @@ class _PipelineBody:
                     self._report(self.sent)
                 except Exception as exc:  # noqa: BLE001 - the caller's own exception, carried out
                     raise CallbackAbort(exc) from None
+                # Within the store's bandwidth limit, as the block goes to the socket.
+                pace_body(self._pacer, len(held))
                 yield held
                 held = following
 
@@ -820,6 +842,7 @@ class HttpStorage:
             HostPolicy.from_config(config).check_host(urlsplit(endpoint).hostname or "")
         self._transport = _Transport(config)
         self._closed = False
+        self._limiter = limiter_for(config)
 
     # -- context --------------------------------------------------------------------------
 
@@ -1048,8 +1071,11 @@ class HttpStorage:
         )
         for restart in range(MAX_RESTARTS + 1):
             try:
-                obj, reader = self._prepare_download(url)
-                return download_object(obj, reader, request, settings)
+                # A fresh pacer per attempt: a failed attempt stops its own.
+                pacer = pacer_for(self._limiter, request.cancel)
+                obj, reader = self._prepare_download(url, pacer)
+                attempt_settings = dataclasses.replace(settings, pacer=pacer)
+                return download_object(obj, reader, request, attempt_settings)
             except _ResourceChangedError as exc:
                 if restart == MAX_RESTARTS:
                     raise OperationFailedError(
@@ -1066,7 +1092,9 @@ class HttpStorage:
                 raise self._error(exc, "download", url) from exc
         raise AssertionError("unreachable")
 
-    def _prepare_download(self, url: str) -> tuple[RemoteObject, _ObjectReader]:
+    def _prepare_download(
+        self, url: str, pacer: Pacer | None = None
+    ) -> tuple[RemoteObject, _ObjectReader]:
         head = self._head(url)
         checksum = head.checksum
         if checksum is None and not has_query(url):
@@ -1100,7 +1128,7 @@ class HttpStorage:
             checksum=checksum,
             supports_ranges=supports_ranges,
         )
-        return obj, _ObjectReader(self._transport, url, size, validator)
+        return obj, _ObjectReader(self._transport, url, size, validator, pacer)
 
     def _probe_ranges(self, url: str, validator: _Validator) -> tuple[bool, int | None]:
         """(whether the server honours Range, the total size its Content-Range gives)."""
@@ -1166,7 +1194,8 @@ class HttpStorage:
             headers = _upload_headers(
                 size, digest, content_type, {**metadata, **images.metadata_of(plan.image, size)}
             )
-            body_factory = lambda: PartBody(data)  # noqa: E731 - a fresh body per attempt
+            pacer = pacer_for(self._limiter, cancel)
+            body_factory = lambda: PartBody(data, pacer)  # noqa: E731 - a fresh body per attempt
             body: _PipelineBody | None = None
         else:
             spent = [False]
@@ -1183,7 +1212,13 @@ class HttpStorage:
                 spent[0] = True
                 return plan
 
-            body = _PipelineBody(reopen, size, lambda sent: reporter(sent, size or 0), cancelled)
+            body = _PipelineBody(
+                reopen,
+                size,
+                lambda sent: reporter(sent, size or 0),
+                cancelled,
+                pacer_for(self._limiter, cancel),
+            )
             headers = _upload_headers(
                 size, None, content_type, {**metadata, **images.metadata_of(plan.image, size)}
             )

@@ -61,6 +61,7 @@ from vmstore._localpath import (
     stream_label,
 )
 from vmstore._oserrors import storage_error_from_oserror
+from vmstore._ratelimit import limiter_for, pacer_for
 from vmstore._sidecar import MAX_SIDECAR_BYTES, SIDECAR_SUFFIX, Sidecar, SidecarFormatError
 from vmstore.config import StorageConfig
 from vmstore.errors import (
@@ -250,6 +251,7 @@ class NfsStorage:
         self._mount_real = os.path.realpath(self._mount_point)
         self._chunk_size = config.chunk_size or DEFAULT_CHUNK_SIZE
         self._closed = False
+        self._limiter = limiter_for(config)
         self._log_filesystem_type()
 
     # --- the Storage protocol -------------------------------------------------------------
@@ -333,6 +335,7 @@ class NfsStorage:
                     cancel=request.cancel,
                     expected_sha256=None,
                     before_commit=lambda copied, temp_path: write_sidecar(copied.sha256, temp_path),
+                    onto_share=True,
                 )
         except BaseException:
             if sidecar_written:
@@ -385,6 +388,7 @@ class NfsStorage:
             else lambda _copied, temp_path: images.check_download_file(
                 temp_path, target.url, destination_path, allow=False
             ),
+            onto_share=False,
         )
         forget_download(partial_path)
         self._log_done("downloaded", target.url, result, started)
@@ -535,8 +539,12 @@ class NfsStorage:
         cancel: _native.CancelToken | None,
         expected_sha256: str | None,
         before_commit: Callable[[_native.CopyResult, str], None] | None,
+        onto_share: bool,
     ) -> _native.CopyResult:
-        """Copy source into a temp file beside final_path, verify, then commit atomically."""
+        """Copy source into a temp file beside final_path, verify, then commit atomically.
+
+        ``onto_share``: the destination is on the share (an upload), so the bandwidth limit
+        counts the bytes stored there; else (a download) the bytes read from the source."""
         writer, resumable = self._open_writer(final_path, partial_path, resume)
         # Always hand the core a Python callback, even without a caller's: running Python
         # code every ~100 ms is what lets Ctrl-C (KeyboardInterrupt) stop a long copy.
@@ -549,6 +557,8 @@ class NfsStorage:
                 resume=resumable,
                 progress=reporter,
                 cancel=cancel,
+                limiter=self._limiter,
+                limit_writes=onto_share,
             )
             reporter.finish(result.size)
             if expected_sha256 is not None and result.sha256 != expected_sha256:
@@ -633,6 +643,7 @@ class NfsStorage:
             raise storage_error_from_oserror(exc, "create temporary file", temp_path) from exc
         hasher = _native.Sha256()
         reporter = ProgressReporter(progress_callback, size_hint or 0)
+        pacer = pacer_for(self._limiter, cancel)
         buffer = bytearray(self._chunk_size)
         view = memoryview(buffer)
         offset = 0
@@ -649,7 +660,14 @@ class NfsStorage:
                         )
                     chunk = view[:length]
                     hasher.update(chunk)
-                    writer.write_at(offset, chunk)
+                    if pacer is None:
+                        writer.write_at(offset, chunk)
+                    else:
+                        # Onto the share within the bandwidth limit, a paced block at a time.
+                        for start in range(0, length, pacer.block):
+                            piece = chunk[start : start + pacer.block]
+                            pacer.take(len(piece))
+                            writer.write_at(offset + start, piece)
                     offset += length
                     # Without a hint the total is 0 until finish(): (done, 0), as for every
                     # stream of unknown size.
@@ -694,6 +712,9 @@ class NfsStorage:
         write = emit if request.allow_backing_file else images.StreamGate(
             emit, target.url, opened.st_size
         )
+        pacer = pacer_for(self._limiter, request.cancel)
+        # Off the share within the bandwidth limit: a paced block per read.
+        block = self._chunk_size if pacer is None else pacer.block
         with os.fdopen(fd, "rb", buffering=0) as source:
             # Judged against the file actually opened: a racing upload cannot slip another
             # file's checksum in between.
@@ -701,8 +722,10 @@ class NfsStorage:
             logger.info("downloading %s (%d bytes) to %s", target.url, opened.st_size, label)
             while True:
                 _check_cancel(request.cancel, f"download of {target.url}")
+                if pacer is not None:
+                    pacer.take(min(block, max(opened.st_size - done, 1)))
                 try:
-                    data = source.read(self._chunk_size)
+                    data = source.read(block)
                 except OSError as exc:
                     raise storage_error_from_oserror(exc, "read", target.path) from exc
                 if not data:

@@ -38,9 +38,11 @@ from vmstore._failure import keeps_partial
 from vmstore._hostpolicy import HostPolicy, install_on_boto3_client, refusal_in
 from vmstore._incomplete import cutoff, known_downloads, remove_download, state_dir
 from vmstore._oserrors import storage_error_from_oserror
+from vmstore._ratelimit import Pacer, StopSignal, limiter_for, pacer_for
 from vmstore._retry import RetryableError, RetryPolicy
 from vmstore._sidecar import MAX_SIDECAR_BYTES, SIDECAR_SUFFIX, Sidecar, SidecarFormatError
 from vmstore._upload import (
+    CallbackAbort,
     PartBody,
     PartFeed,
     SourcePlan,
@@ -452,12 +454,16 @@ def _state_files_for(location: S3Location) -> list[str]:
 
 
 class _S3ObjectReader:
-    """Ranged GETs pinned to the ETag seen by HEAD."""
+    """Ranged GETs pinned to the ETag seen by HEAD; with a pacer, bodies are read off the
+    socket block by block within the store's bandwidth limit."""
 
-    def __init__(self, client: Any, location: S3Location, etag: str) -> None:
+    def __init__(
+        self, client: Any, location: S3Location, etag: str, pacer: Pacer | None = None
+    ) -> None:
         self._client = client
         self._location = location
         self._etag = etag
+        self._pacer = pacer
 
     def read_range(self, start: int, end: int) -> bytes:
         extra = {"IfMatch": self._etag} if self._etag else {}
@@ -473,6 +479,8 @@ class _S3ObjectReader:
             raise RetryableError(f"asked for bytes {start}-{end - 1}, got {content_range}")
         body = response["Body"]
         try:
+            if self._pacer is not None:
+                return self._pacer.read(body.read, end - start)
             data: bytes = body.read()
         finally:
             body.close()
@@ -482,7 +490,15 @@ class _S3ObjectReader:
         response = self._client.get_object(Bucket=self._location.bucket, Key=self._location.key)
         body = response["Body"]
         try:
-            yield from body.iter_chunks(1 << 20)
+            if self._pacer is None:
+                yield from body.iter_chunks(1 << 20)
+                return
+            while True:
+                self._pacer.take(self._pacer.block)
+                block: bytes = body.read(self._pacer.block)
+                if not block:
+                    return
+                yield block
         finally:
             body.close()
 
@@ -552,6 +568,7 @@ class S3Storage:
             self._client.close()
             raise
         self._closed = False
+        self._limiter = limiter_for(config)
         # CRC-64/NVME per part until the server refuses it once (then SHA-256).
         self._checksum_algorithm = CHECKSUM_CRC64NVME
 
@@ -875,15 +892,17 @@ class S3Storage:
             checksum=self._stored_sha256(location, head),
             s3_checksum=_s3_checksum(head),
         )
+        pacer = pacer_for(self._limiter, request.cancel)
         settings = DownloadSettings(
             chunk_size=self._chunk_size,
             concurrency=_many.concurrency_for(self._config.concurrency),
             retry=self._retry,
             classify=classify_retry,
+            pacer=pacer,
         )
         try:
             return download_object(
-                obj, _S3ObjectReader(self._client, location, etag), request, settings
+                obj, _S3ObjectReader(self._client, location, etag, pacer), request, settings
             )
         except Exception as exc:
             # Only S3 and network failures are translated; anything else (a progress
@@ -1026,7 +1045,9 @@ class _MultipartUpload:
         self.resumable = request.resume and not plan.is_stream
         self.state_file = _StateFile(plan.name, location) if not plan.is_stream else None
         self.lock = threading.Lock()
-        self.stop = threading.Event()
+        # The store's bandwidth limit; its waits end when the upload stops or is cancelled.
+        self.pacer = pacer_for(storage._limiter, request.cancel)
+        self.stop = StopSignal(self.pacer)
         self.reporter = progress_for(request, plan.size)
 
     def _cancelled(self) -> bool:
@@ -1097,22 +1118,25 @@ class _MultipartUpload:
         # A single PUT is its own commit, so the final report precedes it (as the rename
         # does for NFS): a callback that raises here keeps the object from being stored.
         self.reporter.finish(size)
-        response = self.storage._call(
-            "upload to",
-            self.location,
-            self.client.put_object,
-            Bucket=self.location.bucket,
-            Key=self.location.key,
-            # Progress was reported in full above; the body only hands out the bytes.
-            Body=cast(Any, PartBody(data)),
-            ContentType=self.content_type,
-            Metadata={
-                **self.metadata,
-                SHA256_KEY: digest,
-                **images.metadata_of(self.plan.image, size),
-            },
-            ChecksumSHA256=_b64(digest),
-        )
+        try:
+            response = self.storage._call(
+                "upload to",
+                self.location,
+                self.client.put_object,
+                Bucket=self.location.bucket,
+                Key=self.location.key,
+                # Progress was reported in full above; the body only hands out the bytes.
+                Body=cast(Any, PartBody(data, self.pacer)),
+                ContentType=self.content_type,
+                Metadata={
+                    **self.metadata,
+                    SHA256_KEY: digest,
+                    **images.metadata_of(self.plan.image, size),
+                },
+                ChecksumSHA256=_b64(digest),
+            )
+        except CallbackAbort as abort:  # cancelled while waiting for the bandwidth limit
+            raise abort.error from None
         etag = _strip_etag(str(response.get("ETag", "")))
         self._record_completed(etag, digest, size)
         # A stale companion (from an earlier multipart upload) is not believed, but need
@@ -1298,7 +1322,7 @@ class _MultipartUpload:
                 raise CancelledError("upload stopped")
             # The part's bytes stay in memory until it is stored: a retry re-sends them
             # from there, never from a consumed stream.
-            body = PartBody(data)
+            body = PartBody(data, self.pacer)
             response = self.client.upload_part(
                 Bucket=self.location.bucket,
                 Key=self.location.key,

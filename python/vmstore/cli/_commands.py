@@ -25,7 +25,7 @@ from vmstore.cli._parser import (
     STREAM,
 )
 from vmstore.cli._progress import Display, TransferSummary
-from vmstore.config import _ENV_VARIABLES, StorageConfig
+from vmstore.config import _ENV_VARIABLES, StorageConfig, parse_byte_size
 from vmstore.errors import (
     ChecksumMismatchError,
     ErrorType,
@@ -145,8 +145,24 @@ def open_storage(args: argparse.Namespace, url: str, origins: SettingOrigins) ->
         insecure_skip_verify=True if args.insecure_skip_verify else None,
         ca_bundle=args.ca_bundle,
         allowed_hosts=args.allowed_hosts,
+
+        max_bandwidth=limit_rate(getattr(args, "max_bandwidth", None)),
     )
     return new_storage(config)
+
+
+def limit_rate(text: str | None) -> int | None:
+    """``--limit-rate``'s bytes per second ("100M", "512k", "0"); None when not given."""
+    if text is None:
+        return None
+    try:
+        return parse_byte_size(text)
+    except ValueError as exc:
+        raise InvalidConfigError(
+            f"invalid --limit-rate {text!r}: {exc}; give bytes per second, e.g. 100M "
+            "(0 for no limit)",
+            cause=exc,
+        ) from exc
 
 
 # --- translating the library's errors -----------------------------------------------------

@@ -42,6 +42,8 @@ FLAG_BY_FIELD = {
     "insecure_skip_verify": "--insecure-skip-verify",
     "ca_bundle": "--ca-bundle",
     "allowed_hosts": "--allowed-hosts",
+
+    "max_bandwidth": "--limit-rate",
 }
 
 _EPILOG = """\
@@ -224,6 +226,18 @@ def _add_backend_options(parser: argparse.ArgumentParser, *, on_subcommand: bool
     )
 
 
+def _add_limit_rate(parser: argparse.ArgumentParser) -> None:
+    # Parsed by the command, not argparse: a bad rate is an invalid configuration (exit 7),
+    # as the same value in VMSTORE_MAX_BANDWIDTH is.
+    parser.add_argument(
+        "--limit-rate",
+        dest="max_bandwidth",
+        metavar="RATE",
+        help="at most RATE bytes per second on the wire, e.g. 100M (binary units; 0: no "
+        "limit) [VMSTORE_MAX_BANDWIDTH]",
+    )
+
+
 def _add_command(
     commands: Any,
     name: str,
@@ -302,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(refused by default: an importer following it reads its own host's files)",
     )
 
+    _add_limit_rate(upload)
+
     download = _add_command(
         commands,
         "download",
@@ -342,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="save even an image whose header names a backing file or external data file "
         "(by default it is verified, then not saved)",
     )
+
+    _add_limit_rate(download)
 
     stat = _add_command(
         commands,
