@@ -35,7 +35,7 @@ import os
 import threading
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn, TypeVar, cast
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 from vmstore import _native
 from vmstore._native import CancelToken
@@ -49,6 +49,9 @@ from vmstore.models import (
 )
 from vmstore.progress import ProgressReporter
 from vmstore.urls import redact_url
+
+if TYPE_CHECKING:
+    from vmstore.config import StorageConfig
 
 RequestT = TypeVar("RequestT", UploadRequest, DownloadRequest)
 _Response = UploadResponse | DownloadResponse
@@ -392,6 +395,60 @@ class _Batch:
             self._progress.settle(item.index, size)
 
 
+class BatchTransfers:
+    """``upload_many`` / ``download_many`` for a backend class, written once: the backend
+    gives its own ``upload``, ``download``, ``_config`` and ``_batch_destination(url)`` (the
+    canonical name of an upload's destination, equal for two URLs naming one object)."""
+
+    _config: StorageConfig
+
+    def upload(self, request: UploadRequest) -> UploadResponse:
+        raise NotImplementedError
+
+    def download(self, request: DownloadRequest) -> DownloadResponse:
+        raise NotImplementedError
+
+    def _batch_destination(self, url: str) -> Hashable:
+        raise NotImplementedError
+
+    def upload_many(
+        self,
+        items: Iterable[UploadRequest],
+        *,
+        raise_on_error: bool = False,
+        progress_callback: ProgressCallback | None = None,
+        cancel: CancelToken | None = None,
+    ) -> list[UploadResponse | StorageError]:
+        """Upload every item under one concurrency budget; see :mod:`vmstore._many`."""
+        return upload_many(
+            items,
+            self.upload,
+            self._batch_destination,
+            concurrency=self._config.concurrency,
+            raise_on_error=raise_on_error,
+            progress_callback=progress_callback,
+            cancel=cancel,
+        )
+
+    def download_many(
+        self,
+        items: Iterable[DownloadRequest],
+        *,
+        raise_on_error: bool = False,
+        progress_callback: ProgressCallback | None = None,
+        cancel: CancelToken | None = None,
+    ) -> list[DownloadResponse | StorageError]:
+        """Download every item under one concurrency budget; see :mod:`vmstore._many`."""
+        return download_many(
+            items,
+            self.download,
+            concurrency=self._config.concurrency,
+            raise_on_error=raise_on_error,
+            progress_callback=progress_callback,
+            cancel=cancel,
+        )
+
+
 def refuse_presign(backend: str) -> NoReturn:
     """``presign`` on a backend other than S3."""
     raise InvalidConfigError(
@@ -401,6 +458,7 @@ def refuse_presign(backend: str) -> NoReturn:
 
 
 __all__ = [
+    "BatchTransfers",
     "CancelToken",
     "ProgressCallback",
     "concurrency_for",

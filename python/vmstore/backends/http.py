@@ -42,7 +42,7 @@ import logging
 import mimetypes
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
@@ -826,7 +826,7 @@ class _PipelineBody:
 # --- the backend --------------------------------------------------------------------------
 
 
-class HttpStorage:
+class HttpStorage(_many.BatchTransfers):
     """Storage on an HTTP(S) file server: nginx or Apache with WebDAV PUT/DELETE, an object
     store gateway, or (for downloads) any server, ``python -m http.server`` included."""
 
@@ -1302,42 +1302,9 @@ class HttpStorage:
 
     # -- many at once, and presigned URLs ---------------------------------------------------
 
-    def upload_many(
-        self,
-        items: Iterable[UploadRequest],
-        *,
-        raise_on_error: bool = False,
-        progress_callback: _many.ProgressCallback | None = None,
-        cancel: _many.CancelToken | None = None,
-    ) -> list[UploadResponse | StorageError]:
-        """Upload every item under one concurrency budget; see :mod:`vmstore._many`."""
-        return _many.upload_many(
-            items,
-            self.upload,
-            lambda url: self._writable_url(url, "upload to"),
-            concurrency=self._config.concurrency,
-            raise_on_error=raise_on_error,
-            progress_callback=progress_callback,
-            cancel=cancel,
-        )
-
-    def download_many(
-        self,
-        items: Iterable[DownloadRequest],
-        *,
-        raise_on_error: bool = False,
-        progress_callback: _many.ProgressCallback | None = None,
-        cancel: _many.CancelToken | None = None,
-    ) -> list[DownloadResponse | StorageError]:
-        """Download every item under one concurrency budget; see :mod:`vmstore._many`."""
-        return _many.download_many(
-            items,
-            self.download,
-            concurrency=self._config.concurrency,
-            raise_on_error=raise_on_error,
-            progress_callback=progress_callback,
-            cancel=cancel,
-        )
+    def _batch_destination(self, url: str) -> Hashable:
+        """What ``upload_many`` compares to refuse two items writing one object."""
+        return self._writable_url(url, "upload to")
 
     def presign(self, url: str, expires_in: int = 3600) -> str:
         """Presigned URLs are an S3 feature: always InvalidConfigError here."""

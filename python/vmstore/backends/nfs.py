@@ -37,7 +37,7 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
@@ -242,7 +242,7 @@ def _write_to_stream(stream: WritableStream, data: bytes, label: str) -> None:
         view = view[written:]
 
 
-class NfsStorage:
+class NfsStorage(_many.BatchTransfers):
     """Storage on an NFS share mounted at ``config.endpoint``."""
 
     def __init__(self, config: StorageConfig) -> None:
@@ -1135,42 +1135,9 @@ class NfsStorage:
 
     # -- many at once, and presigned URLs ---------------------------------------------------
 
-    def upload_many(
-        self,
-        items: Iterable[UploadRequest],
-        *,
-        raise_on_error: bool = False,
-        progress_callback: _many.ProgressCallback | None = None,
-        cancel: _many.CancelToken | None = None,
-    ) -> list[UploadResponse | StorageError]:
-        """Upload every item under one concurrency budget; see :mod:`vmstore._many`."""
-        return _many.upload_many(
-            items,
-            self.upload,
-            lambda url: self._resolve(url).path,
-            concurrency=self._config.concurrency,
-            raise_on_error=raise_on_error,
-            progress_callback=progress_callback,
-            cancel=cancel,
-        )
-
-    def download_many(
-        self,
-        items: Iterable[DownloadRequest],
-        *,
-        raise_on_error: bool = False,
-        progress_callback: _many.ProgressCallback | None = None,
-        cancel: _many.CancelToken | None = None,
-    ) -> list[DownloadResponse | StorageError]:
-        """Download every item under one concurrency budget; see :mod:`vmstore._many`."""
-        return _many.download_many(
-            items,
-            self.download,
-            concurrency=self._config.concurrency,
-            raise_on_error=raise_on_error,
-            progress_callback=progress_callback,
-            cancel=cancel,
-        )
+    def _batch_destination(self, url: str) -> Hashable:
+        """What ``upload_many`` compares to refuse two items writing one object."""
+        return self._resolve(url).path
 
     def presign(self, url: str, expires_in: int = 3600) -> str:
         """Presigned URLs are an S3 feature: always InvalidConfigError here."""

@@ -21,7 +21,7 @@ import mimetypes
 import os
 import threading
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
@@ -503,7 +503,7 @@ class _S3ObjectReader:
             body.close()
 
 
-class S3Storage:
+class S3Storage(_many.BatchTransfers):
     """Storage on S3 and S3-compatible servers (MinIO, Ceph RGW, rclone, moto, ...)."""
 
     def __init__(self, config: StorageConfig) -> None:
@@ -951,42 +951,9 @@ class S3Storage:
 
     # -- many at once, and presigned URLs ---------------------------------------------------
 
-    def upload_many(
-        self,
-        items: Iterable[UploadRequest],
-        *,
-        raise_on_error: bool = False,
-        progress_callback: _many.ProgressCallback | None = None,
-        cancel: _many.CancelToken | None = None,
-    ) -> list[UploadResponse | StorageError]:
-        """Upload every item under one concurrency budget; see :mod:`vmstore._many`."""
-        return _many.upload_many(
-            items,
-            self.upload,
-            lambda url: self._location(url),
-            concurrency=self._config.concurrency,
-            raise_on_error=raise_on_error,
-            progress_callback=progress_callback,
-            cancel=cancel,
-        )
-
-    def download_many(
-        self,
-        items: Iterable[DownloadRequest],
-        *,
-        raise_on_error: bool = False,
-        progress_callback: _many.ProgressCallback | None = None,
-        cancel: _many.CancelToken | None = None,
-    ) -> list[DownloadResponse | StorageError]:
-        """Download every item under one concurrency budget; see :mod:`vmstore._many`."""
-        return _many.download_many(
-            items,
-            self.download,
-            concurrency=self._config.concurrency,
-            raise_on_error=raise_on_error,
-            progress_callback=progress_callback,
-            cancel=cancel,
-        )
+    def _batch_destination(self, url: str) -> Hashable:
+        """What ``upload_many`` compares to refuse two items writing one object."""
+        return self._location(url)
 
     def presign(self, url: str, expires_in: int = 3600) -> str:
         """A URL that GETs the object without credentials until ``expires_in`` seconds
