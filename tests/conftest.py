@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from vmstore import Storage, StorageConfig, new_storage
 
+from tests.socket_guard import SocketGuard
+
 NFS_CHUNK = 256 * 1024
 
 
@@ -78,3 +80,14 @@ def vmstore_cmd() -> str:
     if found is None:
         pytest.fail("the `vmstore` command is not installed (pip install -e .)")
     return found
+
+
+@pytest.fixture(autouse=True)
+def socket_guard(monkeypatch: pytest.MonkeyPatch) -> Iterator[SocketGuard]:
+    """Every test may connect to loopback only (tests/socket_guard.py); anything else is
+    refused before a packet leaves and fails the test."""
+    guard = SocketGuard()
+    guard.install(monkeypatch.setattr)
+    yield guard
+    if guard.violations:
+        pytest.fail(f"the test connected outside loopback: {guard.violations}")

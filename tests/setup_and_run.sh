@@ -89,6 +89,12 @@ command -v qemu-img >/dev/null && command -v qemu-io >/dev/null || packages+=(qe
 command -v setpriv >/dev/null || packages+=(util-linux)
 command -v chattr >/dev/null || packages+=(e2fsprogs)
 command -v sha256sum >/dev/null || packages+=(coreutils)
+# iproute2: `ip link set lo up` in the host-policy tests' own network namespace (unshare -n).
+command -v ip >/dev/null || [[ -x /usr/sbin/ip ]] || packages+=(iproute2)
+
+# xz-utils, zstd (gzip is essential): compressed copies of images in tests/test_inspect_image.py.
+command -v xz >/dev/null || packages+=(xz-utils)
+command -v zstd >/dev/null || packages+=(zstd)
 if ((${#packages[@]})); then apt_install "${packages[@]}"; fi
 
 # --- Rust: rustup's toolchain, at least the crate's rust-version ----------------------------

@@ -46,6 +46,8 @@ DOCUMENTED_NAMES = {
     "OperationFailedError",
     "CancelledError",
     "__version__",
+    "ImageInfo",
+    "inspect_image",
 }
 
 STORAGE_METHODS = (
@@ -106,6 +108,7 @@ def test_request_dataclasses_have_the_documented_fields_and_defaults() -> None:
         "source_stream",
         "size_hint",
         "compression",
+        "allow_backing_file",
     ]
     assert (up.metadata, up.progress_callback, up.content_type, up.resume, up.cancel) == (
         {},
@@ -123,6 +126,7 @@ def test_request_dataclasses_have_the_documented_fields_and_defaults() -> None:
         "resume",
         "cancel",
         "destination_stream",
+        "allow_backing_file",
     ]
     assert (
         down.verify_checksum,
@@ -164,6 +168,8 @@ def test_response_and_metadata_dataclasses_have_the_documented_fields() -> None:
         "last_modified",
         "content_type",
         "custom_metadata",
+        "image_format",
+        "virtual_size",
     ]
     assert UploadResponse("u", "c", 0, "e", 0).resumed_from == 0
     assert DownloadResponse("c", 0, 0, "p").resumed_from == 0

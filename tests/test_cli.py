@@ -41,9 +41,6 @@ EXIT_TERMINATED = 143
 
 SECRET = "tok-never-print-me-8086"
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-STREAMS_PENDING = "backend stream support pending"
-
-
 def _without_backend_environment() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("VMSTORE_", "AWS_"))}
 
@@ -442,7 +439,6 @@ def test_a_stream_longer_than_its_size_names_the_flag_and_stores_nothing(
 ) -> None:
     result = cli.binary("upload", "-", "nfs://piped.raw", "--size", "1k", stdin=bytes(5000))
 
-    xfail_without_backend_streams(result.stderr, result.returncode)
     assert result.returncode == EXIT_INVALID_CONFIG
     line = assert_error_line(result.stderr.decode(), "InvalidConfig")
     assert "--size" in line and "size_hint" not in line
@@ -912,20 +908,10 @@ def test_help_shows_an_example_and_every_exit_status(cli: Cli) -> None:
 # --- streams: stdin and stdout -------------------------------------------------------------
 
 
-def xfail_without_backend_streams(stderr: str | bytes, returncode: int) -> None:
-    """xfail when the backend does not take streams yet (it then trips over the None path
-    of a stream request with a TypeError); any other failure is the test's to report."""
-    text = stderr if isinstance(stderr, str) else stderr.decode(errors="replace")
-    unsupported = "Traceback" in text and "TypeError" in text and "/backends/" in text
-    if returncode != EXIT_OK and unsupported:
-        pytest.xfail(STREAMS_PENDING)
-
-
 def test_upload_from_stdin_stores_what_the_pipe_carried(cli: Cli, share: Path) -> None:
     data = random_bytes(3 * MiB + 5, seed=11)
 
     result = cli.binary("upload", "-", "nfs://vm-exports/piped.raw", "--json", stdin=data)
-    xfail_without_backend_streams(result.stderr, result.returncode)
 
     assert result.returncode == EXIT_OK, result.stderr.decode()
     out = json.loads(result.stdout)
@@ -941,7 +927,6 @@ def test_upload_from_stdin_with_a_size_shows_a_percentage(cli: Cli, share: Path)
     result = cli.binary(
         "upload", "-", "nfs://piped.raw", "--size", "2M", "--progress", "json", stdin=data
     )
-    xfail_without_backend_streams(result.stderr, result.returncode)
 
     assert result.returncode == EXIT_OK, result.stderr.decode()
     progress = [e for e in strictly_json_lines(result.stderr.decode()) if e["event"] == "progress"]
@@ -955,7 +940,6 @@ def test_dash_is_stdin_never_a_file_named_dash(cli: Cli, host: Path, share: Path
 
     result = cli.binary("upload", "-", "nfs://piped.raw", stdin=data)
 
-    xfail_without_backend_streams(result.stderr, result.returncode)
     assert result.returncode == EXIT_OK, result.stderr.decode()
     assert (share / "piped.raw").read_bytes() == data
     assert (host / "-").read_bytes() == b"a file that happens to be called -"
@@ -1001,7 +985,6 @@ def test_upload_from_a_slow_pipe_logs_bytes_and_rate(cli: Cli, share: Path) -> N
     process.wait(timeout=60)
     feeder.join()
 
-    xfail_without_backend_streams(err, process.returncode)
     assert process.returncode == EXIT_OK, err.decode()
     lines = [line for line in err.decode().splitlines() if line.startswith("vmstore: upload")]
     assert any(re.search(r"<stdin>: \d+\.\d MiB, ", line) for line in lines), lines
@@ -1016,7 +999,6 @@ def test_download_to_stdout_writes_only_the_image_there(
     cli.json("upload", source, "nfs://disk.qcow2")
 
     result = cli.binary("download", "nfs://disk.qcow2", "-", "--json", "--progress", "json")
-    xfail_without_backend_streams(result.stderr, result.returncode)
 
     assert result.returncode == EXIT_OK, result.stderr.decode()
     assert result.stdout == data
@@ -1035,7 +1017,6 @@ def test_download_to_stdout_with_a_wrong_checksum_says_the_reader_has_the_bytes(
     cli.json("upload", source, "nfs://disk.qcow2")
 
     result = cli.binary("download", "nfs://disk.qcow2", "-", "--expected-checksum", "0" * 64)
-    xfail_without_backend_streams(result.stderr, result.returncode)
 
     assert result.returncode == EXIT_CHECKSUM_MISMATCH, result.stderr.decode()
     line = assert_error_line(result.stderr.decode(), "ChecksumMismatch")
@@ -1063,7 +1044,6 @@ def test_a_reader_that_closes_stdout_early_gets_a_message_and_exit_8(
     err = process.stderr.read().decode()
     process.wait(timeout=60)
 
-    xfail_without_backend_streams(err, process.returncode)
     assert head == data[:1000]
     assert process.returncode == EXIT_OPERATION_FAILED, err
     assert "stdout was closed before the download finished" in assert_error_line(
@@ -1095,7 +1075,6 @@ def test_upload_from_stdin_refuses_a_terminal(cli: Cli) -> None:
 
 def test_a_failed_download_to_stdout_puts_the_json_error_on_stderr(cli: Cli) -> None:
     result = cli.binary("download", "nfs://missing.qcow2", "-", "--json")
-    xfail_without_backend_streams(result.stderr, result.returncode)
 
     assert result.returncode == EXIT_NOT_FOUND
     assert result.stdout == b""
@@ -1199,3 +1178,64 @@ def test_a_bad_key_file_is_a_clear_invalid_config(cli: Cli, host: Path) -> None:
         assert result.returncode == EXIT_INVALID_CONFIG, result.stderr
         line = assert_error_line(result.stderr, "InvalidConfig")
         assert str(key_file) in line and "this is not a key" not in line
+# --- --limit-rate (issue 9: the bandwidth limit) ---------------------------------------------
+
+
+def test_limit_rate_slows_an_upload_and_a_download_to_the_rate(cli: Cli, host: Path) -> None:
+    data = random_bytes(3 * MiB, seed=72)
+    source = write_file(host / "disk.raw", data)
+
+    started = time.monotonic()
+    up = cli("upload", source, "nfs://limited.raw", "--limit-rate", "4M")
+    up_seconds = time.monotonic() - started
+    started = time.monotonic()
+    down = cli("download", "nfs://limited.raw", host / "back.raw", "--limit-rate", "4M")
+    down_seconds = time.monotonic() - started
+
+    assert up.returncode == EXIT_OK, up.stderr
+    assert down.returncode == EXIT_OK, down.stderr
+    assert (host / "back.raw").read_bytes() == data
+    # (3 MiB - the largest burst the contract allows, 1 MiB) / 4 MiB/s.
+    assert up_seconds >= 0.5 and down_seconds >= 0.5, (up_seconds, down_seconds)
+
+
+def test_the_environment_variable_limits_the_rate_too(cli: Cli, host: Path) -> None:
+    source = write_file(host / "disk.raw", random_bytes(3 * MiB, seed=73))
+
+    started = time.monotonic()
+    result = cli("upload", source, "nfs://env.raw", env={"VMSTORE_MAX_BANDWIDTH": "4M"})
+
+    assert result.returncode == EXIT_OK, result.stderr
+    assert time.monotonic() - started >= 0.5
+
+
+@pytest.mark.parametrize("value", ["fast", "1.5M", "10 parsecs", "-5M"])
+@pytest.mark.parametrize("command", ["upload", "download"])
+def test_a_bad_limit_rate_is_invalid_config_naming_the_flag(
+    cli: Cli, image: tuple[Path, bytes], command: str, value: str
+) -> None:
+    source, _data = image
+    args = (source, "nfs://d.qcow2") if command == "upload" else ("nfs://d.qcow2", "back")
+
+    result = cli(command, *args, f"--limit-rate={value}")
+
+    assert result.returncode == EXIT_INVALID_CONFIG, result.stderr
+    assert "--limit-rate" in assert_error_line(result.stderr, "InvalidConfig")
+
+
+def test_a_bad_max_bandwidth_variable_names_the_variable(
+    cli: Cli, image: tuple[Path, bytes]
+) -> None:
+    source, _data = image
+
+    result = cli("upload", source, "nfs://d.qcow2", env={"VMSTORE_MAX_BANDWIDTH": "lots"})
+
+    assert result.returncode == EXIT_INVALID_CONFIG, result.stderr
+    assert "VMSTORE_MAX_BANDWIDTH" in assert_error_line(result.stderr, "InvalidConfig")
+
+
+def test_limit_rate_is_in_the_help_of_upload_and_download(cli: Cli) -> None:
+    for command in ("upload", "download"):
+        result = cli(command, "--help")
+        assert result.returncode == EXIT_OK
+        assert "--limit-rate" in result.stdout

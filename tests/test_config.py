@@ -251,3 +251,66 @@ def test_each_module_imports_on_its_own() -> None:
             [sys.executable, "-c", f"import {module}"], capture_output=True, text=True, check=False
         )
         assert result.returncode == 0, result.stderr
+
+
+# --- max_bandwidth (issue 9: the bandwidth limit) -------------------------------------------
+
+
+def test_max_bandwidth_defaults_to_unlimited() -> None:
+    assert StorageConfig(type="nfs").max_bandwidth is None
+
+
+@pytest.mark.parametrize("value", [None, 0, 1, 100 << 20, (1 << 63) - 1])
+def test_max_bandwidth_accepts_none_zero_and_positive_integers(value: int | None) -> None:
+    assert StorageConfig(type="nfs", max_bandwidth=value).max_bandwidth == value
+
+
+@pytest.mark.parametrize(
+    "value", [-1, -(100 << 20), True, False, 1.5, 100.0, "100M", b"1", 1 << 63, [1]]
+)
+def test_bad_max_bandwidth_is_invalid_config_naming_the_field(value: Any) -> None:
+    with pytest.raises(InvalidConfigError) as caught:
+        StorageConfig(type="nfs", max_bandwidth=value)
+
+    assert caught.value.type is ErrorType.INVALID_CONFIG
+    assert "max_bandwidth" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("100M", 100 << 20), ("64k", 64 << 10), ("1GiB", 1 << 30), ("5000000", 5000000), ("0", 0)],
+)
+def test_max_bandwidth_from_env_takes_a_byte_size(
+    monkeypatch: pytest.MonkeyPatch, text: str, expected: int
+) -> None:
+    monkeypatch.setenv("VMSTORE_TYPE", "nfs")
+    monkeypatch.setenv("VMSTORE_MAX_BANDWIDTH", text)
+
+    assert StorageConfig.from_env().max_bandwidth == expected
+
+
+def test_an_empty_max_bandwidth_variable_means_unlimited(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VMSTORE_TYPE", "nfs")
+    monkeypatch.setenv("VMSTORE_MAX_BANDWIDTH", "")
+
+    assert StorageConfig.from_env().max_bandwidth is None
+
+
+@pytest.mark.parametrize("text", ["fast", "-5M", "10 parsecs", "1.5M"])
+def test_a_bad_max_bandwidth_variable_is_invalid_config_naming_it(
+    monkeypatch: pytest.MonkeyPatch, text: str
+) -> None:
+    monkeypatch.setenv("VMSTORE_TYPE", "nfs")
+    monkeypatch.setenv("VMSTORE_MAX_BANDWIDTH", text)
+
+    with pytest.raises(InvalidConfigError) as caught:
+        StorageConfig.from_env()
+
+    assert "VMSTORE_MAX_BANDWIDTH" in str(caught.value)
+
+
+def test_the_flag_overrides_the_max_bandwidth_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VMSTORE_TYPE", "nfs")
+    monkeypatch.setenv("VMSTORE_MAX_BANDWIDTH", "1M")
+
+    assert StorageConfig.from_env(max_bandwidth=2 << 20).max_bandwidth == 2 << 20

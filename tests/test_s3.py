@@ -7,6 +7,7 @@ credentials, buckets, and a source that changes while it is uploaded.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -727,3 +728,45 @@ def test_an_object_another_tool_uploaded_is_verified_against_its_s3_checksum(
             store.download(DownloadRequest(f"/{prefix}/foreign.img", str(dest), resume=False))
         assert proxy.dropped == 1
     assert not dest.exists()
+
+
+# --- the bandwidth limit: a failed part stops the others' waits (issue 9) -------------------
+
+
+def _limited_through(proxy: DroppingProxy, config: StorageConfig) -> StorageConfig:
+    return dataclasses.replace(
+        config,
+        endpoint=f"http://127.0.0.1:{proxy.port}",
+        max_bandwidth=1 * MiB,
+        max_retries=0,
+    )
+
+
+@pytest.mark.parametrize("direction", ["upload", "download"])
+def test_a_failed_part_ends_the_other_parts_waits_for_the_bandwidth_limit(
+    config: StorageConfig, s3_server: S3Server, prefix: str, tmp_path: Path, direction: str
+) -> None:
+    """Two parts share 1 MiB/s; the first connection is cut after 1 MiB. The other part must
+    not go on to send (or receive) its 5 MiB at the limit before the failure is reported: the
+    limiter grants little more than what had crossed when the connection broke."""
+    if s3_server.name != "rclone":
+        pytest.skip("client-side behaviour: one server is enough")
+    data = random_bytes(2 * PART + 2 * MiB, seed=77)
+    source = write_file(tmp_path / "disk.img", data)
+    url = f"/{prefix}/disk.img"
+    if direction == "download":
+        with new_storage(config) as store:
+            store.upload(UploadRequest(str(source), url))
+    port = int(s3_server.endpoint.rsplit(":", 1)[1])
+    with DroppingProxy(port, after_bytes=MiB, drops=1, direction=direction) as proxy:
+        store = new_storage(_limited_through(proxy, config))
+        with store, pytest.raises(StorageError):
+            if direction == "upload":
+                store.upload(UploadRequest(str(source), url))
+            else:
+                store.download(DownloadRequest(url, str(tmp_path / "back.img")))
+        granted = store._limiter.granted  # type: ignore[attr-defined]
+
+    assert proxy.dropped == 1
+    # Without the stop the other part would take all of its 5 MiB: 6 MiB and more.
+    assert granted < PART, f"{granted} bytes granted after the failure"

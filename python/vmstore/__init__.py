@@ -25,6 +25,7 @@ from vmstore.errors import (
     PermissionDeniedError,
     StorageError,
 )
+from vmstore.images import ImageInfo, inspect_image
 from vmstore.models import (
     DownloadRequest,
     DownloadResponse,
@@ -48,6 +49,7 @@ __all__ = [
     "DownloadResponse",
     "ErrorType",
     "FileMetadata",
+    "ImageInfo",
     "IncompleteTransfer",
     "InvalidConfigError",
     "NetworkError",
@@ -60,6 +62,7 @@ __all__ = [
     "UploadRequest",
     "UploadResponse",
     "__version__",
+    "inspect_image",
     "new_storage",
     "register_backend",
 ]

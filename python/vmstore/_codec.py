@@ -30,6 +30,7 @@ from vmstore.errors import (
     OperationFailedError,
     PermissionDeniedError,
 )
+from vmstore.urls import redact_url
 
 ENCODING_METADATA_KEY = "vmstore-encoding"
 """S3 user metadata (set at Create) saying the object is stored as frames: a reader without its
@@ -261,9 +262,9 @@ def looks_encoded(head: bytes | bytearray | memoryview) -> bool:
 
 def missing_record(url: str) -> OperationFailedError:
     return OperationFailedError(
-        f"{url} is stored compressed or encrypted, but its vmstore record (the sidecar that "
-        "holds its frame index and encryption parameters) is missing or does not describe "
-        "it: the object cannot be decoded without it"
+        f"{redact_url(url)} is stored compressed or encrypted, but its vmstore record (the "
+        "sidecar that holds its frame index and encryption parameters) is missing or does not "
+        "describe it: the object cannot be decoded without it"
     )
 
 

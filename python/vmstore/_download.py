@@ -46,13 +46,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol, cast
 
-from vmstore import _native
+from vmstore import _native, images
 from vmstore._codec import Encoding, Frame, decoder_for, looks_encoded, missing_record
 from vmstore._failure import keeps_partial
 from vmstore._incomplete import forget_download, record_download
 from vmstore._localpath import check_destination_file, stream_label
 from vmstore._oserrors import storage_error_from_oserror
 from vmstore._parts import Chunk, ChunkSet, split
+from vmstore._ratelimit import Pacer
 from vmstore._retry import RetryableError, RetryPolicy
 from vmstore.errors import (
     CancelledError,
@@ -63,6 +64,7 @@ from vmstore.errors import (
 )
 from vmstore.models import DownloadRequest, DownloadResponse, WritableStream, parse_sha256_hex
 from vmstore.progress import ProgressReporter
+from vmstore.urls import redact_url
 
 log = logging.getLogger("vmstore.download")
 
@@ -143,6 +145,9 @@ class DownloadSettings:
     classify: Callable[[BaseException], RetryableError | None]
     encryption_key: bytes | None = None
     """The store's key, for encrypted objects (never logged, never in the resume state)."""
+    pacer: Pacer | None = None
+    """The bandwidth limit the reader takes its bytes from; stopped when the download fails,
+    so readers waiting on it give up at once."""
 
 
 @dataclass(frozen=True)
@@ -420,6 +425,9 @@ def _download(
             if resumed_bytes:
                 raise _ResumedBytesDiffer()
             raise ChecksumMismatchError(f"{problem}; {destination} was left as it was")
+        if not request.allow_backing_file:
+            # The image policy's hook: the verified partial's header, before the commit.
+            images.check_download_file(partial, obj.url, destination, allow=False)
         # The final (total, total) report comes before the commit, as for every backend:
         # a callback that raises there still stops the file from appearing.
         reporter.finish(obj.size)
@@ -515,7 +523,9 @@ def _download_to_stream(
         obj.size,
         sink.name,
     )
-    writer = _native.ChunkWriter.for_stream(sink, crc=check.crc)
+    # The image policy's hook: the head is held back until its header was checked.
+    gate = None if request.allow_backing_file else images.StreamGate(sink, obj.url, obj.size)
+    writer = _native.ChunkWriter.for_stream(gate or sink, crc=check.crc)
     try:
         reporter = ProgressReporter(request.progress_callback, obj.size)
         reporter(0, obj.size)
@@ -528,6 +538,8 @@ def _download_to_stream(
             _fetch_stream(obj, reader, writer, request, reporter, settings)
         digest = writer.hexdigest(obj.size)
         crcs = writer.crc_values(obj.size) if check.crc else {}
+        if gate is not None:
+            gate.close()
         sink.flush()
         problem = check.mismatch(obj.url, digest, crcs)
         if problem is not None:
@@ -562,7 +574,7 @@ def _download_to_stream(
 
 def _check_cancel(request: DownloadRequest) -> None:
     if request.cancel is not None and request.cancel.is_cancelled:
-        raise CancelledError(f"download of {request.source_url} cancelled")
+        raise CancelledError(f"download of {redact_url(request.source_url)} cancelled")
 
 
 def _fetch_ranges(
@@ -581,6 +593,7 @@ def _fetch_ranges(
     With ``frames`` a chunk is a frame: its stored range is read and decoded."""
     stop = threading.Event()
     window = settings.concurrency + WINDOW_EXTRA
+    shown_url = redact_url(request.source_url)
 
     def fetch(chunk: Chunk) -> Chunk:
         frame = frames.by_number[chunk.number] if frames is not None else None
@@ -597,7 +610,7 @@ def _fetch_ranges(
         data = settings.retry.call(
             attempt,
             classify=settings.classify,
-            describe=f"reading bytes {start}-{end - 1} of {request.source_url}",
+            describe=f"reading bytes {start}-{end - 1} of {shown_url}",
             cancelled=stop,
         )
         if frames is not None and frame is not None:
@@ -641,6 +654,8 @@ def _fetch_ranges(
                 _check_cancel(request)
         except BaseException:
             stop.set()
+            if settings.pacer is not None:
+                settings.pacer.stop()
             for future in pending:
                 future.cancel()
             # Chunks that finish while we shut down are on disk: keep them for the resume.
@@ -689,7 +704,7 @@ def _fetch_stream(
             raise RetryableError(f"{obj.url} ended after {position} of {obj.size} bytes")
 
     settings.retry.call(
-        attempt, classify=settings.classify, describe=f"reading {request.source_url}"
+        attempt, classify=settings.classify, describe=f"reading {obj.url}"
     )
 
 

@@ -6,7 +6,7 @@ the classes of :mod:`vmstore.errors` (``NotFoundError``, ``PermissionDeniedError
 an exception raised by a progress callback propagates unchanged.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import final
 
 Buffer = bytes | bytearray | memoryview
@@ -89,9 +89,9 @@ class ChunkWriter:
         frontier passes them (SHA-256 always, plus ``crc``), from whichever thread's
         ``write_at`` moved the frontier, with the GIL taken for the call. ``data`` is the
         object given to ``write_at`` (a copy when that was a mutable buffer held early, or a
-        part of it). An exception from ``sink`` is raised unchanged by that ``write_at`` and
-        stops the writer. ``final_path``/``temp_path`` are ``""``; ``set_len``, ``mark_done``
-        raise; ``commit``/``abort`` just close."""
+        part of it). An exception from ``sink`` stops the writer and is raised unchanged by
+        that ``write_at`` and every later call. ``final_path``/``temp_path`` are ``""``;
+        ``set_len``, ``mark_done`` raise; ``commit``/``abort`` just close."""
     @property
     def final_path(self) -> str: ...
     @property
@@ -162,8 +162,15 @@ def copy_file(
     resume: bool = False,
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
+    limiter: RateLimiter | None = None,
+    limit_writes: bool = False,
 ) -> CopyResult:
     """Copy source into writer's temp file, hashing while copying; does not commit.
+
+    With ``limiter``, the bytes read from the source (``limit_writes=False``: a download from
+    a share) or the bytes stored into the destination (``limit_writes=True``: an upload onto
+    it; holes and skipped zero blocks are no traffic) are taken from it, in pieces of at most
+    its burst, the resume's re-read of that side included.
 
     Reading, hashing and writing run on three threads so the time is the slowest of the
     three, not their sum. Holes and all-zero chunks are hashed but not written, and the temp
@@ -293,3 +300,38 @@ def crc64nvme_combine(crc_a: int, crc_b: int, len_b: int) -> int:
 
 def crc64nvme(data: object) -> int:
     """CRC-64/NVME of a bytes-like object (the GIL released for large ones)."""
+# --- image inspection (rust/src/image.rs; vmstore.images wraps these) ---------------------
+
+def inspect_image_path(path: str) -> dict[str, object]:
+    """What the header of the image file at ``path`` says (the fields of
+    ``vmstore.images.ImageInfo``); GIL released; InvalidConfigError for a malformed header."""
+
+def inspect_image_bytes(
+    head: bytes, *, size: int | None = None, name: str = "<stream>"
+) -> dict[str, object]:
+    """The same for the start of an image (``size``: the whole image's length, when known)."""
+
+@final
+class RateLimiter:
+    """A token bucket of ``rate_bytes_per_s`` (> 0) bytes per second, shared by every thread
+    that holds it; burst ``max(512 KiB, rate / 16)``, full at first.
+
+    ``acquire(n)`` reserves ``n`` bytes at once (callers are served in the order they asked)
+    and sleeps, with the GIL released, until they are earned; more than the burst is taken in
+    pieces. ``cancel`` (a CancelToken, or several in an iterable, None entries ignored) ends
+    the wait with ``CancelledError`` within 50 ms of being cancelled, giving the tokens back;
+    a pending signal (Ctrl-C) ends a main thread's wait too."""
+
+    def __init__(self, rate_bytes_per_s: int) -> None: ...
+    def acquire(
+        self,
+        n: int,
+        cancel: CancelToken | Iterable[CancelToken | None] | None = None,
+    ) -> None: ...
+    @property
+    def rate(self) -> int: ...
+    @property
+    def burst(self) -> int: ...
+    @property
+    def granted(self) -> int:
+        """Bytes granted so far (cancelled waits excluded)."""

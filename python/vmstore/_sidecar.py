@@ -14,6 +14,7 @@ The format (one JSON object; unknown keys are ignored, so newer writers stay rea
     {"version": 2, "sha256": "<64 hex>", "size": 123, "etag": "...", "mtime_ns": 0,
      "content_type": "...", "metadata": {"k": "v"}, "uploaded_at": "<ISO 8601>",
      "upload_token": "...",            # upload_token only when set
+     "image": {"format": "qcow2", "virtual_size": 1073741824},   # image only when recorded
      "encoding": {...}}                # only for a compressed/encrypted object (FORMAT.md)
 
 With ``encoding`` the object is stored as frames (docs/FORMAT.md): ``sha256`` and ``size`` are
@@ -72,6 +73,9 @@ class Sidecar:
     def stored_size(self) -> int:
         """Bytes the store holds for the data (the frames' total when encoded)."""
         return self.encoding.stored_size if self.encoding is not None else self.size
+    image: Mapping[str, Any] | None = None
+    """What the upload's image header said: {"format": "qcow2", "virtual_size": 123}
+    (virtual_size may be null); None when not recorded (see vmstore.images)."""
 
     def to_json(self) -> str:
         data: dict[str, Any] = {
@@ -86,6 +90,8 @@ class Sidecar:
         }
         if self.upload_token is not None:
             data["upload_token"] = self.upload_token
+        if self.image is not None:
+            data["image"] = dict(self.image)
         if self.encoding is not None:
             data["encoding"] = self.encoding.to_dict()
             # A frame index of thousands of numbers: one line, not one number per line.
@@ -146,6 +152,7 @@ class Sidecar:
             mtime_ns=mtime_ns,
             upload_token=token,
             encoding=encoding,
+            image=_image(data.get("image")),
         )
 
     def mismatch(
@@ -192,6 +199,17 @@ class Sidecar:
             self.mismatch(size=size, etag=etag, mtime_ns=mtime_ns, upload_token=upload_token)
             is None
         )
+
+
+def _image(value: object) -> dict[str, Any] | None:
+    """The ``image`` record, or None when absent or not of the known shape (the rest of the
+    sidecar stays usable: the checksum is what it is for)."""
+    if not isinstance(value, dict):
+        return None
+    fmt, virtual = value.get("format"), value.get("virtual_size")
+    if not isinstance(fmt, str) or not (virtual is None or (_is_int(virtual) and virtual >= 0)):
+        return None
+    return {"format": fmt, "virtual_size": virtual}
 
 
 def _is_int(value: object) -> TypeGuard[int]:

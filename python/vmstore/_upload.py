@@ -23,11 +23,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
-from vmstore import _native
+from vmstore import _native, images
 from vmstore._codec import EncodedPart, Encoder, FramePart
 from vmstore._localpath import check_source_file
 from vmstore._parts import MIB, S3_MAX_PART, S3_MAX_PARTS, s3_part_size
+from vmstore._ratelimit import Pacer
 from vmstore.errors import CancelledError, ChecksumMismatchError, InvalidConfigError
+from vmstore.images import ImageInfo
 from vmstore.models import S3_MAX_OBJECT_SIZE, UploadRequest
 from vmstore.progress import ProgressReporter
 
@@ -76,6 +78,9 @@ class SourcePlan:
     stat: os.stat_result | None
     """The file's stat when opened (None for a stream): a changed mtime means the source was
     written to during the upload."""
+    image: ImageInfo | None = None
+    """What the source's image header said (checked by vmstore.images before any byte was
+    sent), recorded with the object; None when it could not be read."""
 
     @property
     def is_stream(self) -> bool:
@@ -137,13 +142,18 @@ def plan_source(
     source of known size; an unsized stream grows its parts (:func:`stream_part_size`)."""
     if request.source_stream is not None:
         hint = request.size_hint
-        source = _native.UploadSource.stream(request.source_stream, name="<stream>")
         if hint is not None:
             fixed = part_size_for(hint)
-            return SourcePlan(source, "<stream>", hint, lambda _n: fixed, None)
+        # The image policy's hook: the stream's head is inspected before any byte goes out.
+        stream, image = images.check_upload_stream(
+            request.source_stream, allow=request.allow_backing_file, size=hint
+        )
+        source = _native.UploadSource.stream(stream, name="<stream>")
+        if hint is not None:
+            return SourcePlan(source, "<stream>", hint, lambda _n: fixed, None, image)
         first = part_size_for(0)
         return SourcePlan(
-            source, "<stream>", None, lambda n: stream_part_size(n, first), None
+            source, "<stream>", None, lambda n: stream_part_size(n, first), None, image
         )
     assert request.source_path is not None
     path = os.path.abspath(request.source_path)
@@ -152,9 +162,10 @@ def plan_source(
         raise InvalidConfigError(
             f"{path} holds {stat.st_size} bytes, more than the 5 TiB an object may hold"
         )
+    image = images.check_upload_file(path, allow=request.allow_backing_file)
     source = _native.UploadSource.file(path, direct=direct)
     fixed = part_size_for(source.size or 0)
-    return SourcePlan(source, path, source.size, lambda _n: fixed, stat)
+    return SourcePlan(source, path, source.size, lambda _n: fixed, stat, image)
 
 
 def s3_part_size_for(requested: int) -> Callable[[int], int]:
@@ -269,13 +280,28 @@ def unwrap(exc: BaseException) -> BaseException:
     return exc.error if isinstance(exc, CallbackAbort) else exc
 
 
+def pace_body(pacer: Pacer | None, count: int) -> None:
+    """Wait for the store's bandwidth limit before ``count`` body bytes go to the socket. A
+    cancellation is carried out of the HTTP client as a CallbackAbort: botocore would wrap a
+    plain exception raised from a body read into a (retried) HTTPClientError."""
+    if pacer is None:
+        return
+    try:
+        pacer.take(count)
+    except CancelledError as exc:
+        raise CallbackAbort(exc) from None
+
+
 class PartBody:
     """A part's bytes as a file-like HTTP body, handed out in 1 MiB views of the native buffer
-    (no copy). boto3 takes bytes, bytearray or a file; a memoryview it refuses."""
+    (no copy). boto3 takes bytes, bytearray or a file; a memoryview it refuses. With a
+    ``pacer`` each view is taken from the store's bandwidth limit as the client reads it to
+    send (and again when a retry sends it again)."""
 
-    def __init__(self, data: memoryview) -> None:
+    def __init__(self, data: memoryview, pacer: Pacer | None = None) -> None:
         self._data = data
         self._position = 0
+        self._pacer = pacer
 
     def __len__(self) -> int:
         return len(self._data) - self._position
@@ -292,7 +318,11 @@ class PartBody:
         # At least a MiB whatever the caller asks (http.client asks for 16 KiB): a call per
         # MiB rather than per 16 KiB keeps Python off the hot path.
         want = len(self._data) - self._position if size < 0 else max(size, BODY_BLOCK)
+        if self._pacer is not None and size >= 0:
+            # Within one burst per read: a larger block would leave faster than the limit.
+            want = min(want, self._pacer.block)
         block = self._data[self._position : self._position + want]
+        pace_body(self._pacer, len(block))
         self._position += len(block)
         return block
 
@@ -384,6 +414,7 @@ __all__ = [
     "SourcePlan",
     "crc64nvme_b64",
     "encoder_for",
+    "pace_body",
     "part_view",
     "plan_source",
     "s3_part_size_for",

@@ -42,14 +42,14 @@ import contextlib
 import dataclasses
 import inspect
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import timedelta
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import vmstore
 from vmstore.config import StorageConfig
-from vmstore.errors import InvalidConfigError, OperationFailedError
+from vmstore.errors import InvalidConfigError, OperationFailedError, StorageError
 from vmstore.models import (
     DownloadRequest,
     DownloadResponse,
@@ -215,6 +215,83 @@ class AsyncStorage:
         """Remove abandoned leftovers (see Storage.cleanup_incomplete); returns what went."""
         store = await self._store()
         return await self._submit(store.cleanup_incomplete, older_than)
+
+    async def upload_many(
+        self,
+        items: Iterable[UploadRequest],
+        *,
+        raise_on_error: bool = False,
+        progress_callback: ProgressCallback | AsyncProgressCallback | None = None,
+        cancel: vmstore.CancelToken | None = None,
+    ) -> list[UploadResponse | StorageError]:
+        """:meth:`vmstore.Storage.upload_many` in a worker thread. Cancelling the task cancels
+        every item (``cancel``, or a token made for the batch) and waits until all stopped;
+        each callback, the batch's and the items', may be a coroutine function."""
+        store = await self._store()
+        return await self._many(
+            store.upload_many, list(items), raise_on_error, progress_callback, cancel
+        )
+
+    async def download_many(
+        self,
+        items: Iterable[DownloadRequest],
+        *,
+        raise_on_error: bool = False,
+        progress_callback: ProgressCallback | AsyncProgressCallback | None = None,
+        cancel: vmstore.CancelToken | None = None,
+    ) -> list[DownloadResponse | StorageError]:
+        """:meth:`vmstore.Storage.download_many` in a worker thread; see :meth:`upload_many`."""
+        store = await self._store()
+        return await self._many(
+            store.download_many, list(items), raise_on_error, progress_callback, cancel
+        )
+
+    async def presign(self, url: str, expires_in: int = 3600) -> str:
+        """:meth:`vmstore.Storage.presign` (S3 only) in a worker thread."""
+        store = await self._store()
+        return await self._submit(lambda _: store.presign(url, expires_in), None)
+
+    async def _many(
+        self,
+        function: Callable[..., list[T]],
+        items: list[Any],
+        raise_on_error: bool,
+        progress_callback: Any,
+        cancel: vmstore.CancelToken | None,
+    ) -> list[T]:
+        loop = asyncio.get_running_loop()
+        token = cancel if cancel is not None else vmstore.CancelToken()
+        bridges: list[_ProgressBridge] = []
+
+        def bridged(callback: Any) -> _ProgressBridge | None:
+            if callback is None:
+                return None
+            bridges.append(_ProgressBridge(callback, loop))
+            return bridges[-1]
+
+        # Copies: the caller's requests keep their own callbacks. Anything that is not a
+        # request goes through unchanged, for the store to refuse.
+        sent = [
+            dataclasses.replace(item, progress_callback=bridged(item.progress_callback))
+            if isinstance(item, UploadRequest | DownloadRequest)
+            else item
+            for item in items
+        ]
+        combined = bridged(progress_callback)
+        worker = self._submit(
+            lambda _: function(
+                sent, raise_on_error=raise_on_error, progress_callback=combined, cancel=token
+            ),
+            None,
+        )
+        self._running.add(token)
+        try:
+            results = await _to_the_end(worker, on_cancel=token.cancel)
+        finally:
+            self._running.discard(token)
+        for bridge in bridges:
+            await bridge.drain()
+        return results
 
     # --- how calls cross to the worker threads -----------------------------------------------
 

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from vmstore._hostpolicy import check_allowed_hosts, split_allowed_hosts
 from vmstore._registry import BUILTIN_BACKEND_TYPES, backend_names
 from vmstore.errors import InvalidConfigError
 
@@ -23,6 +24,8 @@ MAX_TIMEOUT = 86400.0
 the float limits overflow the socket and retry arithmetic."""
 MAX_RETRIES = 100
 """With exponential back-off 100 retries already span hours; more is a mistake (or 10**9)."""
+MAX_BANDWIDTH = (1 << 63) - 1
+"""The largest rate the native limiter takes (bytes per second): in effect, no limit."""
 
 _STRING_FIELDS = (
     "endpoint",
@@ -56,6 +59,9 @@ _ENV_VARIABLES: dict[str, tuple[str, ...]] = {
     "max_retries": ("VMSTORE_MAX_RETRIES",),
     "chunk_size": ("VMSTORE_CHUNK_SIZE",),
     "concurrency": ("VMSTORE_CONCURRENCY",),
+    "allowed_hosts": ("VMSTORE_ALLOWED_HOSTS",),
+
+    "max_bandwidth": ("VMSTORE_MAX_BANDWIDTH",),
 }
 
 _TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
@@ -114,6 +120,13 @@ class StorageConfig:
     concurrency: int = 4
     encryption_key: bytes | str | None = None
     """Client-side encryption (docs/FORMAT.md): 32 raw bytes or 64 hex digits; never shown."""
+    allowed_hosts: list[str] | None = None
+    """Host policy (SSRF): None refuses link-local (cloud metadata), unspecified, multicast
+    and broadcast addresses; a list makes only those names and CIDRs reachable."""
+
+    max_bandwidth: int | None = None
+    """Bytes per second on the wire for the whole store (every transfer and every part
+    together); None or 0 means unlimited."""
 
     def __post_init__(self) -> None:
         self.type = _check_type(self.type)
@@ -159,6 +172,16 @@ class StorageConfig:
             raise _invalid("concurrency", f"must be an integer from 1 to {MAX_CONCURRENCY}")
         if self.encryption_key is not None:
             self.encryption_key = _check_encryption_key(self.encryption_key)
+        self.allowed_hosts = check_allowed_hosts(self.allowed_hosts)
+
+        if self.max_bandwidth is not None and (
+            not _is_int(self.max_bandwidth) or not 0 <= self.max_bandwidth <= MAX_BANDWIDTH
+        ):
+            raise _invalid(
+                "max_bandwidth",
+                "must be a whole number of bytes per second from 0 to "
+                f"{MAX_BANDWIDTH} (0 or None: unlimited), got {self.max_bandwidth!r}",
+            )
 
     def __repr__(self) -> str:
         shown = []
@@ -251,8 +274,12 @@ def _parse_env_value(field_name: str, variable: str, text: str) -> object:
         if word in _FALSE_WORDS:
             return False
         raise InvalidConfigError(f"{variable}={text!r} is not a boolean; use true or false")
+    if field_name == "allowed_hosts":
+        return split_allowed_hosts(text) or None
     try:
         if field_name == "chunk_size":
+            return parse_byte_size(text) if text.strip() else None
+        if field_name == "max_bandwidth":
             return parse_byte_size(text) if text.strip() else None
         if field_name in ("max_retries", "concurrency"):
             return int(text)

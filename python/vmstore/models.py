@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Callable
@@ -10,6 +11,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from vmstore.errors import InvalidConfigError
+from vmstore.urls import redact_url
 
 if TYPE_CHECKING:
     from vmstore._native import CancelToken
@@ -25,10 +27,27 @@ DEFAULT_CONTENT_TYPE = "application/octet-stream"
 SHA256_KEY = "sha256"
 """The metadata key under which a store keeps the whole-object SHA-256 (hidden from callers)."""
 
+IMAGE_FORMAT_KEY = "vmstore-image-format"
+VIRTUAL_SIZE_KEY = "vmstore-virtual-size"
+"""Metadata keys under which a store keeps the image format and virtual size recorded at upload
+(hidden from callers, reserved like sha256; see vmstore.images)."""
+
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 S3_MAX_OBJECT_SIZE = 5 << 40
 """The largest object S3 stores (5 TiB): a stream announced as larger cannot be uploaded."""
+
+
+def _repr_redacting(instance: object, url_fields: tuple[str, ...]) -> str:
+    """The dataclass repr, with the URL fields shown by :func:`vmstore.urls.redact_url`: a
+    presigned URL's signature (a credential) never appears in a repr or a log line."""
+    shown = []
+    for item in dataclasses.fields(instance):  # type: ignore[arg-type]
+        value = getattr(instance, item.name)
+        if item.name in url_fields and isinstance(value, str):
+            value = redact_url(value)
+        shown.append(f"{item.name}={value!r}")
+    return f"{type(instance).__name__}({', '.join(shown)})"
 
 
 @runtime_checkable
@@ -94,6 +113,11 @@ def normalize_custom_metadata(metadata: dict[str, str]) -> dict[str, str]:
                 f"metadata key {SHA256_KEY!r} is reserved: vmstore computes and stores the "
                 "SHA-256 itself; remove it from the metadata"
             )
+        if key in (IMAGE_FORMAT_KEY, VIRTUAL_SIZE_KEY):
+            raise InvalidConfigError(
+                f"metadata key {key!r} is reserved: vmstore records the image's format and "
+                "virtual size from its header itself; remove it from the metadata"
+            )
         normalized[key] = value
     return normalized
 
@@ -121,6 +145,9 @@ class UploadRequest:
     size_hint: int | None = None
     compression: str | None = None
     """None (stored as it is) or "zstd": each part compressed on its own (docs/FORMAT.md)."""
+    allow_backing_file: bool = False
+    """Upload even an image whose header names a backing file or external data file (refused
+    by default: an importer that follows it reads files of its own host; see vmstore.images)."""
 
     def __post_init__(self) -> None:
         if self.compression is not None and self.compression != "zstd":
@@ -212,6 +239,9 @@ class DownloadRequest:
     resume: bool = True
     cancel: CancelToken | None = None
     destination_stream: WritableStream | None = None
+    allow_backing_file: bool = False
+    """Save even an image whose header names a backing file or external data file (by
+    default such a download is verified, then not committed; see vmstore.images)."""
 
     def __post_init__(self) -> None:
         if (self.destination_path is None) == (self.destination_stream is None):
@@ -242,6 +272,9 @@ class DownloadRequest:
             # form is checked here, once for every backend; each backend normalizes it.
             parse_sha256_hex(self.expected_checksum, "DownloadRequest.expected_checksum")
 
+    def __repr__(self) -> str:
+        return _repr_redacting(self, ("source_url",))
+
 
 @dataclass(frozen=True)
 class DownloadResponse:
@@ -270,6 +303,14 @@ class FileMetadata:
     last_modified: datetime
     content_type: str = DEFAULT_CONTENT_TYPE
     custom_metadata: dict[str, str] = field(default_factory=dict)
+    image_format: str | None = None
+    """The image format vmstore recorded at upload ("qcow2", "vmdk", "vhd", "vhdx", "raw";
+    "gzip", "xz" or "zstd" for a compressed copy); None for an object stored without it."""
+    virtual_size: int | None = None
+    """The guest disk's size in bytes recorded at upload (None when not recorded)."""
+
+    def __repr__(self) -> str:
+        return _repr_redacting(self, ("url",))
 
 
 @dataclass(frozen=True)

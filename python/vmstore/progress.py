@@ -58,6 +58,14 @@ class ProgressReporter:
             self._transferred = max(self._transferred, transferred)
         self._maybe_report(final=transferred >= total)
 
+    def report(self, transferred: int, total: int) -> None:
+        """Like calling the reporter, but never its final report: for a sum over several
+        transfers, which reaches ``(total, total)`` between items while more are to come."""
+        with self._lock:
+            self._total = total
+            self._transferred = max(self._transferred, transferred)
+        self._maybe_report(final=False)
+
     def advance(self, nbytes: int) -> None:
         """Count ``nbytes`` more (thread-safe); reports when the interval has passed."""
         with self._lock:

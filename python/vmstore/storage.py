@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import timedelta
 from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
 
+from vmstore._native import CancelToken
 from vmstore._registry import (
     BUILTIN_BACKEND_TYPES,
     BackendFactory,
@@ -14,12 +16,13 @@ from vmstore._registry import (
     register_backend,
 )
 from vmstore.config import StorageConfig
-from vmstore.errors import InvalidConfigError
+from vmstore.errors import InvalidConfigError, StorageError
 from vmstore.models import (
     DownloadRequest,
     DownloadResponse,
     FileMetadata,
     IncompleteTransfer,
+    ProgressCallback,
     UploadRequest,
     UploadResponse,
 )
@@ -65,6 +68,40 @@ class Storage(Protocol):
 
     def close(self) -> None:
         """Release connections and files; calling it again does nothing."""
+        ...
+
+    def upload_many(
+        self,
+        items: Iterable[UploadRequest],
+        *,
+        raise_on_error: bool = False,
+        progress_callback: ProgressCallback | None = None,
+        cancel: CancelToken | None = None,
+    ) -> list[UploadResponse | StorageError]:
+        """Upload several items at once, all within the store's ``concurrency`` (requests in
+        flight for the whole batch) and its bandwidth limit; returns, in input order, each
+        item's response or the StorageError it raised (``raise_on_error=True``: the first
+        failure cancels the rest and is raised). ``progress_callback(done, total)`` sums all
+        items (each request's own callback is still called); ``cancel`` stops them all. Two
+        items with the same destination: InvalidConfigError before anything starts."""
+        ...
+
+    def download_many(
+        self,
+        items: Iterable[DownloadRequest],
+        *,
+        raise_on_error: bool = False,
+        progress_callback: ProgressCallback | None = None,
+        cancel: CancelToken | None = None,
+    ) -> list[DownloadResponse | StorageError]:
+        """Download several items at once; the same contract as :meth:`upload_many` (two
+        items writing one file: InvalidConfigError before anything starts)."""
+        ...
+
+    def presign(self, url: str, expires_in: int = 3600) -> str:
+        """S3: a URL that GETs the object without credentials for ``expires_in`` seconds
+        (1..604800), fetchable by curl or the HTTP backend; NotFoundError if the object is
+        missing. Other backends raise InvalidConfigError (presign is an S3 feature)."""
         ...
 
     def __enter__(self) -> Self: ...

@@ -13,7 +13,7 @@ import posixpath
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from vmstore.errors import InvalidConfigError, PermissionDeniedError
 
@@ -194,9 +194,11 @@ def parse_http_url(url: str, *, endpoint: str = "", use_ssl: bool = True) -> str
     if scheme in ("http", "https"):
         parts = urlsplit(url)
         if not parts.netloc:
-            raise InvalidConfigError(f"HTTP URL {url!r} has no host")
+            raise InvalidConfigError(f"HTTP URL {redact_url(url)!r} has no host")
         if not parts.path.strip("/") or parts.path.endswith("/"):
-            raise InvalidConfigError(f"HTTP URL {url!r} names no file; give the file's path")
+            raise InvalidConfigError(
+                f"HTTP URL {redact_url(url)!r} names no file; give the file's path"
+            )
         return url
     if scheme:
         raise InvalidConfigError(
@@ -214,3 +216,26 @@ def parse_http_url(url: str, *, endpoint: str = "", use_ssl: bool = True) -> str
     if ".." in path.split("/"):
         raise InvalidConfigError(f"HTTP path {url!r} may not contain '..' segments")
     return f"{base}/{quote(path, safe=_HTTP_PATH_SAFE)}"
+
+
+# --- what logs and messages show of a URL ---------------------------------------------------
+
+
+def has_query(url: str) -> bool:
+    """Whether ``url`` carries a query string (a presigned URL: it is fetched as it is and
+    only itself, since its signature covers that one path)."""
+    return bool(urlsplit(url).query) if isinstance(url, str) else False
+
+
+def redact_url(url: str) -> str:
+    """``url`` as logs, error messages, reprs and resume state show it: without user info,
+    query or fragment, which may carry credentials (a presigned URL's ``X-Amz-Signature``,
+    ``X-Amz-Credential``, ``X-Amz-Security-Token``; a ``user:password@``).
+
+    The one helper every place that prints a URL uses. Keying resume state by this form also
+    lets a re-issued presigned URL of the same object resume (the ETag pins the version)."""
+    if not isinstance(url, str):
+        return repr(url)
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", "")) if parts.scheme else parts.path

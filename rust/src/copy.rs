@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 use crate::error::{CoreError, CoreResult, IoContext};
 use crate::hash::{hash_span, hex_digest, update_zeros};
 use crate::progress::Progress;
+use crate::ratelimit::{Pacing, Side, TokenBucket};
 use crate::reader::{advise_sequential, data_extents, read_full_at, SourceFile};
 use crate::writer::WriterCore;
 
@@ -65,18 +66,41 @@ impl Control<'_> {
         self.stop.store(true, Ordering::Relaxed);
     }
 
+    /// For a rate limiter's wait: an error once the copy is stopped or cancelled.
+    fn check(&self) -> CoreResult<()> {
+        if self.stopped() {
+            Err(CoreError::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+
     fn take_error(&self) -> Option<CoreError> {
         self.error.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 }
 
 /// Hash [0, end) of a file, reading only its data extents; counts into `done`.
-fn hash_prefix(file: &File, path: &Path, end: u64, done: &AtomicU64, control: &Control<'_>) -> CoreResult<Sha256> {
+/// With `pace`, the bytes read (not the holes) are taken from the rate limiter.
+fn hash_prefix(
+    file: &File,
+    path: &Path,
+    end: u64,
+    done: &AtomicU64,
+    control: &Control<'_>,
+    pace: Option<&TokenBucket>,
+) -> CoreResult<Sha256> {
     let extents = data_extents(file, end).context(|| format!("finding data extents of {}", path.display()))?;
     let mut state = Sha256::new();
-    let mut buf = vec![0u8; 4 << 20];
-    let tick = |n: u64| {
+    // Paced reads stay within the burst: a 4 MiB read would go out faster than the limit.
+    let mut buf = vec![0u8; pace.map_or(4 << 20, |b| (b.burst() as usize).min(4 << 20))];
+    let tick = |n: u64, read: bool| {
         done.fetch_add(n, Ordering::Relaxed);
+        if let (Some(bucket), true) = (pace, read) {
+            if bucket.acquire(n, || control.check()).is_err() {
+                return false;
+            }
+        }
         !control.stopped()
     };
     if hash_span(file, path, &extents, (0, end), &mut buf, &mut state, tick)? {
@@ -87,20 +111,23 @@ fn hash_prefix(file: &File, path: &Path, end: u64, done: &AtomicU64, control: &C
 }
 
 /// Re-hash the partial's prefix and the source's prefix (in parallel); reuse the prefix only
-/// if both are equal. Returns the hash state of the verified prefix.
+/// if both are equal. Returns the hash state of the verified prefix. The side on the share
+/// (`pacing`) is read within the rate limit.
 fn verify_prefix(
     source: &SourceFile,
     sink: &WriterCore,
     end: u64,
     progress: &mut Progress,
+    pacing: Option<Pacing<'_>>,
 ) -> CoreResult<Option<Sha256>> {
     let partial = File::open(sink.temp_path()).context(|| format!("opening {}", sink.temp_path().display()))?;
     let cancel = progress.cancel_flag();
     let control = Control { stop: AtomicBool::new(false), error: Mutex::new(None), cancel: cancel.as_deref() };
     let (src_done, tmp_done) = (AtomicU64::new(0), AtomicU64::new(0));
+    let (src_pace, tmp_pace) = (Pacing::on(pacing, Side::Source), Pacing::on(pacing, Side::Destination));
     let (src_state, tmp_state) = std::thread::scope(|scope| -> CoreResult<_> {
-        let src = scope.spawn(|| hash_prefix(&source.file, &source.path, end, &src_done, &control));
-        let tmp = scope.spawn(|| hash_prefix(&partial, sink.temp_path(), end, &tmp_done, &control));
+        let src = scope.spawn(|| hash_prefix(&source.file, &source.path, end, &src_done, &control, src_pace));
+        let tmp = scope.spawn(|| hash_prefix(&partial, sink.temp_path(), end, &tmp_done, &control, tmp_pace));
         while !(src.is_finished() && tmp.is_finished()) {
             let done = src_done.load(Ordering::Relaxed).min(tmp_done.load(Ordering::Relaxed));
             if let Err(err) = progress.poll(done) {
@@ -159,12 +186,17 @@ fn open_source(path: &Path) -> CoreResult<SourceFile> {
 }
 
 /// Copy (or with `sink == None` just hash) `source_path`. The sink is left uncommitted.
+///
+/// With `pacing`, the bytes that cross the share's side (read from the source, or stored
+/// into the destination: holes and skipped zero blocks are not traffic) are taken from the
+/// rate limiter, in pieces of at most its burst.
 pub fn copy_file(
     source_path: &Path,
     sink: Option<&WriterCore>,
     chunk_size: usize,
     resume: bool,
     progress: &mut Progress,
+    pacing: Option<Pacing<'_>>,
 ) -> CoreResult<CopyStats> {
     if chunk_size == 0 {
         return Err(CoreError::InvalidArgument("chunk_size must be positive".into()));
@@ -180,7 +212,7 @@ pub fn copy_file(
     if let Some(sink) = sink {
         let candidate = sink.existing_length().min(size) / chunk * chunk;
         if resume && candidate > 0 {
-            if let Some(verified) = verify_prefix(&source, sink, candidate, progress)? {
+            if let Some(verified) = verify_prefix(&source, sink, candidate, progress, pacing)? {
                 state = verified;
                 start = candidate;
             }
@@ -203,8 +235,10 @@ pub fn copy_file(
     }
     let (to_hash_tx, to_hash_rx) = sync_channel::<Block>(1);
 
+    let (read_pace, write_pace) = (Pacing::on(pacing, Side::Source), Pacing::on(pacing, Side::Destination));
     let digest = std::thread::scope(|scope| -> CoreResult<String> {
-        let reader = scope.spawn(|| read_stage(&source, &extents, start, chunk, pool_rx, to_hash_tx, &control));
+        let reader =
+            scope.spawn(|| read_stage(&source, &extents, start, chunk, pool_rx, to_hash_tx, &control, read_pace));
         let (to_write_tx, to_write_rx) = sync_channel::<Block>(1);
         let (hash_pool, write_pool) = match sink {
             Some(_) => (None, Some(pool_tx)),
@@ -217,7 +251,8 @@ pub fn copy_file(
             let holes = &holes;
             let control = &control;
             scope.spawn(move || {
-                write_stage(sink, to_write_rx, write_pool.unwrap_or_else(|| sync_channel(1).0), chunk, written, holes, control)
+                let pool = write_pool.unwrap_or_else(|| sync_channel(1).0);
+                write_stage(sink, to_write_rx, pool, chunk, written, holes, control, write_pace)
             })
         });
 
@@ -262,6 +297,56 @@ pub fn copy_file(
     })
 }
 
+/// pread `buf` at `offset` until full or the end of the file; with `pace`, in pieces of at
+/// most its burst, each taken from the limiter before it is read. None: stopped meanwhile.
+fn read_block(
+    file: &File,
+    buf: &mut [u8],
+    offset: u64,
+    pace: Option<&TokenBucket>,
+    control: &Control<'_>,
+) -> Option<std::io::Result<usize>> {
+    let Some(bucket) = pace else { return Some(read_full_at(file, buf, offset)) };
+    let step = (bucket.burst() as usize).max(1);
+    let mut got = 0;
+    while got < buf.len() {
+        let end = (got + step).min(buf.len());
+        bucket.acquire((end - got) as u64, || control.check()).ok()?;
+        match read_full_at(file, &mut buf[got..end], offset + got as u64) {
+            Ok(n) => {
+                got += n;
+                if got < end {
+                    break; // the end of the file
+                }
+            }
+            Err(err) => return Some(Err(err)),
+        }
+    }
+    Some(Ok(got))
+}
+
+/// Write `data` at `offset`; with `pace`, in pieces of at most its burst, each piece's
+/// stored bytes (all-zero blocks are not written) taken from the limiter after it.
+/// Returns the bytes stored.
+fn write_block(
+    sink: &WriterCore,
+    offset: u64,
+    data: &[u8],
+    pace: Option<&TokenBucket>,
+    control: &Control<'_>,
+) -> CoreResult<u64> {
+    let Some(bucket) = pace else { return sink.write_at(offset, data) };
+    let step = (bucket.burst() as usize).max(1);
+    let mut stored = 0;
+    for (index, piece) in data.chunks(step).enumerate() {
+        let written = sink.write_at(offset + (index * step) as u64, piece)?;
+        bucket.acquire(written, || control.check())?;
+        stored += written;
+    }
+    Ok(stored)
+}
+
+#[allow(clippy::too_many_arguments)]
 fn read_stage(
     source: &SourceFile,
     extents: &[(u64, u64)],
@@ -270,6 +355,7 @@ fn read_stage(
     pool: Receiver<Vec<u8>>,
     out: SyncSender<Block>,
     control: &Control<'_>,
+    pace: Option<&TokenBucket>,
 ) {
     let mut offset = start;
     while offset < source.size {
@@ -279,7 +365,10 @@ fn read_stage(
         let len = chunk.min(source.size - offset);
         let block = if overlaps(extents, offset, offset + len) {
             let Ok(mut buf) = pool.recv() else { return };
-            match read_full_at(&source.file, &mut buf[..len as usize], offset) {
+            let Some(read) = read_block(&source.file, &mut buf[..len as usize], offset, pace, control) else {
+                return;
+            };
+            match read {
                 Ok(got) if got == len as usize => Block::Data { offset, buf, len: got },
                 Ok(_) => {
                     control.fail(CoreError::io(
@@ -346,6 +435,7 @@ fn hash_stage(
     Some(hex_digest(&state))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn write_stage(
     sink: &WriterCore,
     input: Receiver<Block>,
@@ -354,6 +444,7 @@ fn write_stage(
     written: &AtomicU64,
     holes: &AtomicU64,
     control: &Control<'_>,
+    pace: Option<&TokenBucket>,
 ) {
     for block in input {
         if control.stopped() {
@@ -361,7 +452,7 @@ fn write_stage(
         }
         let result = match block {
             Block::Data { offset, buf, len } => {
-                let outcome = sink.write_at(offset, &buf[..len]).map(|stored| {
+                let outcome = write_block(sink, offset, &buf[..len], pace, control).map(|stored| {
                     if stored > 0 {
                         sink.start_writeback(offset, len as u64);
                         if offset >= WRITEBACK_LAG * chunk {
@@ -409,7 +500,7 @@ mod tests {
         std::fs::write(&src, &data).expect("write");
         let dst = dir.path().join("dst");
         let writer = WriterCore::open(&dst, &dir.path().join("dst.partial"), false, false).expect("open");
-        let stats = copy_file(&src, Some(&writer), 65536, false, &mut Progress::silent(0)).expect("copy");
+        let stats = copy_file(&src, Some(&writer), 65536, false, &mut Progress::silent(0), None).expect("copy");
         writer.commit().expect("commit");
         assert_eq!(std::fs::read(&dst).expect("read"), data);
         assert_eq!(stats.sha256, crate::hash::to_hex(&Sha256::digest(&data)));
@@ -422,7 +513,7 @@ mod tests {
         let src = dir.path().join("src");
         let data = pattern(300_000, 2);
         std::fs::write(&src, &data).expect("write");
-        let stats = copy_file(&src, None, 4096, false, &mut Progress::silent(0)).expect("hash");
+        let stats = copy_file(&src, None, 4096, false, &mut Progress::silent(0), None).expect("hash");
         assert_eq!(stats.sha256, crate::hash::to_hex(&Sha256::digest(&data)));
     }
 
@@ -433,7 +524,7 @@ mod tests {
         std::fs::write(&src, b"").expect("write");
         let dst = dir.path().join("dst");
         let writer = WriterCore::open(&dst, &dir.path().join("p"), false, false).expect("open");
-        let stats = copy_file(&src, Some(&writer), 4096, false, &mut Progress::silent(0)).expect("copy");
+        let stats = copy_file(&src, Some(&writer), 4096, false, &mut Progress::silent(0), None).expect("copy");
         writer.commit().expect("commit");
         assert_eq!(stats.sha256, "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
         assert_eq!(std::fs::metadata(&dst).expect("meta").len(), 0);
@@ -450,7 +541,7 @@ mod tests {
         drop(file);
         let dst = dir.path().join("dst");
         let writer = WriterCore::open(&dst, &dir.path().join("p"), false, false).expect("open");
-        let stats = copy_file(&src, Some(&writer), 1 << 20, false, &mut Progress::silent(0)).expect("copy");
+        let stats = copy_file(&src, Some(&writer), 1 << 20, false, &mut Progress::silent(0), None).expect("copy");
         writer.commit().expect("commit");
         assert_eq!(std::fs::read(&dst).expect("dst"), std::fs::read(&src).expect("src"));
         let (s, d) = (std::fs::metadata(&src).expect("s"), std::fs::metadata(&dst).expect("d"));
@@ -470,7 +561,7 @@ mod tests {
         // A good partial: the first 300 KB of the source.
         std::fs::write(&partial, &data[..300_000]).expect("partial");
         let writer = WriterCore::open(&dst, &partial, true, false).expect("open");
-        let stats = copy_file(&src, Some(&writer), 65536, true, &mut Progress::silent(0)).expect("copy");
+        let stats = copy_file(&src, Some(&writer), 65536, true, &mut Progress::silent(0), None).expect("copy");
         writer.commit().expect("commit");
         assert_eq!(stats.resumed_from, 300_000 / 65536 * 65536);
         assert_eq!(std::fs::read(&dst).expect("dst"), data);
@@ -480,11 +571,99 @@ mod tests {
         bad[1000] ^= 0xff;
         std::fs::write(&partial, &bad).expect("partial");
         let writer = WriterCore::open(&dst, &partial, true, false).expect("open");
-        let stats = copy_file(&src, Some(&writer), 65536, true, &mut Progress::silent(0)).expect("copy");
+        let stats = copy_file(&src, Some(&writer), 65536, true, &mut Progress::silent(0), None).expect("copy");
         writer.commit().expect("commit");
         assert_eq!(stats.resumed_from, 0);
         assert_eq!(std::fs::read(&dst).expect("dst"), data);
         assert_eq!(stats.sha256, crate::hash::to_hex(&Sha256::digest(&data)));
+    }
+
+    fn paced(bucket: &TokenBucket, side: Side) -> Option<Pacing<'_>> {
+        Some(Pacing { bucket, side })
+    }
+
+    #[test]
+    fn paced_reads_take_the_data_read_and_wait_for_the_rate() {
+        // 3 MiB of data (and a 1 MiB hole, never read) at 4 MiB/s, burst 512 KiB: the
+        // copy takes at least (3 MiB - 512 KiB) / 4 MiB/s = 0.625 s.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = dir.path().join("src");
+        let mut file = File::create(&src).expect("create");
+        file.write_all(&pattern(2 << 20, 5)).expect("data");
+        file.seek(SeekFrom::Start(3 << 20)).expect("seek");
+        file.write_all(&pattern(1 << 20, 6)).expect("data");
+        drop(file);
+        let bucket = TokenBucket::new(4 << 20).expect("bucket");
+        let dst = dir.path().join("dst");
+        let writer = WriterCore::open(&dst, &dir.path().join("p"), false, false).expect("open");
+        let started = std::time::Instant::now();
+        let stats = copy_file(&src, Some(&writer), 1 << 20, false, &mut Progress::silent(0), paced(&bucket, Side::Source))
+            .expect("copy");
+        let took = started.elapsed().as_secs_f64();
+        writer.commit().expect("commit");
+        assert_eq!(std::fs::read(&dst).expect("dst"), std::fs::read(&src).expect("src"));
+        assert_eq!(stats.size, 4 << 20);
+        assert_eq!(bucket.granted(), 3 << 20, "holes are not traffic");
+        assert!(took >= 0.625 - 0.005, "took {took} s");
+    }
+
+    #[test]
+    fn paced_writes_take_only_the_bytes_stored() {
+        // Allocated zeros are read but not written: an upload onto the share does not send them.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = dir.path().join("src");
+        let mut data = pattern(3 << 20, 7);
+        data[1 << 20..2 << 20].fill(0);
+        std::fs::write(&src, &data).expect("write");
+        let bucket = TokenBucket::new(256 << 20).expect("bucket");
+        let dst = dir.path().join("dst");
+        let writer = WriterCore::open(&dst, &dir.path().join("p"), false, false).expect("open");
+        copy_file(&src, Some(&writer), 1 << 20, false, &mut Progress::silent(0), paced(&bucket, Side::Destination))
+            .expect("copy");
+        writer.commit().expect("commit");
+        assert_eq!(std::fs::read(&dst).expect("dst"), data);
+        assert_eq!(bucket.granted(), 2 << 20);
+    }
+
+    #[test]
+    fn a_paced_resume_reads_the_paced_side_of_the_prefix_within_the_limit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = dir.path().join("src");
+        let data = pattern(2 << 20, 8);
+        std::fs::write(&src, &data).expect("write");
+        let (dst, partial) = (dir.path().join("dst"), dir.path().join("dst.partial"));
+        std::fs::write(&partial, &data[..1 << 20]).expect("partial");
+        let bucket = TokenBucket::new(256 << 20).expect("bucket");
+        let writer = WriterCore::open(&dst, &partial, true, false).expect("open");
+        let stats = copy_file(&src, Some(&writer), 1 << 20, true, &mut Progress::silent(0), paced(&bucket, Side::Source))
+            .expect("copy");
+        writer.commit().expect("commit");
+        assert_eq!(stats.resumed_from, 1 << 20);
+        // The source's prefix was re-read (1 MiB) and its rest copied (1 MiB).
+        assert_eq!(bucket.granted(), 2 << 20);
+        assert_eq!(std::fs::read(&dst).expect("dst"), data);
+    }
+
+    #[test]
+    fn a_cancelled_paced_copy_stops_waiting() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = dir.path().join("src");
+        std::fs::write(&src, pattern(8 << 20, 9)).expect("write");
+        // 8 MiB at 1 MiB/s would take 7.5 s; cancelled after 0.2 s it must end at once.
+        let bucket = TokenBucket::new(1 << 20).expect("bucket");
+        let cancel = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = std::sync::Arc::clone(&cancel);
+        let canceller = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            flag.store(true, Ordering::SeqCst);
+        });
+        let mut progress = Progress::silent(0).with_cancel(cancel);
+        let writer = WriterCore::open(&dir.path().join("dst"), &dir.path().join("p"), false, false).expect("open");
+        let started = std::time::Instant::now();
+        let result = copy_file(&src, Some(&writer), 1 << 20, false, &mut progress, paced(&bucket, Side::Source));
+        canceller.join().expect("join");
+        assert!(matches!(result, Err(CoreError::Cancelled)), "{result:?}");
+        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
     }
 
     #[test]
@@ -494,14 +673,14 @@ mod tests {
         let status = std::process::Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
         assert!(status.success());
         // A plain open() would wait for a writer forever; this must return at once.
-        let err = copy_file(&fifo, None, 4096, false, &mut Progress::silent(0)).expect_err("must fail");
+        let err = copy_file(&fifo, None, 4096, false, &mut Progress::silent(0), None).expect_err("must fail");
         assert!(matches!(err, CoreError::InvalidArgument(ref m) if m.contains("FIFO")), "{err:?}");
     }
 
     #[test]
     fn directory_source_is_eisdir() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let err = copy_file(dir.path(), None, 4096, false, &mut Progress::silent(0)).expect_err("must fail");
+        let err = copy_file(dir.path(), None, 4096, false, &mut Progress::silent(0), None).expect_err("must fail");
         match err {
             CoreError::Io { source, .. } => assert_eq!(source.raw_os_error(), Some(libc::EISDIR)),
             other => panic!("{other:?}"),
@@ -510,7 +689,7 @@ mod tests {
 
     #[test]
     fn missing_source_is_not_found() {
-        let err = copy_file(Path::new("/no/such/file"), None, 4096, false, &mut Progress::silent(0))
+        let err = copy_file(Path::new("/no/such/file"), None, 4096, false, &mut Progress::silent(0), None)
             .expect_err("must fail");
         match err {
             CoreError::Io { source, .. } => assert_eq!(source.kind(), std::io::ErrorKind::NotFound),

@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::io;
+use std::sync::Arc;
 
 use pyo3::exceptions::PyBlockingIOError;
 use pyo3::prelude::pyfunction;
@@ -27,8 +28,10 @@ pub enum CoreError {
     /// Another writer holds the temp file's lock.
     Locked(String),
     InvalidArgument(String),
-    /// An exception raised by Python code the core called (a progress callback, a signal).
-    Python(PyErr),
+    /// An exception raised by Python code the core called (a progress callback, a signal, a
+    /// stream sink). Shared, so a failure kept for later callers re-raises the same exception
+    /// (cause included) without taking the GIL to copy it.
+    Python(Arc<PyErr>),
 }
 
 pub type CoreResult<T> = Result<T, CoreError>;
@@ -52,7 +55,7 @@ impl<T> IoContext<T> for io::Result<T> {
 
 impl From<PyErr> for CoreError {
     fn from(err: PyErr) -> Self {
-        CoreError::Python(err)
+        CoreError::Python(Arc::new(err))
     }
 }
 
@@ -180,7 +183,9 @@ impl From<CoreError> for PyErr {
             CoreError::ChecksumMismatch { .. } => ChecksumMismatchError::new_err(message),
             CoreError::Locked(_) => PyBlockingIOError::new_err(message),
             CoreError::InvalidArgument(_) => InvalidConfigError::new_err(message),
-            CoreError::Python(err) => err,
+            CoreError::Python(err) => {
+                Arc::try_unwrap(err).unwrap_or_else(|shared| pyo3::Python::attach(|py| shared.clone_ref(py)))
+            }
         }
     }
 }

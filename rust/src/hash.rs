@@ -73,8 +73,8 @@ impl PySha256 {
 }
 
 /// Feed bytes [start, end) of `file` (at `path`, named in errors) to `state`: data extents
-/// read through `buf`, holes fed as zeros without a read. `tick(n)` after every slice; it
-/// returns false to stop early (then the result is `Ok(false)`).
+/// read through `buf`, holes fed as zeros without a read. `tick(n, read)` after every slice
+/// (`read`: the slice was read from the file, not a hole); it returns false to stop early (then the result is `Ok(false)`).
 pub fn hash_span(
     file: &File,
     path: &Path,
@@ -82,7 +82,7 @@ pub fn hash_span(
     (start, end): (u64, u64),
     buf: &mut [u8],
     state: &mut Sha256State,
-    mut tick: impl FnMut(u64) -> bool,
+    mut tick: impl FnMut(u64, bool) -> bool,
 ) -> CoreResult<bool> {
     let mut pos = start;
     // First extent that ends after `start`: extents are sorted and disjoint.
@@ -91,7 +91,7 @@ pub fn hash_span(
     for (offset, stop_at) in data.take_while(|&(o, _)| o < end).chain(std::iter::once((end, end))) {
         if offset > pos {
             update_zeros(state, offset - pos);
-            if !tick(offset - pos) {
+            if !tick(offset - pos, false) {
                 return Ok(false);
             }
             pos = offset;
@@ -105,7 +105,7 @@ pub fn hash_span(
             buf[got..want].fill(0);
             state.update(&buf[..want]);
             pos += want as u64;
-            if !tick(want as u64) {
+            if !tick(want as u64, true) {
                 return Ok(false);
             }
         }

@@ -3,7 +3,7 @@
 //! Python speaks the storage protocols; this crate does every loop that touches file
 //! bytes, with the GIL released: reading chunks (reader), writing them atomically and
 //! sparsely (writer), hashing (hash), the overlapped local copy (copy), the one pass over an
-//! upload's source (source). Errors map onto
+//! upload's source (source), the store's bandwidth limit (ratelimit). Errors map onto
 //! the classes of `vmstore.errors` in one place (error).
 
 mod aligned;
@@ -14,7 +14,9 @@ mod copy;
 mod error;
 mod fsinfo;
 mod hash;
+mod image;
 mod progress;
+mod ratelimit;
 mod reader;
 mod source;
 mod writer;
@@ -26,6 +28,7 @@ use pyo3::prelude::*;
 use crate::cancel::CancelToken;
 use crate::error::IoContext;
 use crate::progress::Progress;
+use crate::ratelimit::{Pacing, RateLimiter, Side};
 use crate::writer::ChunkWriter;
 
 fn progress_for(progress: Option<Py<PyAny>>, cancel: Option<&Bound<'_, CancelToken>>) -> Progress {
@@ -53,7 +56,8 @@ impl CopyResult {
 }
 
 #[pyfunction]
-#[pyo3(signature = (source_path, writer, *, chunk_size = 32 << 20, resume = false, progress = None, cancel = None))]
+#[pyo3(signature = (source_path, writer, *, chunk_size = 32 << 20, resume = false, progress = None, cancel = None, limiter = None, limit_writes = false))]
+#[allow(clippy::too_many_arguments)]
 fn copy_file(
     py: Python<'_>,
     source_path: PathBuf,
@@ -62,10 +66,14 @@ fn copy_file(
     resume: bool,
     progress: Option<Py<PyAny>>,
     cancel: Option<&Bound<'_, CancelToken>>,
+    limiter: Option<&Bound<'_, RateLimiter>>,
+    limit_writes: bool,
 ) -> PyResult<CopyResult> {
     let mut reporter = progress_for(progress, cancel);
     let sink = writer.get().core();
-    let stats = py.detach(|| copy::copy_file(&source_path, Some(sink), chunk_size, resume, &mut reporter))?;
+    let side = if limit_writes { Side::Destination } else { Side::Source };
+    let pacing = limiter.map(|l| Pacing { bucket: l.get().bucket(), side });
+    let stats = py.detach(|| copy::copy_file(&source_path, Some(sink), chunk_size, resume, &mut reporter, pacing))?;
     Ok(CopyResult {
         sha256: stats.sha256,
         size: stats.size,
@@ -84,7 +92,7 @@ fn sha256_file(
     cancel: Option<&Bound<'_, CancelToken>>,
 ) -> PyResult<String> {
     let mut reporter = progress_for(progress, cancel);
-    let stats = py.detach(|| copy::copy_file(&path, None, 8 << 20, false, &mut reporter))?;
+    let stats = py.detach(|| copy::copy_file(&path, None, 8 << 20, false, &mut reporter, None))?;
     Ok(stats.sha256)
 }
 
@@ -103,11 +111,14 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<source::UploadSource>()?;
     m.add_class::<source::SourcePart>()?;
     m.add_class::<source::PartBuffer>()?;
+    m.add_class::<ratelimit::RateLimiter>()?;
     m.add_function(wrap_pyfunction!(copy_file, m)?)?;
     m.add_function(wrap_pyfunction!(sha256_file, m)?)?;
     m.add_function(wrap_pyfunction!(is_network_filesystem, m)?)?;
     m.add_function(wrap_pyfunction!(error::errno_classes, m)?)?;
     codec::register(m)?;
+    m.add_function(wrap_pyfunction!(image::inspect_image_path, m)?)?;
+    m.add_function(wrap_pyfunction!(image::inspect_image_bytes, m)?)?;
     m.add("DEFAULT_PROGRESS_INTERVAL_MS", progress::DEFAULT_INTERVAL_MS)?;
     Ok(())
 }

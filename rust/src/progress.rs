@@ -45,6 +45,11 @@ impl Progress {
         Progress { attach: false, ..Progress::new(None, None, total) }
     }
 
+    #[cfg(test)]
+    pub fn with_cancel(self, cancel: Arc<AtomicBool>) -> Self {
+        Progress { cancel: Some(cancel), ..self }
+    }
+
     pub fn set_total(&mut self, total: u64) {
         self.total = total;
     }

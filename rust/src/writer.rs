@@ -250,6 +250,9 @@ struct Failure {
     os_error: Option<i32>,
     kind: io::ErrorKind,
     detail: String,
+    /// An exception raised by Python code (a stream sink): every caller re-raises that same
+    /// exception, cause included, whichever thread happened to meet it first.
+    python: Option<Arc<PyErr>>,
 }
 
 impl Failure {
@@ -260,17 +263,25 @@ impl Failure {
                 os_error: source.raw_os_error(),
                 kind: source.kind(),
                 detail: source.to_string(),
+                python: None,
             },
             other => Failure {
                 context: "the in-order pass over the written bytes stopped".into(),
                 os_error: None,
                 kind: io::ErrorKind::Other,
                 detail: other.to_string(),
+                python: match other {
+                    CoreError::Python(exc) => Some(Arc::clone(exc)),
+                    _ => None,
+                },
             },
         }
     }
 
     fn to_error(&self) -> CoreError {
+        if let Some(exc) = &self.python {
+            return CoreError::Python(Arc::clone(exc));
+        }
         let source = match self.os_error {
             Some(code) => io::Error::from_raw_os_error(code),
             None => io::Error::new(self.kind, self.detail.clone()),
@@ -364,7 +375,10 @@ impl OrderState {
 struct Ordered {
     state: Mutex<OrderState>,
     changed: Condvar,
-    file: Option<Arc<File>>,
+    /// The temp file, for reading a resumed prefix back. Taken on close: the writer's own
+    /// handle is dropped on abort, and this one must not keep the file (and its lock) open
+    /// until the garbage collector finds the writer.
+    file: Mutex<Option<Arc<File>>>,
     path: PathBuf,
     sink: Option<Box<dyn Sink>>,
     /// Set when the writer closes: a read-back in progress stops at its next block.
@@ -378,7 +392,7 @@ impl Ordered {
         Arc::new(Ordered {
             state: Mutex::new(state),
             changed: Condvar::new(),
-            file,
+            file: Mutex::new(file),
             path,
             sink,
             stop: AtomicBool::new(false),
@@ -434,7 +448,7 @@ impl Ordered {
     /// Record [offset, offset + len) as on disk already (hashed by reading the file), and
     /// start a thread to hash it if it is next: the caller goes on fetching meanwhile.
     fn mark_on_disk(self: &Arc<Self>, offset: u64, len: u64) -> CoreResult<()> {
-        if self.file.is_none() {
+        if self.sink.is_some() {
             return Err(CoreError::InvalidArgument("a stream writer has no file to read a done range from".into()));
         }
         let mut state = lock(&self.state);
@@ -471,7 +485,9 @@ impl Ordered {
     }
 
     fn consume_disk(&self, digests: &mut Digests, from: u64, to: u64) -> CoreResult<()> {
-        let file = self.file.as_ref().expect("disk ranges exist only with a file");
+        let file = lock(&self.file)
+            .clone()
+            .ok_or_else(|| CoreError::InvalidArgument("the writer is closed".into()))?;
         if digests.buf.is_empty() {
             digests.buf = vec![0u8; HASH_BLOCK];
         }
@@ -483,7 +499,7 @@ impl Ordered {
                     return Err(CoreError::Cancelled);
                 }
                 let want = ((to - pos) as usize).min(HASH_BLOCK);
-                let n = read_full_at(file, &mut buf[..want], pos)
+                let n = read_full_at(&file, &mut buf[..want], pos)
                     .context(|| format!("reading back {} at offset {pos}", self.path.display()))?;
                 // Past the end of the file means a skipped zero chunk not yet covered by
                 // set_len: those bytes are zeros.
@@ -587,6 +603,7 @@ impl Ordered {
 
     fn close(&self) {
         self.stop.store(true, Ordering::Relaxed);
+        drop(lock(&self.file).take());
         let pending = {
             let mut state = lock(&self.state);
             state.closed = true;

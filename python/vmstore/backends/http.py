@@ -34,6 +34,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import dataclasses
 import email.utils
 import http.client
 import ipaddress
@@ -41,23 +42,25 @@ import logging
 import mimetypes
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self, TypeVar
-from urllib.parse import quote, unquote, urljoin, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urljoin, urlsplit, urlunsplit
 
 import requests
 import requests.adapters
 import requests.auth
 import urllib3.exceptions
 
-from vmstore import _native
+from vmstore import _logredact, _many, _native, images
 from vmstore._codec import EncodedPart, Encoder, encode_parts, store_key
 from vmstore._download import DownloadSettings, RemoteObject, download_object
+from vmstore._hostpolicy import HostPolicy, policy_adapter
 from vmstore._incomplete import cutoff, known_downloads, remove_download
 from vmstore._oserrors import storage_error_from_oserror
+from vmstore._ratelimit import Pacer, limiter_for, pacer_for
 from vmstore._retry import RetryableError, RetryPolicy
 from vmstore._sidecar import SIDECAR_SUFFIX, Sidecar, SidecarFormatError
 from vmstore._upload import (
@@ -67,6 +70,7 @@ from vmstore._upload import (
     PartFeed,
     SourcePlan,
     encoder_for,
+    pace_body,
     part_view,
     plan_source,
     progress_for,
@@ -93,7 +97,7 @@ from vmstore.models import (
     UploadResponse,
     normalize_custom_metadata,
 )
-from vmstore.urls import normalize_endpoint, parse_http_url
+from vmstore.urls import has_query, normalize_endpoint, parse_http_url, redact_url
 
 T = TypeVar("T")
 
@@ -121,13 +125,21 @@ class HttpStatusError(Exception):
     """The server answered with a status that is not success (raised before mapping)."""
 
     def __init__(
-        self, method: str, status: int, reason: str, *, retry_after: float | None = None
+        self,
+        method: str,
+        status: int,
+        reason: str,
+        *,
+        retry_after: float | None = None,
+        code: str = "",
     ) -> None:
         super().__init__(f"{method} answered {status} {reason}".strip())
         self.method = method
         self.status = status
         self.reason = reason
         self.retry_after = retry_after
+        self.code = code
+        """The S3 error code of an XML error body (a presigned URL's server), else ""."""
 
 
 class _ResourceChangedError(OperationFailedError):
@@ -139,12 +151,7 @@ class _ResourceChangedError(OperationFailedError):
 
 def _display(url: str) -> str:
     """``url`` without user info, query or fragment: those may carry credentials."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    return redact_url(url)
 
 
 def _with_path_suffix(url: str, suffix: str) -> str:
@@ -337,7 +344,27 @@ def storage_error(exc: BaseException, action: str, url: str, *, token: str = "")
     if token and token in error.message:
         # Belt and braces: no message ever carries the token, whatever a server echoed.
         error = type(error)(error.message.replace(token, "***"), cause=exc)
+    secrets = _query_secrets(url)
+    if any(secret in error.message for secret in secrets):
+        # Nor a presigned URL's signature, whatever an exception's text held of the URL.
+        message = error.message
+        for secret in secrets:
+            message = message.replace(secret, "REDACTED")
+        error = type(error)(message, cause=exc)
     return error
+
+
+def _query_secrets(url: str) -> list[str]:
+    """The query of ``url`` and its longer values (signatures, credentials, tokens), as
+    they could appear in a message: raw and percent-decoded, longest first."""
+    query = urlsplit(url).query
+    if not query:
+        return []
+    found = {query, unquote(query)}
+    for _name, value in parse_qsl(query, keep_blank_values=True):
+        if len(value) >= 8:
+            found.update({value, quote(value, safe="")})
+    return sorted(found, key=len, reverse=True)
 
 
 def _map_error(exc: BaseException, action: str, where: str) -> StorageError:
@@ -348,6 +375,14 @@ def _map_error(exc: BaseException, action: str, where: str) -> StorageError:
         what = f"could not {action} {where}"
         if status in (404, 410):
             return NotFoundError(f"{what}: no such file on the server ({status})", cause=exc)
+        if exc.code in _S3_DENIED_CODES:
+            # rclone answers an expired or mis-signed presigned URL with 400 AccessDenied.
+            return PermissionDeniedError(
+                f"{what}: the server refused access ({status} {exc.code}); a presigned URL "
+                "may have expired or been altered (ask for a new one), otherwise check "
+                "StorageConfig.token (VMSTORE_TOKEN) and the server's permissions",
+                cause=exc,
+            )
         if status in (401, 403):
             return PermissionDeniedError(
                 f"{what}: the server refused access ({status} {exc.reason}); check "
@@ -454,6 +489,9 @@ class _Head:
     checksum: str | None
     metadata: dict[str, str]
     accept_ranges: str
+    ranged: bool | None = None
+    """From a ranged GET standing in for HEAD: whether the answer was the range asked for
+    (None: learnt from HEAD, not probed)."""
 
     @classmethod
     def parse(cls, headers: Mapping[str, str], *, ranged: bool = False) -> _Head:
@@ -521,8 +559,10 @@ class _Transport:
         # Byte ranges must be ranges of the file itself, not of a compressed rendition.
         session.headers.update({"Accept-Encoding": "identity", "User-Agent": _user_agent()})
         # Retries are vmstore's (RetryPolicy), so max_retries means one thing everywhere.
-        adapter = requests.adapters.HTTPAdapter(
-            pool_connections=4, pool_maxsize=config.concurrency + 4, max_retries=0
+        # Every connection resolves through the host policy and goes to the checked address.
+        self.policy = HostPolicy.from_config(config)
+        adapter = policy_adapter(
+            self.policy, pool_connections=4, pool_maxsize=config.concurrency + 4, max_retries=0
         )
         session.mount("http://", adapter)
         session.mount("https://", adapter)
@@ -553,6 +593,7 @@ class _Transport:
             ):
                 self._warned_plain_http = True
                 log.warning("sending the bearer token over plain http to %s", _display(hop))
+            self.policy.check_url(hop)  # each hop: a redirect may point anywhere
             response = self._session.request(
                 method,
                 hop,
@@ -582,11 +623,20 @@ def _user_agent() -> str:
     return f"vmstore/{__version__} python-requests/{requests.__version__}"
 
 
+def _is_range_answer(response: requests.Response, start: int, last: int) -> bool:
+    """Whether a success carries exactly bytes ``start``-``last``: a 206, or a 200 with that
+    Content-Range (rclone's answer)."""
+    content_range = response.headers.get("Content-Range", "")
+    return response.status_code in (200, 206) and content_range.startswith(
+        f"bytes {start}-{last}/"
+    )
+
+
 def _close_probe(response: requests.Response) -> None:
     """Finish a one-byte ``Range: bytes=0-0`` probe. A 206 carries that byte: reading it
     returns the connection to the pool for the ranged GETs that follow. Any other answer is
     closed unread, dropping the connection: a server ignoring Range sends the whole file."""
-    if response.status_code == 206:
+    if _is_range_answer(response, 0, 0):
         # .content, not raw.read: requests pools the connection only once it saw the body.
         with contextlib.suppress(requests.RequestException, OSError):
             _ = response.content
@@ -598,16 +648,41 @@ def _check(response: requests.Response, method: str) -> requests.Response:
     if 200 <= response.status_code < 300:
         return response
     retry_after = _retry_after(response.headers.get("Retry-After"))
+    code = _s3_error_code(response) if response.status_code in (400, 403) else ""
     response.close()
     raise HttpStatusError(
-        method, response.status_code, response.reason or "", retry_after=retry_after
+        method, response.status_code, response.reason or "", retry_after=retry_after, code=code
     )
 
 
-def _read_exactly(response: requests.Response, length: int) -> bytes:
+_S3_DENIED_CODES = frozenset(
+    {"AccessDenied", "ExpiredToken", "SignatureDoesNotMatch", "InvalidAccessKeyId",
+     "AuthorizationQueryParametersError", "InvalidToken", "TokenRefreshRequired"}
+)  # fmt: skip
+_S3_ERROR_CODE = re.compile(rb"<Code>\s*([A-Za-z]+)\s*</Code>")
+
+
+def _s3_error_code(response: requests.Response) -> str:
+    """The ``<Code>`` of an S3 XML error body (at most its first 4 KiB are read)."""
+    if "xml" not in response.headers.get("Content-Type", "").lower():
+        return ""
+    try:
+        # The first block of the body, whether it was streamed or already read.
+        head: bytes = next(response.iter_content(4096), b"")
+    except (OSError, requests.RequestException, urllib3.exceptions.HTTPError):
+        return ""
+    match = _S3_ERROR_CODE.search(head)
+    return match.group(1).decode() if match else ""
+
+
+def _read_exactly(response: requests.Response, length: int, pacer: Pacer | None = None) -> bytes:
     # raw.read(n) loops in C until n bytes or the end: one call per chunk, not per 10 KiB
-    # as iter_content would do.
-    data: bytes = response.raw.read(length, decode_content=False)
+    # as iter_content would do (with a bandwidth limit: one call per paced block).
+    data: bytes
+    if pacer is not None:
+        data = pacer.read(lambda n: response.raw.read(n, decode_content=False), length)
+    else:
+        data = response.raw.read(length, decode_content=False)
     if len(data) != length:
         raise RetryableError(f"the response body ended after {len(data)} of {length} bytes")
     return data
@@ -616,11 +691,19 @@ def _read_exactly(response: requests.Response, length: int) -> bytes:
 class _ObjectReader:
     """The ObjectReader of the shared pipeline: GETs pinned to one version of the resource."""
 
-    def __init__(self, transport: _Transport, url: str, size: int, validator: _Validator):
+    def __init__(
+        self,
+        transport: _Transport,
+        url: str,
+        size: int,
+        validator: _Validator,
+        pacer: Pacer | None = None,
+    ):
         self._transport = transport
         self._url = url
         self._size = size
         self._validator = validator
+        self._pacer = pacer
 
     def _get(self, headers: dict[str, str]) -> requests.Response:
         response = self._transport.send(
@@ -645,7 +728,8 @@ class _ObjectReader:
     def read_range(self, start: int, end: int) -> bytes:
         response = self._get({"Range": f"bytes={start}-{end - 1}"})
         with contextlib.closing(response):
-            if response.status_code == 206:
+            # A 200 with a Content-Range is a range too (rclone answers so).
+            if response.status_code == 206 or response.headers.get("Content-Range"):
                 expected = f"bytes {start}-{end - 1}/"
                 content_range = response.headers.get("Content-Range", "")
                 total = content_range.rpartition("/")[2]
@@ -658,13 +742,16 @@ class _ObjectReader:
             elif not (start == 0 and end == self._size):
                 # The whole object for a part of it: fine only when the part is the whole.
                 raise RetryableError(f"the server ignored Range bytes={start}-{end - 1}")
-            return _read_exactly(response, end - start)
+            return _read_exactly(response, end - start, self._pacer)
 
     def read_stream(self) -> Iterable[bytes]:
         response = self._get({})
+        block_size = STREAM_BLOCK if self._pacer is None else self._pacer.block
         with contextlib.closing(response):
             while True:
-                block: bytes = response.raw.read(STREAM_BLOCK, decode_content=False)
+                if self._pacer is not None:
+                    self._pacer.take(block_size)
+                block: bytes = response.raw.read(block_size, decode_content=False)
                 if not block:
                     return
                 yield block
@@ -689,12 +776,15 @@ class _PipelineBody:
         size: int | None,
         report: Callable[[int], None],
         cancelled: Callable[[], bool],
+        pacer: Pacer | None = None,
         encode: Callable[[Iterator[_native.SourcePart]], Iterator[EncodedPart]] | None = None,
     ) -> None:
         self._open_plan = open_plan
         self._size = size
         self._report = report
         self._cancelled = cancelled
+        self._pacer = pacer
+        self._block = BODY_BLOCK if pacer is None else pacer.block
         self._encode = encode
         """The frame stage of an encoded upload (a fresh encoder per attempt)."""
         self.plan: SourcePlan | None = None
@@ -715,8 +805,8 @@ class _PipelineBody:
         parts = self._encode(iter(feed)) if self._encode is not None else iter(feed)
         for part in parts:
             view = part_view(part)
-            for start in range(0, len(view), BODY_BLOCK):
-                block = view[start : start + BODY_BLOCK]
+            for start in range(0, len(view), self._block):
+                block = view[start : start + self._block]
                 done = part.offset + part.length * (start + len(block)) // len(view)
                 yield block, done
 
@@ -738,6 +828,8 @@ class _PipelineBody:
                     self._report(done)
                 except Exception as exc:  # noqa: BLE001 - the caller's own exception, carried out
                     raise CallbackAbort(exc) from None
+                # Within the store's bandwidth limit, as the block goes to the socket.
+                pace_body(self._pacer, len(held))
                 yield held
                 held, done = following, following_done
 
@@ -745,19 +837,23 @@ class _PipelineBody:
 # --- the backend --------------------------------------------------------------------------
 
 
-class HttpStorage:
+class HttpStorage(_many.BatchTransfers):
     """Storage on an HTTP(S) file server: nginx or Apache with WebDAV PUT/DELETE, an object
     store gateway, or (for downloads) any server, ``python -m http.server`` included."""
 
     def __init__(self, config: StorageConfig) -> None:
         self._config = config
+        _logredact.install()  # no presigned URL's signature in urllib3/botocore logs
         self._chunk_size = config.chunk_size or DEFAULT_CHUNK_SIZE
         self._retry = RetryPolicy(max_retries=config.max_retries)
         # A scheme-less endpoint takes the scheme the type names; use_ssl=False forces http.
         self._use_ssl = config.type == "https" and config.use_ssl
-        normalize_endpoint(config.endpoint, use_ssl=self._use_ssl)  # InvalidConfigError early
+        endpoint = normalize_endpoint(config.endpoint, use_ssl=self._use_ssl)  # early errors
+        if endpoint:
+            HostPolicy.from_config(config).check_host(urlsplit(endpoint).hostname or "")
         self._transport = _Transport(config)
         self._closed = False
+        self._limiter = limiter_for(config)
 
     # -- context --------------------------------------------------------------------------
 
@@ -786,7 +882,21 @@ class HttpStorage:
         resolved = parse_http_url(url, endpoint=self._config.endpoint, use_ssl=self._use_ssl)
         if unquote(urlsplit(resolved).path).endswith(SIDECAR_SUFFIX):
             raise InvalidConfigError(
-                f"{url!r} names a vmstore metadata sidecar ({SIDECAR_SUFFIX}); choose another name"
+                f"{_display(url)!r} names a vmstore metadata sidecar ({SIDECAR_SUFFIX}); "
+                "choose another name"
+            )
+        return resolved
+
+    def _writable_url(self, url: str, action: str) -> str:
+        """A URL to PUT or DELETE: one with a query string (a presigned GET URL) is refused,
+        since a sidecar or parent collection derived from it would carry a signature made
+        for another path."""
+        resolved = self._url(url)
+        if has_query(resolved):
+            raise InvalidConfigError(
+                f"cannot {action} {_display(resolved)} through a URL with a query string (such "
+                "as a presigned URL): it is fetched as it is and only itself, so it can only be "
+                "downloaded; use the plain URL with StorageConfig.token, or the S3 backend"
             )
         return resolved
 
@@ -811,6 +921,11 @@ class HttpStorage:
 
     def _head(self, url: str, action: str = "read metadata of") -> _Head:
         def head() -> _Head:
+            if has_query(url):
+                # A presigned URL is signed for GET: a HEAD with its signature is refused
+                # (403, counted as a failed request by the store), so a one-byte ranged GET
+                # answers instead, its Content-Range giving the size.
+                return self._head_by_get(url, strict=True) or _Head.parse({})
             response = self._transport.send("HEAD", url)
             response.close()
             if response.status_code in (403, 405, 501):
@@ -824,13 +939,18 @@ class HttpStorage:
 
         return self._call(action, url, head)
 
-    def _head_by_get(self, url: str) -> _Head | None:
+    def _head_by_get(self, url: str, *, strict: bool = False) -> _Head | None:
+        """HEAD's answers from ``GET`` with ``Range: bytes=0-0``; None if that fails too
+        (``strict``: raise its HttpStatusError instead)."""
         response = self._transport.send("GET", url, headers={"Range": "bytes=0-0"}, stream=True)
+        if strict:
+            _check(response, "GET")  # before the probe is closed: an error body tells why
         _close_probe(response)
-        if response.status_code == 206:
-            return _Head.parse(response.headers, ranged=True)
+        # Decided by Content-Range, not by the status: rclone answers a range with 200.
+        if _is_range_answer(response, 0, 0):
+            return dataclasses.replace(_Head.parse(response.headers, ranged=True), ranged=True)
         if response.status_code == 200:
-            return _Head.parse(response.headers)
+            return dataclasses.replace(_Head.parse(response.headers), ranged=False)
         return None
 
     # -- sidecar --------------------------------------------------------------------------
@@ -883,11 +1003,17 @@ class HttpStorage:
     def get_metadata(self, url: str) -> FileMetadata:
         url = self._url(url)
         head = self._head(url)
-        sidecar = None if head.checksum else self._read_sidecar(url, head)
+        # A query URL is only itself: no sidecar URL is derived from it.
+        sidecar = None if head.checksum or has_query(url) else self._read_sidecar(url, head)
         custom = dict(head.metadata)
         if sidecar is not None:
             custom.update(sidecar.metadata)
         custom.pop(SHA256_KEY, None)
+        image_format, virtual_size = images.from_metadata(custom)
+        if sidecar is not None and sidecar.image is not None:
+            image_format, virtual_size = images.from_record(sidecar.image)
+        for key in images.IMAGE_KEYS:
+            custom.pop(key, None)
         last_modified = _http_date(head.validator.last_modified)
         if last_modified is None and sidecar is not None:
             with contextlib.suppress(ValueError):
@@ -904,6 +1030,8 @@ class HttpStorage:
             # The uploader's declared type beats the server's guess from the file name.
             content_type=sidecar.content_type if sidecar else head.content_type,
             custom_metadata=custom,
+            image_format=image_format,
+            virtual_size=virtual_size,
         )
 
     def _delete_one(self, url: str, action: str) -> None:
@@ -917,7 +1045,7 @@ class HttpStorage:
         self._call(action, url, delete)
 
     def delete(self, url: str) -> None:
-        url = self._url(url)
+        url = self._writable_url(url, "delete")
         self._delete_one(url, "delete")
         self._delete_one(_with_path_suffix(url, SIDECAR_SUFFIX), "delete the sidecar of")
 
@@ -951,15 +1079,18 @@ class HttpStorage:
         url = self._url(request.source_url)
         settings = DownloadSettings(
             chunk_size=self._chunk_size,
-            concurrency=self._config.concurrency,
+            concurrency=_many.concurrency_for(self._config.concurrency),
             retry=self._retry,
             classify=classify_retry,
             encryption_key=store_key(self._config.encryption_key),
         )
         for restart in range(MAX_RESTARTS + 1):
             try:
-                obj, reader = self._prepare_download(url)
-                return download_object(obj, reader, request, settings)
+                # A fresh pacer per attempt: a failed attempt stops its own.
+                pacer = pacer_for(self._limiter, request.cancel)
+                obj, reader = self._prepare_download(url, pacer)
+                attempt_settings = dataclasses.replace(settings, pacer=pacer)
+                return download_object(obj, reader, request, attempt_settings)
             except _ResourceChangedError as exc:
                 if restart == MAX_RESTARTS:
                     raise OperationFailedError(
@@ -976,11 +1107,13 @@ class HttpStorage:
                 raise self._error(exc, "download", url) from exc
         raise AssertionError("unreachable")
 
-    def _prepare_download(self, url: str) -> tuple[RemoteObject, _ObjectReader]:
+    def _prepare_download(
+        self, url: str, pacer: Pacer | None = None
+    ) -> tuple[RemoteObject, _ObjectReader]:
         head = self._head(url)
         checksum = head.checksum
         encoding = None
-        if checksum is None:
+        if checksum is None and not has_query(url):
             sidecar = self._read_sidecar(url, head)
             checksum = sidecar.sha256 if sidecar else None
             encoding = sidecar.encoding if sidecar else None
@@ -990,7 +1123,9 @@ class HttpStorage:
         several = size is not None and (
             size > self._chunk_size or (encoding is not None and len(encoding.frames) > 1)
         )
-        if size is None or (supports_ranges and several):
+        if head.ranged is not None and size is not None:
+            supports_ranges = head.ranged  # the ranged GET standing in for HEAD showed it
+        elif size is None or (supports_ranges and several):
             # Decided by the answer, not by Accept-Ranges: some servers claim ranges and send
             # 200, others send 206 without the header.
             supports_ranges, total = self._probe_ranges(url, head.validator)
@@ -1016,7 +1151,7 @@ class HttpStorage:
             supports_ranges=supports_ranges,
             encoding=encoding,
         )
-        return obj, _ObjectReader(self._transport, url, size, validator)
+        return obj, _ObjectReader(self._transport, url, size, validator, pacer)
 
     def _probe_ranges(self, url: str, validator: _Validator) -> tuple[bool, int | None]:
         """(whether the server honours Range, the total size its Content-Range gives)."""
@@ -1029,7 +1164,7 @@ class HttpStorage:
                 raise _ResourceChangedError(f"{_display(url)} changed during the download")
             _check(response, "GET")
             total = response.headers.get("Content-Range", "").rpartition("/")[2]
-            ranged = response.status_code == 206 and bool(response.headers.get("Content-Range"))
+            ranged = _is_range_answer(response, 0, 0)
             return ranged, int(total) if total.isdigit() else None
 
         return self._call("download", url, probe)
@@ -1041,7 +1176,7 @@ class HttpStorage:
         to resume). The SHA-256 is known only once the last byte is read, after the headers
         went out, so a server that keeps no checksum of its own gets a sidecar afterwards;
         a source that fits in one chunk is read first and its checksum sent as headers."""
-        url = self._url(request.destination_url)
+        url = self._writable_url(request.destination_url, "upload to")
         metadata = normalize_custom_metadata(request.metadata)
         cancel = request.cancel
 
@@ -1083,7 +1218,9 @@ class HttpStorage:
                 encoder = encoder_for(request, key)
                 assert encoder is not None
                 encoders.append(encoder)
-                return encode_parts(parts, encoder, concurrency=self._config.concurrency)
+                return encode_parts(
+                    parts, encoder, concurrency=_many.concurrency_for(self._config.concurrency)
+                )
 
         if encode is None and size is not None and size <= self._chunk_size:
             # Small enough to read before the PUT: its checksum goes in the headers, for a
@@ -1091,8 +1228,11 @@ class HttpStorage:
             data = plan.read_whole()
             digest = plan.source.sha256()
             reporter.finish(size)  # before the PUT, as every final report precedes the commit
-            headers = _upload_headers(size, digest, content_type, metadata)
-            body_factory = lambda: PartBody(data)  # noqa: E731 - a fresh body per attempt
+            headers = _upload_headers(
+                size, digest, content_type, {**metadata, **images.metadata_of(plan.image, size)}
+            )
+            pacer = pacer_for(self._limiter, cancel)
+            body_factory = lambda: PartBody(data, pacer)  # noqa: E731 - a fresh body per attempt
             body: _PipelineBody | None = None
         else:
             spent = [False]
@@ -1109,16 +1249,22 @@ class HttpStorage:
                 spent[0] = True
                 return plan
 
-            # Encoded, the stored size is known only at the end: the body goes out chunked.
+            # Encoded, the stored size is known only at the end: the body goes out chunked,
+            # and the image record is only in the sidecar (the stored bytes are frames).
             body = _PipelineBody(
                 reopen,
                 None if encode is not None else size,
                 lambda sent: reporter(sent, size or 0),
                 cancelled,
+                pacer_for(self._limiter, cancel),
                 encode,
             )
+            recorded = metadata if encode is not None else images.metadata_of(plan.image, size)
             headers = _upload_headers(
-                None if encode is not None else size, None, content_type, metadata
+                None if encode is not None else size,
+                None,
+                content_type,
+                {**metadata, **recorded},
             )
             body_factory = lambda: body  # noqa: E731
 
@@ -1153,7 +1299,8 @@ class HttpStorage:
             raise ChecksumMismatchError(
                 f"{_display(url)} holds {head.size} bytes after the upload, expected {stored}"
             )
-        if encoding is not None or not _stores_natively(head, digest, metadata):
+        recorded = {**metadata, **images.metadata_of(plan.image, size)}
+        if encoding is not None or not _stores_natively(head, digest, recorded):
             # An encoded object always has its sidecar: it holds the frame index.
             self._write_sidecar(
                 url,
@@ -1165,6 +1312,7 @@ class HttpStorage:
                     metadata=metadata,
                     uploaded_at=datetime.now(UTC).isoformat(),
                     encoding=encoding,
+                    image=images.record_of(plan.image, size) if plan.image else None,
                 ),
             )
         reporter.finish(size)
@@ -1199,6 +1347,16 @@ class HttpStorage:
             return response.status_code
 
         return self._call("upload to", url, head)
+
+    # -- many at once, and presigned URLs ---------------------------------------------------
+
+    def _batch_destination(self, url: str) -> Hashable:
+        """What ``upload_many`` compares to refuse two items writing one object."""
+        return self._writable_url(url, "upload to")
+
+    def presign(self, url: str, expires_in: int = 3600) -> str:
+        """Presigned URLs are an S3 feature: always InvalidConfigError here."""
+        _many.refuse_presign("HTTP")
 
 
 def _upload_headers(

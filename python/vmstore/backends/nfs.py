@@ -39,13 +39,13 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Protocol, Self
 
-from vmstore import _native
+from vmstore import _many, _native, images
 from vmstore._codec import (
     EncodedPart,
     Encoder,
@@ -75,6 +75,7 @@ from vmstore._localpath import (
     stream_label,
 )
 from vmstore._oserrors import storage_error_from_oserror
+from vmstore._ratelimit import Pacer, limiter_for, pacer_for
 from vmstore._retry import RetryableError, RetryPolicy
 from vmstore._sidecar import MAX_SIDECAR_BYTES, SIDECAR_SUFFIX, Sidecar, SidecarFormatError
 from vmstore._upload import PartFeed, SourcePlan, encoder_for, plan_source
@@ -375,11 +376,16 @@ class _FileRangeReader:
     """The download pipeline's reader over a file of the share (already opened, so a file
     replaced meanwhile is not mixed in)."""
 
-    def __init__(self, source: Any, target: _Target) -> None:
+    def __init__(self, source: Any, target: _Target, pacer: Pacer | None) -> None:
         self._fd: int = source.fileno()
         self._target = target
+        self._pacer = pacer
 
     def read_range(self, start: int, end: int) -> bytes:
+        if self._pacer is not None:
+            # Off the share within the bandwidth limit (the same blocks a plain copy takes).
+            for offset in range(start, end, self._pacer.block):
+                self._pacer.take(min(self._pacer.block, end - offset))
         try:
             data = os.pread(self._fd, end - start, start)
             while len(data) < end - start:
@@ -400,7 +406,7 @@ class _FileRangeReader:
         raise AssertionError("a file in the share is always read by range")
 
 
-class NfsStorage:
+class NfsStorage(_many.BatchTransfers):
     """Storage on an NFS share mounted at ``config.endpoint``."""
 
     def __init__(self, config: StorageConfig) -> None:
@@ -409,6 +415,7 @@ class NfsStorage:
         self._mount_real = os.path.realpath(self._mount_point)
         self._chunk_size = config.chunk_size or DEFAULT_CHUNK_SIZE
         self._closed = False
+        self._limiter = limiter_for(config)
         self._log_filesystem_type()
 
     # --- the Storage protocol -------------------------------------------------------------
@@ -428,25 +435,46 @@ class NfsStorage:
                 f"cannot upload to {target.url}: a directory of that name exists; "
                 "give a file path inside it"
             )
+        encoder = encoder_for(request, store_key(self._config.encryption_key))
+        # The image policy's hook, before anything is written to the share (an encoded
+        # upload's plan_source applies it: it reads the source itself).
+        stream = request.source_stream
+        image: images.ImageInfo | None = None
+        if encoder is not None:
+            pass
+        elif stream is not None:
+            stream, image = images.check_upload_stream(
+                stream, allow=request.allow_backing_file, size=request.size_hint
+            )
+        else:
+            assert source_path is not None
+            image = images.check_upload_file(source_path, allow=request.allow_backing_file)
         self._make_parent_directories(target)
         content_type = request.content_type or (
             (mimetypes.guess_type(source_path)[0] if source_path else None) or DEFAULT_CONTENT_TYPE
         )
         sidecar_written: list[tuple[Sidecar, os.stat_result]] = []
-        encoder = encoder_for(request, store_key(self._config.encryption_key))
 
-        def write_sidecar(sha256: str, temp_path: str, encoding: Encoding | None = None) -> None:
+        def write_sidecar(
+            sha256: str,
+            temp_path: str,
+            encoding: Encoding | None = None,
+            encoded_image: images.ImageInfo | None = None,
+        ) -> None:
             # Bound to the temp file's identity, which the rename into place keeps.
             temp_stat = self._stat(temp_path, "read the size of")
+            size = encoding.plain_size if encoding is not None else temp_stat.st_size
+            info = encoded_image or image
             sidecar = Sidecar(
                 sha256=sha256,
-                size=encoding.plain_size if encoding is not None else temp_stat.st_size,
+                size=size,
                 encoding=encoding,
                 etag=_etag(temp_stat),
                 mtime_ns=temp_stat.st_mtime_ns,
                 content_type=content_type,
                 metadata=metadata,
                 uploaded_at=datetime.now(UTC).isoformat(),
+                image=images.record_of(info, size) if info else None,
             )
             self._write_sidecar(target.path, sidecar)
             sidecar_written.append((sidecar, temp_stat))
@@ -465,9 +493,9 @@ class NfsStorage:
         try:
             if encoder is not None:
                 result = self._encoded_upload(request, target.path, encoder, write_sidecar)
-            elif request.source_stream is not None:
+            elif stream is not None:
                 result = self._copy_stream_in(
-                    request.source_stream,
+                    stream,
                     size_hint=request.size_hint,
                     final_path=target.path,
                     progress_callback=request.progress_callback,
@@ -486,6 +514,7 @@ class NfsStorage:
                     cancel=request.cancel,
                     expected_sha256=None,
                     before_commit=lambda copied, temp_path: write_sidecar(copied.sha256, temp_path),
+                    onto_share=True,
                 )
         except BaseException:
             if sidecar_written:
@@ -541,7 +570,13 @@ class NfsStorage:
             progress_callback=request.progress_callback,
             cancel=request.cancel,
             expected_sha256=expected_sha256,
-            before_commit=None,
+            # The image policy's hook: the verified copy's header, before it is renamed.
+            before_commit=None
+            if request.allow_backing_file
+            else lambda _copied, temp_path: images.check_download_file(
+                temp_path, target.url, destination_path, allow=False
+            ),
+            onto_share=False,
         )
         forget_download(partial_path)
         self._log_done("downloaded", target.url, result, started)
@@ -567,6 +602,8 @@ class NfsStorage:
             last_modified=datetime.fromtimestamp(st.st_mtime_ns / 1e9, tz=UTC),
             content_type=sidecar.content_type if sidecar else DEFAULT_CONTENT_TYPE,
             custom_metadata=dict(sidecar.metadata) if sidecar else {},
+            image_format=images.from_record(sidecar.image if sidecar else None)[0],
+            virtual_size=images.from_record(sidecar.image if sidecar else None)[1],
         )
 
     def delete(self, url: str) -> None:
@@ -691,8 +728,12 @@ class NfsStorage:
         cancel: _native.CancelToken | None,
         expected_sha256: str | None,
         before_commit: Callable[[_native.CopyResult, str], None] | None,
+        onto_share: bool,
     ) -> _native.CopyResult:
-        """Copy source into a temp file beside final_path, verify, then commit atomically."""
+        """Copy source into a temp file beside final_path, verify, then commit atomically.
+
+        ``onto_share``: the destination is on the share (an upload), so the bandwidth limit
+        counts the bytes stored there; else (a download) the bytes read from the source."""
         writer, resumable = self._open_writer(final_path, partial_path, resume)
         # Always hand the core a Python callback, even without a caller's: running Python
         # code every ~100 ms is what lets Ctrl-C (KeyboardInterrupt) stop a long copy.
@@ -705,6 +746,8 @@ class NfsStorage:
                 resume=resumable,
                 progress=reporter,
                 cancel=cancel,
+                limiter=self._limiter,
+                limit_writes=onto_share,
             )
             reporter.finish(result.size)
             if expected_sha256 is not None and result.sha256 != expected_sha256:
@@ -769,7 +812,7 @@ class NfsStorage:
         request: UploadRequest,
         final_path: str,
         encoder: Encoder,
-        write_sidecar: Callable[[str, str, Encoding | None], None],
+        write_sidecar: Callable[[str, str, Encoding | None, images.ImageInfo | None], None],
         *,
         may_resume: bool = True,
     ) -> _StreamCopy:
@@ -799,6 +842,7 @@ class NfsStorage:
         reporter = ProgressReporter(request.progress_callback, plan.size or 0)
         stored = sum(frame.stored_length for frame in stored_frames.values())
         resumed = 0
+        pacer = pacer_for(self._limiter, request.cancel)
 
         def checked(feed: Iterable[_native.SourcePart]) -> Iterator[_native.SourcePart]:
             nonlocal resumed
@@ -820,13 +864,21 @@ class NfsStorage:
                 for frame in encode_parts(
                     checked(feed),
                     encoder,
-                    concurrency=self._config.concurrency,
+                    concurrency=_many.concurrency_for(self._config.concurrency),
                     stored={n: (f.stored_length, f.crc64nvme) for n, f in stored_frames.items()},
                 ):
                     _check_cancel(request.cancel, f"upload of {plan.name}")
                     if frame.data is None:
                         continue  # stored by the interrupted attempt
-                    writer.write_at(stored, frame.data)
+                    if pacer is None:
+                        writer.write_at(stored, frame.data)
+                    else:
+                        # Onto the share within the bandwidth limit, a paced block at a time.
+                        data = memoryview(frame.data)
+                        for start in range(0, len(data), pacer.block):
+                            piece = data[start : start + pacer.block]
+                            pacer.take(len(piece))
+                            writer.write_at(stored + start, piece)
                     stored += frame.stored_length
                     if journal is not None:
                         journal.append(frame)
@@ -836,7 +888,7 @@ class NfsStorage:
             writer.set_len(stored)
             reporter.finish(size)
             sha256 = plan.source.sha256()
-            write_sidecar(sha256, writer.temp_path, encoder.encoding())
+            write_sidecar(sha256, writer.temp_path, encoder.encoding(), plan.image)
             writer.commit()
         except _ResumedFramesDiffer as exc:
             self._abort(writer, keep=False)
@@ -900,15 +952,18 @@ class NfsStorage:
                 checksum=sidecar.sha256,
                 encoding=encoding,
             )
+            pacer = pacer_for(self._limiter, request.cancel)
             settings = DownloadSettings(
                 chunk_size=self._chunk_size,
-                concurrency=self._config.concurrency,
+                concurrency=_many.concurrency_for(self._config.concurrency),
                 retry=RetryPolicy(max_retries=0),
                 classify=_never_retry,
                 encryption_key=store_key(self._config.encryption_key),
+                pacer=pacer,
             )
             started = time.monotonic()
-            response = download_object(obj, _FileRangeReader(source, target), request, settings)
+            reader = _FileRangeReader(source, target, pacer)
+            response = download_object(obj, reader, request, settings)
         copied = _StreamCopy(
             sha256=response.checksum,
             size=response.content_length,
@@ -945,6 +1000,7 @@ class NfsStorage:
             raise storage_error_from_oserror(exc, "create temporary file", temp_path) from exc
         hasher = _native.Sha256()
         reporter = ProgressReporter(progress_callback, size_hint or 0)
+        pacer = pacer_for(self._limiter, cancel)
         buffer = bytearray(self._chunk_size)
         view = memoryview(buffer)
         offset = 0
@@ -961,7 +1017,14 @@ class NfsStorage:
                         )
                     chunk = view[:length]
                     hasher.update(chunk)
-                    writer.write_at(offset, chunk)
+                    if pacer is None:
+                        writer.write_at(offset, chunk)
+                    else:
+                        # Onto the share within the bandwidth limit, a paced block at a time.
+                        for start in range(0, length, pacer.block):
+                            piece = chunk[start : start + pacer.block]
+                            pacer.take(len(piece))
+                            writer.write_at(offset + start, piece)
                     offset += length
                     # Without a hint the total is 0 until finish(): (done, 0), as for every
                     # stream of unknown size.
@@ -1001,6 +1064,14 @@ class NfsStorage:
         hasher = _native.Sha256()
         reporter = ProgressReporter(request.progress_callback, opened.st_size)
         done = 0
+        # The image policy's hook: the head is held back until its header was checked.
+        emit: Callable[[bytes], None] = lambda data: _write_to_stream(stream, data, label)  # noqa: E731
+        write = emit if request.allow_backing_file else images.StreamGate(
+            emit, target.url, opened.st_size
+        )
+        pacer = pacer_for(self._limiter, request.cancel)
+        # Off the share within the bandwidth limit: a paced block per read.
+        block = self._chunk_size if pacer is None else pacer.block
         with os.fdopen(fd, "rb", buffering=0) as source:
             # Judged against the file actually opened: a racing upload cannot slip another
             # file's checksum in between.
@@ -1008,16 +1079,20 @@ class NfsStorage:
             logger.info("downloading %s (%d bytes) to %s", target.url, opened.st_size, label)
             while True:
                 _check_cancel(request.cancel, f"download of {target.url}")
+                if pacer is not None:
+                    pacer.take(min(block, max(opened.st_size - done, 1)))
                 try:
-                    data = source.read(self._chunk_size)
+                    data = source.read(block)
                 except OSError as exc:
                     raise storage_error_from_oserror(exc, "read", target.path) from exc
                 if not data:
                     break
                 hasher.update(data)
-                _write_to_stream(stream, data, label)
+                write(data)
                 done += len(data)
                 reporter(done, max(done, opened.st_size))
+            if isinstance(write, images.StreamGate):
+                write.close()
         if done != opened.st_size:
             raise OperationFailedError(
                 f"{target.url} changed size while it was read ({opened.st_size} bytes when "
@@ -1414,3 +1489,13 @@ class NfsStorage:
             result.bytes_copied / elapsed / (1 << 20),
             result.sha256,
         )
+
+    # -- many at once, and presigned URLs ---------------------------------------------------
+
+    def _batch_destination(self, url: str) -> Hashable:
+        """What ``upload_many`` compares to refuse two items writing one object."""
+        return self._resolve(url).path
+
+    def presign(self, url: str, expires_in: int = 3600) -> str:
+        """Presigned URLs are an S3 feature: always InvalidConfigError here."""
+        _many.refuse_presign("NFS")

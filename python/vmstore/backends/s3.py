@@ -21,17 +21,18 @@ import mimetypes
 import os
 import threading
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self, cast
+from urllib.parse import urlsplit
 
 import boto3
 import botocore.config
 import botocore.exceptions
 
-from vmstore import _native
+from vmstore import _logredact, _many, _native, images
 from vmstore._codec import (
     ENCODING_METADATA_KEY,
     EncodedPart,
@@ -47,12 +48,15 @@ from vmstore._codec import (
 )
 from vmstore._download import DownloadSettings, RemoteObject, S3Checksum, download_object
 from vmstore._failure import keeps_partial
+from vmstore._hostpolicy import HostPolicy, install_on_boto3_client, refusal_in
 from vmstore._incomplete import cutoff, known_downloads, remove_download, state_dir
 from vmstore._oserrors import storage_error_from_oserror
 from vmstore._parts import S3_MIN_PART
+from vmstore._ratelimit import Pacer, StopSignal, limiter_for, pacer_for
 from vmstore._retry import RetryableError, RetryPolicy
 from vmstore._sidecar import MAX_SIDECAR_BYTES, SIDECAR_SUFFIX, Sidecar, SidecarFormatError
 from vmstore._upload import (
+    CallbackAbort,
     PartBody,
     PartFeed,
     SourcePlan,
@@ -93,6 +97,7 @@ from vmstore.urls import S3Location, normalize_endpoint, parse_s3_url, s3_url
 log = logging.getLogger("vmstore.s3")
 
 DEFAULT_CHUNK_SIZE = 10 << 20
+MAX_PRESIGN_SECONDS = 7 * 24 * 3600
 
 _NOT_FOUND = {"NoSuchKey", "NotFound", "404", "NoSuchUpload"}
 _DENIED = {
@@ -135,7 +140,7 @@ def _error_code(exc: botocore.exceptions.ClientError) -> tuple[str, int]:
 
 def classify_retry(exc: BaseException) -> RetryableError | None:
     """The transient S3 failures worth another attempt."""
-    if isinstance(exc, StorageError):
+    if isinstance(exc, StorageError) or refusal_in(exc) is not None:
         return None
     if isinstance(exc, botocore.exceptions.ClientError):
         code, status = _error_code(exc)
@@ -167,6 +172,9 @@ def storage_error(exc: BaseException, action: str, location: S3Location) -> Stor
     where = s3_url(location)
     if isinstance(exc, StorageError):
         return exc
+    refused = refusal_in(exc)  # the host policy's, wrapped by botocore in HTTPClientError
+    if refused is not None:
+        return refused
     if isinstance(exc, botocore.exceptions.ClientError):
         code, status = _error_code(exc)
         if code == "NoSuchBucket":
@@ -486,12 +494,16 @@ def _state_files_for(location: S3Location) -> list[str]:
 
 
 class _S3ObjectReader:
-    """Ranged GETs pinned to the ETag seen by HEAD."""
+    """Ranged GETs pinned to the ETag seen by HEAD; with a pacer, bodies are read off the
+    socket block by block within the store's bandwidth limit."""
 
-    def __init__(self, client: Any, location: S3Location, etag: str) -> None:
+    def __init__(
+        self, client: Any, location: S3Location, etag: str, pacer: Pacer | None = None
+    ) -> None:
         self._client = client
         self._location = location
         self._etag = etag
+        self._pacer = pacer
 
     def read_range(self, start: int, end: int) -> bytes:
         extra = {"IfMatch": self._etag} if self._etag else {}
@@ -507,6 +519,8 @@ class _S3ObjectReader:
             raise RetryableError(f"asked for bytes {start}-{end - 1}, got {content_range}")
         body = response["Body"]
         try:
+            if self._pacer is not None:
+                return self._pacer.read(body.read, end - start)
             data: bytes = body.read()
         finally:
             body.close()
@@ -516,21 +530,33 @@ class _S3ObjectReader:
         response = self._client.get_object(Bucket=self._location.bucket, Key=self._location.key)
         body = response["Body"]
         try:
-            yield from body.iter_chunks(1 << 20)
+            if self._pacer is None:
+                yield from body.iter_chunks(1 << 20)
+                return
+            while True:
+                self._pacer.take(self._pacer.block)
+                block: bytes = body.read(self._pacer.block)
+                if not block:
+                    return
+                yield block
         finally:
             body.close()
 
 
-class S3Storage:
+class S3Storage(_many.BatchTransfers):
     """Storage on S3 and S3-compatible servers (MinIO, Ceph RGW, rclone, moto, ...)."""
 
     def __init__(self, config: StorageConfig) -> None:
         self._config = config
+        _logredact.install()  # no presigned URL's signature in urllib3/botocore logs
         self._chunk_size = config.chunk_size or DEFAULT_CHUNK_SIZE
         self._retry = RetryPolicy(max_retries=config.max_retries)
         self._endpoint = (
             normalize_endpoint(config.endpoint, use_ssl=config.use_ssl) if config.endpoint else ""
         )
+        self._policy = HostPolicy.from_config(config)
+        if self._endpoint:
+            self._policy.check_host(urlsplit(self._endpoint).hostname or "")
         client_config = botocore.config.Config(
             signature_version="s3v4",
             # Custom endpoints rarely have wildcard DNS for virtual-hosted buckets.
@@ -575,7 +601,14 @@ class S3Storage:
             )
         except (botocore.exceptions.BotoCoreError, ValueError) as exc:
             raise InvalidConfigError(f"could not set up the S3 client: {exc}", cause=exc) from exc
+        # Every connection resolves through the host policy and goes to the checked address.
+        try:
+            install_on_boto3_client(self._client, self._policy)
+        except InvalidConfigError:
+            self._client.close()
+            raise
         self._closed = False
+        self._limiter = limiter_for(config)
         # CRC-64/NVME per part until the server refuses it once (then SHA-256).
         self._checksum_algorithm = CHECKSUM_CRC64NVME
 
@@ -699,8 +732,13 @@ class S3Storage:
         head = self._head(location)
         custom = _lower_metadata(head.get("Metadata", {}))
         checksum, sidecar = self._stored_record(location, head)
+        image_format, virtual_size = images.from_metadata(custom)
+        if sidecar is not None and sidecar.image is not None:
+            image_format, virtual_size = images.from_record(sidecar.image)
         custom.pop(SHA256_KEY, None)
         custom.pop(UPLOAD_TOKEN_KEY, None)
+        for key in images.IMAGE_KEYS:
+            custom.pop(key, None)
         encoded = custom.pop(ENCODING_METADATA_KEY, None)
         size = int(head.get("ContentLength", 0))
         if sidecar is not None and sidecar.encoding is not None:
@@ -719,6 +757,8 @@ class S3Storage:
             last_modified=last_modified.astimezone(UTC),
             content_type=head.get("ContentType") or DEFAULT_CONTENT_TYPE,
             custom_metadata=custom,
+            image_format=image_format,
+            virtual_size=virtual_size,
         )
 
     def _delete_key(self, location: S3Location, action: str) -> None:
@@ -907,16 +947,18 @@ class S3Storage:
             s3_checksum=_s3_checksum(head),
             encoding=encoding,
         )
+        pacer = pacer_for(self._limiter, request.cancel)
         settings = DownloadSettings(
             chunk_size=self._chunk_size,
-            concurrency=self._config.concurrency,
+            concurrency=_many.concurrency_for(self._config.concurrency),
             retry=self._retry,
             classify=classify_retry,
             encryption_key=store_key(self._config.encryption_key),
+            pacer=pacer,
         )
         try:
             return download_object(
-                obj, _S3ObjectReader(self._client, location, etag), request, settings
+                obj, _S3ObjectReader(self._client, location, etag, pacer), request, settings
             )
         except Exception as exc:
             # Only S3 and network failures are translated; anything else (a progress
@@ -963,6 +1005,44 @@ class S3Storage:
         at Complete, no second pass) unless it refused that once, then SHA-256."""
         return self._checksum_algorithm
 
+    # -- many at once, and presigned URLs ---------------------------------------------------
+
+    def _batch_destination(self, url: str) -> Hashable:
+        """What ``upload_many`` compares to refuse two items writing one object."""
+        return self._location(url)
+
+    def presign(self, url: str, expires_in: int = 3600) -> str:
+        """A URL that GETs the object without credentials until ``expires_in`` seconds
+        (1 to 604800, SigV4's limit of 7 days) have passed: for curl, a browser, or vmstore's
+        HTTP backend (``DownloadRequest(source_url=presigned)`` on a ``type="http"`` store).
+
+        The object is looked up first (one HEAD), so a missing one is NotFoundError now rather
+        than a URL that answers 404 later; it may still be deleted or replaced afterwards (a
+        download through the HTTP backend pins the ETag it first saw). The URL carries a
+        credential: vmstore never logs it, and shows it in messages without its query.
+        """
+        if isinstance(expires_in, bool) or not isinstance(expires_in, int):
+            raise InvalidConfigError(
+                f"expires_in must be a whole number of seconds, not {type(expires_in).__name__}"
+            )
+        if not 1 <= expires_in <= MAX_PRESIGN_SECONDS:
+            raise InvalidConfigError(
+                f"expires_in must be from 1 to {MAX_PRESIGN_SECONDS} seconds (7 days, the "
+                f"longest a SigV4 signature is valid), not {expires_in}"
+            )
+        location = self._location(url)
+        self._head(location)
+        try:
+            presigned: str = self._client.generate_presigned_url(
+                "get_object",
+                Params={"Bucket": location.bucket, "Key": location.key},
+                ExpiresIn=expires_in,
+            )
+        except Exception as exc:
+            raise storage_error(exc, "presign", location) from exc
+        log.info("presigned %s for %d s", s3_url(location), expires_in)
+        return presigned
+
 
 class _MultipartUpload:
     """One upload: read the source once; PUT it whole if it fits in a part, else create (or
@@ -988,7 +1068,9 @@ class _MultipartUpload:
         self.resumable = request.resume and not plan.is_stream
         self.state_file = _StateFile(plan.name, location) if not plan.is_stream else None
         self.lock = threading.Lock()
-        self.stop = threading.Event()
+        # The store's bandwidth limit; its waits end when the upload stops or is cancelled.
+        self.pacer = pacer_for(storage._limiter, request.cancel)
+        self.stop = StopSignal(self.pacer)
         self.reporter = progress_for(request, plan.size)
         self.key = store_key(storage._config.encryption_key)
         self.encoded = request.compression is not None or self.key is not None
@@ -1096,18 +1178,25 @@ class _MultipartUpload:
         # A single PUT is its own commit, so the final report precedes it (as the rename
         # does for NFS): a callback that raises here keeps the object from being stored.
         self.reporter.finish(size)
-        response = self.storage._call(
-            "upload to",
-            self.location,
-            self.client.put_object,
-            Bucket=self.location.bucket,
-            Key=self.location.key,
-            # Progress was reported in full above; the body only hands out the bytes.
-            Body=cast(Any, PartBody(data)),
-            ContentType=self.content_type,
-            Metadata={**self.metadata, SHA256_KEY: digest},
-            ChecksumSHA256=_b64(digest),
-        )
+        try:
+            response = self.storage._call(
+                "upload to",
+                self.location,
+                self.client.put_object,
+                Bucket=self.location.bucket,
+                Key=self.location.key,
+                # Progress was reported in full above; the body only hands out the bytes.
+                Body=cast(Any, PartBody(data, self.pacer)),
+                ContentType=self.content_type,
+                Metadata={
+                    **self.metadata,
+                    SHA256_KEY: digest,
+                    **images.metadata_of(self.plan.image, size),
+                },
+                ChecksumSHA256=_b64(digest),
+            )
+        except CallbackAbort as abort:  # cancelled while waiting for the bandwidth limit
+            raise abort.error from None
         etag = _strip_etag(str(response.get("ETag", "")))
         self._record_completed(etag, digest, size)
         # A stale companion (from an earlier multipart upload) is not believed, but need
@@ -1289,7 +1378,7 @@ class _MultipartUpload:
                 frames = encode_parts(
                     checked_frames(iter(feed)),
                     self.encoder,
-                    concurrency=self.storage._config.concurrency,
+                    concurrency=_many.concurrency_for(self.storage._config.concurrency),
                     stored={n: (f.stored_length, f.crc64nvme) for n, f in stored_frames.items()},
                 )
                 outgoing = _regrouped(
@@ -1303,7 +1392,7 @@ class _MultipartUpload:
             send_parts(
                 outgoing,
                 lambda part: self._send_part(state, part),
-                concurrency=self.storage._config.concurrency,
+                concurrency=_many.concurrency_for(self.storage._config.concurrency),
                 stop=self.stop,
                 on_landed=landed,
                 cancelled=self._cancelled,
@@ -1353,7 +1442,7 @@ class _MultipartUpload:
                 raise CancelledError("upload stopped")
             # The part's bytes stay in memory until it is stored: a retry re-sends them
             # from there, never from a consumed stream.
-            body = PartBody(data)
+            body = PartBody(data, self.pacer)
             response = self.client.upload_part(
                 Bucket=self.location.bucket,
                 Key=self.location.key,
@@ -1430,6 +1519,7 @@ class _MultipartUpload:
             uploaded_at=datetime.now(UTC).isoformat(),
             upload_token=state.token,
             encoding=encoding,
+            image=images.record_of(self.plan.image, size) if self.plan.image else None,
         )
         companion = self.storage._companion(self.location)
         try:

@@ -76,6 +76,9 @@ def _interrupted_failure(args: argparse.Namespace, terminated: bool) -> Failure:
         )
     elif command in ("upload", "download") and args.no_resume:
         note = "the partial file was removed (--no-resume)"
+    elif command == "download" and isinstance(args.url, list):
+        # Several files (DEST is a directory): each keeps its own partial.
+        note = "each unfinished file's partial was kept: run the same command again to resume"
     elif command == "download" and not os.path.exists(args.destination + PARTIAL_SUFFIX):
         note = "it stopped before any data was kept; run the same command again"
     elif command == "download":

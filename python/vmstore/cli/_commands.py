@@ -9,10 +9,11 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import BinaryIO, cast
+from urllib.parse import unquote, urlsplit
 
 from vmstore import _native
 from vmstore._codec import read_key_file
@@ -25,7 +26,7 @@ from vmstore.cli._parser import (
     STREAM,
 )
 from vmstore.cli._progress import Display, TransferSummary
-from vmstore.config import _ENV_VARIABLES, StorageConfig
+from vmstore.config import _ENV_VARIABLES, StorageConfig, parse_byte_size
 from vmstore.errors import (
     ChecksumMismatchError,
     ErrorType,
@@ -33,10 +34,17 @@ from vmstore.errors import (
     PermissionDeniedError,
     StorageError,
 )
-from vmstore.models import DownloadRequest, ProgressCallback, UploadRequest
+from vmstore.images import inspect_image
+from vmstore.models import (
+    DownloadRequest,
+    DownloadResponse,
+    ProgressCallback,
+    UploadRequest,
+    UploadResponse,
+)
 from vmstore.progress import PROGRESS_INTERVAL_SECONDS, ProgressReporter
 from vmstore.storage import Storage, new_storage
-from vmstore.urls import url_scheme
+from vmstore.urls import redact_url, url_scheme
 
 # The backend a URL names by its scheme when neither --type nor VMSTORE_TYPE says.
 TYPE_BY_SCHEME = {"s3": "s3", "nfs": "nfs", "http": "http", "https": "https"}
@@ -122,7 +130,7 @@ def open_storage(args: argparse.Namespace, url: str, origins: SettingOrigins) ->
                 f"cannot tell the backend from {url!r}: give a URL that starts with s3://, "
                 "nfs://, http:// or https://, or pass --type (or set VMSTORE_TYPE)"
             )
-        origins.origin["type"] = f"the scheme of {url!r}"
+        origins.origin["type"] = f"the scheme of {redact_url(url)!r}"
     key_file = getattr(args, "encryption_key_file", None)
     if key_file is not None:
         origins.origin["encryption_key"] = "--encryption-key-file"
@@ -141,8 +149,25 @@ def open_storage(args: argparse.Namespace, url: str, origins: SettingOrigins) ->
         insecure_skip_verify=True if args.insecure_skip_verify else None,
         ca_bundle=args.ca_bundle,
         encryption_key=read_key_file(key_file) if key_file is not None else None,
+        allowed_hosts=args.allowed_hosts,
+
+        max_bandwidth=limit_rate(getattr(args, "max_bandwidth", None)),
     )
     return new_storage(config)
+
+
+def limit_rate(text: str | None) -> int | None:
+    """``--limit-rate``'s bytes per second ("100M", "512k", "0"); None when not given."""
+    if text is None:
+        return None
+    try:
+        return parse_byte_size(text)
+    except ValueError as exc:
+        raise InvalidConfigError(
+            f"invalid --limit-rate {text!r}: {exc}; give bytes per second, e.g. 100M "
+            "(0 for no limit)",
+            cause=exc,
+        ) from exc
 
 
 # --- translating the library's errors -----------------------------------------------------
@@ -219,6 +244,10 @@ def _callback(display: Display) -> ProgressCallback | None:
 
 def run_upload(run: Invocation) -> int:
     args = run.args
+    sources: list[str] = args.source if isinstance(args.source, list) else [args.source]
+    if len(sources) > 1 or args.url.endswith("/"):
+        return run_upload_many(run, sources)
+    args.source = sources[0]
     from_stdin = args.source == STREAM
     if args.size is not None and not from_stdin:
         raise usage_failure("--size is for a stream (SOURCE -); a file's size is read from it")
@@ -244,6 +273,7 @@ def run_upload(run: Invocation) -> int:
                 content_type=args.content_type,
                 resume=not from_stdin and not args.no_resume,  # a stream cannot be re-read
                 compression=args.compress,
+                allow_backing_file=args.allow_backing_file,
             )
             response = store.upload(request)
             summary = TransferSummary(
@@ -267,6 +297,10 @@ def run_upload(run: Invocation) -> int:
 
 def run_download(run: Invocation) -> int:
     args = run.args
+    urls: list[str] = args.url if isinstance(args.url, list) else [args.url]
+    if len(urls) > 1 or args.destination.endswith("/"):
+        return run_download_many(run, urls)
+    args.url = urls[0]
     to_stdout = args.destination == STREAM
     if to_stdout:
         if _is_terminal(sys.stdout):
@@ -285,7 +319,7 @@ def run_download(run: Invocation) -> int:
                 EXIT_DESTINATION_EXISTS,
             )
         )
-    label = f"download {args.url}"
+    label = f"download {redact_url(args.url)}"  # a presigned URL's query is a credential
     with open_storage(args, args.url, run.origins) as store:
         display = run.console.start_progress(label)
         summary: TransferSummary | None = None
@@ -299,6 +333,7 @@ def run_download(run: Invocation) -> int:
                 progress_callback=_callback(display),
                 # What went to a stream's reader cannot be taken back and re-sent.
                 resume=not to_stdout and not args.no_resume,
+                allow_backing_file=args.allow_backing_file,
             )
             response = store.download(request)
             if to_stdout:
@@ -310,7 +345,7 @@ def run_download(run: Invocation) -> int:
             display.finish(summary)
     run.console.result(
         {
-            "url": args.url,
+            "url": redact_url(args.url),
             "destination": response.destination_path or STREAM,
             "size": response.content_length,
             "checksum": response.checksum,
@@ -319,6 +354,164 @@ def run_download(run: Invocation) -> int:
         }
     )
     return 0
+
+
+# --- several at once: one budget, one progress view, a line (or JSON item) per item -------
+
+
+def _many_usage(what: str, where: str) -> CommandFailed:
+    return usage_failure(
+        f"several {what}s go to a {where} ending in '/' (each keeps its file name); "
+        f"give one {what} to name the destination itself"
+    )
+
+
+def run_upload_many(run: Invocation, sources: list[str]) -> int:
+    args = run.args
+    if not args.url.endswith("/"):
+        raise _many_usage("SOURCE", "URL")
+    if STREAM in sources:
+        raise usage_failure("SOURCE - (stdin) can only be uploaded alone")
+    if args.size is not None:
+        raise usage_failure("--size is for a stream (SOURCE -); a file's size is read from it")
+    requests = [
+        UploadRequest(
+            source_path=source,
+            destination_url=args.url + os.path.basename(os.path.normpath(source)),
+            metadata=dict(args.metadata),
+            content_type=args.content_type,
+            resume=not args.no_resume,
+        )
+        for source in sources
+    ]
+    with open_storage(args, args.url, run.origins) as store:
+        display = run.console.start_progress(_count_label("upload", len(sources)))
+        done: list[UploadResponse | StorageError] | None = None
+        try:
+            done = store.upload_many(requests, progress_callback=_callback(display))
+        finally:
+            display.finish(_many_summary(done))
+    results = done
+    rows: list[dict[str, object]] = []
+    for request, result in zip(requests, results, strict=True):
+        row: dict[str, object] = {"source": request.source_path, "url": request.destination_url}
+        if isinstance(result, StorageError):
+            row["error"] = run.failure_of(result).as_json()["error"]
+        else:
+            row.update(
+                url=result.url,
+                size=result.size,
+                checksum=result.checksum,
+                bytes_transferred=result.bytes_transferred,
+                resumed_from=result.resumed_from,
+                etag=result.etag,
+            )
+        rows.append(row)
+    return _report_many(run, rows, [r for r in results if isinstance(r, StorageError)])
+
+
+def run_download_many(run: Invocation, urls: list[str]) -> int:
+    args = run.args
+    directory = args.destination
+    if not directory.endswith("/"):
+        raise _many_usage("URL", "DEST directory")
+    if args.no_clobber:
+        existing = [url for url in urls if os.path.lexists(directory + _file_name(url))]
+        if existing:
+            raise CommandFailed(
+                Failure(
+                    "DestinationExists",
+                    f"{directory + _file_name(existing[0])} already exists and --no-clobber "
+                    "was given; nothing was downloaded",
+                    EXIT_DESTINATION_EXISTS,
+                )
+            )
+    requests = [
+        DownloadRequest(
+            source_url=url,
+            destination_path=directory + _file_name(url),
+            verify_checksum=not args.no_verify,
+            expected_checksum=args.expected_checksum,
+            resume=not args.no_resume,
+        )
+        for url in urls
+    ]
+    with open_storage(args, urls[0], run.origins) as store:
+        display = run.console.start_progress(_count_label("download", len(urls)))
+        done: list[DownloadResponse | StorageError] | None = None
+        try:
+            done = store.download_many(requests, progress_callback=_callback(display))
+        finally:
+            display.finish(_many_summary(done))
+    results = done
+    rows: list[dict[str, object]] = []
+    for request, result in zip(requests, results, strict=True):
+        row: dict[str, object] = {
+            "url": redact_url(request.source_url),
+            "destination": request.destination_path,
+        }
+        if isinstance(result, StorageError):
+            row["error"] = run.failure_of(result).as_json()["error"]
+        else:
+            row.update(
+                size=result.content_length,
+                checksum=result.checksum,
+                bytes_transferred=result.bytes_transferred,
+                resumed_from=result.resumed_from,
+            )
+        rows.append(row)
+    return _report_many(run, rows, [r for r in results if isinstance(r, StorageError)])
+
+
+def _count_label(verb: str, count: int) -> str:
+    return f"{verb} {count} file{'s' if count != 1 else ''}"
+
+
+def _file_name(url: str) -> str:
+    """The name a downloaded object gets in DEST/: the last segment of its URL's path."""
+    name = unquote(urlsplit(url).path.rstrip("/").rpartition("/")[2])
+    if not name or name in (".", ".."):
+        raise usage_failure(f"{redact_url(url)} names no file to put in the DEST directory")
+    return name
+
+
+def _many_summary(results: Sequence[object] | None) -> TransferSummary | None:
+    if results is None:
+        return None
+    moved = total = resumed = 0
+    for result in results:
+        if isinstance(result, UploadResponse):
+            moved, total = moved + result.bytes_transferred, total + result.size
+            resumed += result.resumed_from
+        elif isinstance(result, DownloadResponse):
+            moved, total = moved + result.bytes_transferred, total + result.content_length
+            resumed += result.resumed_from
+    return TransferSummary(moved, total, resumed)
+
+
+def _report_many(
+    run: Invocation, rows: list[dict[str, object]], failures: list[StorageError]
+) -> int:
+    """One JSON object listing every item, or a line per item (failures on stderr); the exit
+    status is that of the first failure's type, 0 when none failed."""
+    if run.console.json_result:
+        run.console.result({"items": rows, "failed": len(failures)})
+    else:
+        for row in rows:
+            name = row.get("source") or row["url"]
+            if "error" in row:
+                error = row["error"]
+                assert isinstance(error, dict)
+                run.console.stderr.write(
+                    f"vmstore: error ({error['type']}): {name}: {error['message']}\n"
+                )
+            else:
+                target = row.get("destination") or row["url"]
+                run.console.text(f"{row['checksum']}  {name} -> {target}")
+        run.console.stderr.flush()
+    if not failures:
+        return 0
+    return run.failure_of(failures[0]).exit_status
 
 
 def run_stat(run: Invocation) -> int:
@@ -333,6 +526,21 @@ def run_rm(run: Invocation) -> int:
         store.delete(run.args.url)
     if run.console.json_result:
         run.console.result({"url": run.args.url})
+    return 0
+
+
+def run_presign(run: Invocation) -> int:
+    seconds = run.args.expires_in
+    if seconds != int(seconds):
+        raise usage_failure(f"--expires-in must be whole seconds, not {seconds:g}")
+    with open_storage(run.args, run.args.url, run.origins) as store:
+        presigned = store.presign(run.args.url, expires_in=int(seconds))
+    # The URL itself is the result (it carries its signature: whoever has it can read the
+    # object until it expires); nothing else prints it.
+    if run.console.json_result:
+        run.console.result({"url": presigned, "expires_in": int(seconds)})
+    else:
+        run.console.text(presigned)
     return 0
 
 
@@ -442,11 +650,27 @@ def _is_terminal(stream: object) -> bool:
         return False
 
 
+def run_inspect(run: Invocation) -> int:
+    info = inspect_image(run.args.file)
+    fields: dict[str, object] = {"file": run.args.file, **info.to_dict()}
+    fields["refers_to_other_files"] = info.refers_to_other_files
+    if not run.console.json_result:
+        # One line per field; lists as comma-separated names, "-" for none.
+        fields = {
+            name: (", ".join(value) or None) if isinstance(value, list) else value
+            for name, value in fields.items()
+        }
+    run.console.result(fields)
+    return 0
+
+
 HANDLERS: dict[str, Callable[[Invocation], int]] = {
     "upload": run_upload,
     "download": run_download,
     "stat": run_stat,
     "rm": run_rm,
     "gc": run_gc,
+    "presign": run_presign,
     "checksum": run_checksum,
+    "inspect": run_inspect,
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, NoReturn
 
+from vmstore._hostpolicy import split_allowed_hosts
 from vmstore.cli._progress import PROGRESS_MODES
 from vmstore.config import parse_byte_size
 from vmstore.errors import ErrorType
@@ -40,6 +41,9 @@ FLAG_BY_FIELD = {
     "max_retries": "--max-retries",
     "insecure_skip_verify": "--insecure-skip-verify",
     "ca_bundle": "--ca-bundle",
+    "allowed_hosts": "--allowed-hosts",
+
+    "max_bandwidth": "--limit-rate",
 }
 
 
@@ -58,9 +62,13 @@ examples:
   vmstore download nfs://vm-exports/disk.qcow2 imported.qcow2 --json
   qemu-img convert -O raw disk.qcow2 /dev/stdout | vmstore upload - nfs://vm-exports/disk.raw
   vmstore download nfs://vm-exports/disk.raw - | dd of=/dev/vdb bs=4M
+  vmstore upload a.qcow2 b.qcow2 s3://vms/vm-01/   # several: one budget, one progress view
+  vmstore download s3://vms/vm-01/a.qcow2 s3://vms/vm-01/b.qcow2 imported/
+  vmstore presign s3://vms/vm-01/a.qcow2 --expires-in 10m   # for curl, no keys needed
   vmstore stat nfs://vm-exports/disk.qcow2
   vmstore rm nfs://vm-exports/disk.qcow2
   vmstore checksum disk.qcow2
+  vmstore inspect disk.qcow2
 
   vmstore --endpoint https://s3.example.com upload disk.qcow2 s3://vms/disk.qcow2
       # keys from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
@@ -217,6 +225,26 @@ def _add_backend_options(parser: argparse.ArgumentParser, *, on_subcommand: bool
         metavar="PATH",
         help="CA certificates to trust [VMSTORE_CA_BUNDLE]",
     )
+    group.add_argument(
+        "--allowed-hosts",
+        type=split_allowed_hosts,
+        default=default(None),
+        metavar="HOSTS",
+        help="comma-separated names and CIDRs, the only hosts S3/HTTP may reach "
+        "[VMSTORE_ALLOWED_HOSTS; default: all but link-local, multicast, ...]",
+    )
+
+
+def _add_limit_rate(parser: argparse.ArgumentParser) -> None:
+    # Parsed by the command, not argparse: a bad rate is an invalid configuration (exit 7),
+    # as the same value in VMSTORE_MAX_BANDWIDTH is.
+    parser.add_argument(
+        "--limit-rate",
+        dest="max_bandwidth",
+        metavar="RATE",
+        help="at most RATE bytes per second on the wire, e.g. 100M (binary units; 0: no "
+        "limit) [VMSTORE_MAX_BANDWIDTH]",
+    )
 
 
 def _add_command(
@@ -260,8 +288,15 @@ def build_parser() -> argparse.ArgumentParser:
         "upload a local file, or stdin (-), to URL",
         "vmstore upload disk.qcow2 nfs://vm-exports/disk.qcow2 --metadata vm-name=vm01",
     )
-    upload.add_argument("source", metavar="SOURCE", help="local file to upload; - for stdin")
-    upload.add_argument("url", metavar="URL", help="where to store it")
+    upload.add_argument(
+        "source",
+        metavar="SOURCE",
+        nargs="+",
+        help="local file to upload; - for stdin; several files go to URL/ under their names",
+    )
+    upload.add_argument(
+        "url", metavar="URL", help="where to store it; ending in /: a prefix for each SOURCE"
+    )
     upload.add_argument(
         "--metadata",
         type=_metadata_item,
@@ -289,7 +324,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="zstd",
         help="store the image compressed (each part on its own; downloads decompress)",
     )
+    upload.add_argument(
+        "--allow-backing-file",
+        action="store_true",
+        help="upload even an image whose header names a backing file or external data file "
+        "(refused by default: an importer following it reads its own host's files)",
+    )
     _add_key_file_option(upload, "encrypt the image on this host before it is stored")
+    _add_limit_rate(upload)
 
     download = _add_command(
         commands,
@@ -297,8 +339,14 @@ def build_parser() -> argparse.ArgumentParser:
         "download URL to a local file, or to stdout (-)",
         "vmstore download nfs://vm-exports/disk.qcow2 imported.qcow2",
     )
-    download.add_argument("url", metavar="URL", help="object to download")
-    download.add_argument("destination", metavar="DEST", help="local file to write; - for stdout")
+    download.add_argument(
+        "url", metavar="URL", nargs="+", help="object to download (several: DEST must be DIR/)"
+    )
+    download.add_argument(
+        "destination",
+        metavar="DEST",
+        help="local file to write; - for stdout; ending in /: a directory for each URL's file",
+    )
     download.add_argument(
         "--expected-checksum",
         metavar="HEX",
@@ -320,6 +368,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help=f"refuse (exit {EXIT_DESTINATION_EXISTS}) when DEST already exists",
     )
+    download.add_argument(
+        "--allow-backing-file",
+        action="store_true",
+        help="save even an image whose header names a backing file or external data file "
+        "(by default it is verified, then not saved)",
+    )
+
+    _add_limit_rate(download)
 
     stat = _add_command(
         commands,
@@ -363,6 +419,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="list what would be removed, remove nothing"
     )
 
+    presign = _add_command(
+        commands,
+        "presign",
+        "print a URL that downloads an S3 object without credentials until it expires "
+        "(curl, a browser, or vmstore download with no S3 keys)",
+        "vmstore presign s3://vm-exports/disk.qcow2 --expires-in 1h",
+    )
+    presign.add_argument("url", metavar="URL", help="S3 object to share")
+    presign.add_argument(
+        "--expires-in",
+        metavar="AGE",
+        default="1h",
+        type=parse_age,
+        help="how long the URL works: 90s, 30m, 12h, 7d (1 s to 7 days; default 1h)",
+    )
+
     checksum = _add_command(
         commands,
         "checksum",
@@ -371,6 +443,15 @@ def build_parser() -> argparse.ArgumentParser:
         backend=False,
     )
     checksum.add_argument("file", metavar="FILE", help="local file to hash; - for stdin")
+
+    inspect = _add_command(
+        commands,
+        "inspect",
+        "show what a local image's header says: format, virtual size, backing file, data file",
+        "vmstore inspect disk.qcow2 --json",
+        backend=False,
+    )
+    inspect.add_argument("file", metavar="FILE", help="local image file")
     return parser
 
 
