@@ -15,9 +15,11 @@ import io
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -451,3 +453,73 @@ def test_encoded_transfers_resume_after_the_process_is_killed(
         down = store.download(DownloadRequest(up.url, str(dest)))
         assert 0 < down.resumed_from <= len(data)
         assert dest.read_bytes() == data
+
+
+# --- the image policy and the bandwidth limit hold for encoded transfers too -----------------
+
+
+def qemu_img(*args: str | Path) -> None:
+    result = subprocess.run(
+        ["qemu-img", *map(str, args)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img not installed")
+def test_encoded_transfers_apply_the_image_policy(backend: BackendHarness, workdir: Path) -> None:
+    images = workdir / "images"
+    images.mkdir()
+    qemu_img("create", "-q", "-f", "raw", images / "base.raw", "1M")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", images / "child.qcow2")
+    child = images / "child.qcow2"
+    with encoded_store(backend, encrypted=True) as store:
+        with pytest.raises(InvalidConfigError) as from_file:
+            upload(store, backend, child, "child.qcow2", "zstd")
+        with child.open("rb") as stream, pytest.raises(InvalidConfigError) as from_stream:
+            store.upload(
+                UploadRequest(
+                    source_stream=stream,
+                    destination_url=backend.url("s.qcow2"),
+                    compression="zstd",
+                )
+            )
+        for refused in (from_file.value, from_stream.value):
+            assert "base.raw" in refused.message and "allow_backing_file" in refused.message
+        assert backend.stored_names() == set()
+
+        up = store.upload(
+            UploadRequest(
+                str(child), backend.url("child.qcow2"), compression="zstd", allow_backing_file=True
+            )
+        )
+        meta = store.get_metadata(up.url)
+        assert (meta.image_format, meta.virtual_size) == ("qcow2", 1 * MiB)
+        assert meta.size == child.stat().st_size
+
+        destination = workdir / "dl" / "child.qcow2"
+        with pytest.raises(InvalidConfigError) as refused:
+            store.download(DownloadRequest(up.url, str(destination)))
+        assert "base.raw" in refused.value.message
+        assert not destination.exists() and files_under(workdir / "dl") == set()
+
+        store.download(DownloadRequest(up.url, str(destination), allow_backing_file=True))
+        assert destination.read_bytes() == child.read_bytes()
+
+
+def test_encoded_transfers_keep_the_bandwidth_limit(backend: BackendHarness, workdir: Path) -> None:
+    rate, size = 8 * MiB, 6 * MiB + 1
+    data = random_bytes(size, seed=93)  # incompressible: the frames are as large as the image
+    source = write_file(workdir / "disk.img", data)
+    least = (size - max(MiB, rate // 8)) / rate
+    with backend.open(encryption_key=KEY, max_bandwidth=rate) as store:
+        started = time.monotonic()
+        up = upload(store, backend, source, "disk.img", "zstd")
+        up_seconds = time.monotonic() - started
+        back = workdir / "back.img"
+        started = time.monotonic()
+        store.download(DownloadRequest(up.url, str(back)))
+        down_seconds = time.monotonic() - started
+
+    assert back.read_bytes() == data
+    assert up_seconds >= least, f"encoded upload took {up_seconds:.3f} s < {least:.3f} s"
+    assert down_seconds >= least, f"encoded download took {down_seconds:.3f} s < {least:.3f} s"
