@@ -1,9 +1,10 @@
 //! Which filesystem a path lives on (statfs), so the NFS backend can tell a real NFS
 //! mount from a local directory standing in for one.
 
-use std::ffi::CString;
 use std::io;
 use std::path::Path;
+
+use crate::sys;
 
 /// statfs(2) magic numbers (linux/magic.h and the filesystems' own headers): the name and
 /// whether the filesystem can be shared between hosts (network and cluster filesystems).
@@ -39,16 +40,7 @@ const FUSE_MAGIC: i64 = 0x6573_5546;
 /// every NFS version, "fuse.<subtype>" for a FUSE filesystem whose mount names one (e.g.
 /// "fuse.glusterfs"), "unknown(0x...)" for a magic number not in the table.
 pub fn filesystem_type(path: &Path) -> io::Result<(bool, String)> {
-    let c_path = CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
-    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: c_path is a valid NUL-terminated string and stat a writable statfs.
-    let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut stat) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    #[allow(clippy::unnecessary_cast)]
-    let magic = stat.f_type as i64;
+    let magic = sys::filesystem_magic(path)?;
     let (shared, name) = KNOWN
         .iter()
         .find(|(m, _, _)| *m == magic)

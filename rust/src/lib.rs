@@ -6,6 +6,8 @@
 //! upload's source (source), the store's bandwidth limit (ratelimit). Errors map onto
 //! the classes of `vmstore.errors` in one place (error).
 
+#![deny(unsafe_code)]
+
 mod aligned;
 mod buffer;
 mod cancel;
@@ -20,6 +22,9 @@ mod ratelimit;
 mod reader;
 mod source;
 mod writer;
+// The only modules allowed `unsafe`: system calls, and memory shared with Python.
+mod pybuffer;
+mod sys;
 
 use std::path::PathBuf;
 

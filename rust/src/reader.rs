@@ -3,37 +3,30 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-
 use crate::error::{CoreError, CoreResult, IoContext};
+use crate::sys::{self, Seek};
 
 /// (offset, length) of each data region of `file`, in order, via SEEK_DATA/SEEK_HOLE.
 /// A filesystem without hole reporting yields one extent covering the whole file.
 pub fn data_extents(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
-    let fd = file.as_raw_fd();
     let mut extents = Vec::new();
     let mut pos: u64 = 0;
     while pos < size {
-        // SAFETY: lseek on a valid fd; it does not touch memory.
-        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
-        if data < 0 {
-            let err = io::Error::last_os_error();
-            match err.raw_os_error() {
+        let data = match sys::seek(file, pos, Seek::Data) {
+            Ok(data) => data,
+            Err(err) => match err.raw_os_error() {
                 Some(libc::ENXIO) => break, // no data after pos: the rest is a hole
                 Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) if pos == 0 => return Ok(vec![(0, size)]),
                 _ => return Err(err),
-            }
-        }
-        let data = data as u64;
+            },
+        };
         if data >= size {
             break;
         }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
-        let hole = if hole < 0 { size } else { (hole as u64).min(size) };
+        let hole = sys::seek(file, data, Seek::Hole).map_or(size, |hole| hole.min(size));
         extents.push((data, hole - data));
         pos = hole;
     }
@@ -55,10 +48,8 @@ pub fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usiz
 }
 
 pub fn advise_sequential(file: &File) {
-    // SAFETY: advisory call on a valid fd; failure is harmless.
-    unsafe {
-        libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
-    }
+    // Advice only: a filesystem that ignores it reads the same bytes.
+    let _ = sys::advise_sequential(file);
 }
 
 pub struct SourceFile {

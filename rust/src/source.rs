@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crc_fast::{CrcAlgorithm, Digest as CrcDigest};
 use pyo3::exceptions::{PyTypeError, PyValueError};
-use pyo3::ffi;
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes};
 use sha2::{Digest, Sha256};
@@ -23,6 +23,7 @@ use sha2::{Digest, Sha256};
 use crate::aligned::{AlignedBuf, ALIGN};
 use crate::buffer::with_bytes;
 use crate::error::{CoreError, CoreResult, IoContext};
+pub use crate::pybuffer::PartBuffer;
 use crate::hash::{hex_digest, to_hex};
 use crate::reader::{read_full_at, SourceFile};
 
@@ -35,7 +36,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Part-sized allocations returned by dropped `PartBuffer`s.
 #[derive(Default)]
-struct BufferPool {
+pub struct BufferPool {
     spares: Mutex<Vec<Vec<u8>>>,
 }
 
@@ -58,64 +59,11 @@ impl BufferPool {
         AlignedBuf::new(vec, len)
     }
 
-    fn give_back(&self, buf: AlignedBuf) {
+    pub fn give_back(&self, buf: AlignedBuf) {
         let mut spares = lock(&self.spares);
         if spares.len() < POOL_SPARES {
             spares.push(buf.vec);
         }
-    }
-}
-
-/// A part's bytes in native memory, readable from Python through the buffer protocol
-/// (``memoryview(buffer)``) without a copy. Immutable once made.
-#[pyclass(module = "vmstore._native", frozen)]
-pub struct PartBuffer {
-    data: Option<AlignedBuf>,
-    pool: Arc<BufferPool>,
-}
-
-impl PartBuffer {
-    fn bytes(&self) -> &[u8] {
-        self.data.as_ref().map(AlignedBuf::bytes).unwrap_or(&[])
-    }
-}
-
-impl Drop for PartBuffer {
-    fn drop(&mut self) {
-        if let Some(buf) = self.data.take() {
-            self.pool.give_back(buf);
-        }
-    }
-}
-
-#[pymethods]
-impl PartBuffer {
-    fn __len__(&self) -> usize {
-        self.bytes().len()
-    }
-
-    /// # Safety
-    /// Called by CPython with a valid `view`; the exported memory is owned by `slf`, which
-    /// the view keeps alive (PyBuffer_FillInfo takes a reference), and is never mutated
-    /// (the class is frozen and the buffer read-only).
-    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: std::os::raw::c_int) -> PyResult<()> {
-        if flags & ffi::PyBUF_WRITABLE == ffi::PyBUF_WRITABLE {
-            return Err(pyo3::exceptions::PyBufferError::new_err("PartBuffer is read-only"));
-        }
-        let bytes = slf.get().bytes();
-        let (ptr, len) = (bytes.as_ptr() as *mut std::os::raw::c_void, bytes.len() as ffi::Py_ssize_t);
-        // SAFETY: see the method's safety note; readonly = 1.
-        let rc = unsafe { ffi::PyBuffer_FillInfo(view, slf.as_ptr(), ptr, len, 1, flags) };
-        if rc != 0 {
-            return Err(PyErr::fetch(slf.py()));
-        }
-        Ok(())
-    }
-
-    unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
-
-    fn __repr__(&self) -> String {
-        format!("PartBuffer({} bytes)", self.bytes().len())
     }
 }
 
@@ -411,7 +359,7 @@ impl UploadSource {
         })?;
         pass.parts += 1;
         let data = if keep {
-            Some(Py::new(py, PartBuffer { data: Some(buf), pool: Arc::clone(&self.pool) })?.into_any())
+            Some(Py::new(py, PartBuffer::new(buf, Arc::clone(&self.pool)))?.into_any())
         } else if pass.scratch.is_none() {
             pass.scratch = Some(buf);
             None
@@ -467,20 +415,14 @@ impl UploadSource {
                 let block = block.downcast::<PyBytes>().map_err(|_| {
                     PyTypeError::new_err(format!("{}.read() must return bytes", self.name))
                 })?;
-                let bytes = block.as_bytes();
-                if bytes.is_empty() {
+                let got = block.as_bytes().len();
+                if got == 0 {
                     pass.eof = true;
                     break;
                 }
-                let start = data.len();
-                data.resize(start + bytes.len())?;
-                // SAFETY: no Python code runs while this slice of our own new bytearray is
-                // alive, so nothing can resize or free it.
-                #[allow(unsafe_code)]
-                unsafe {
-                    data.as_bytes_mut()[start..].copy_from_slice(bytes);
-                }
-                filled += bytes.len();
+                // bytearray += bytes: one memcpy, done by CPython.
+                data.call_method1(intern!(py, "extend"), (block,))?;
+                filled += got;
             }
         }
         if filled == 0 {

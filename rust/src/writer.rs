@@ -16,9 +16,8 @@
 //! A writer without a file (`for_stream`) hands each piece, in order, to a sink instead.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
+use std::fs::{File, OpenOptions, TryLockError};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -27,16 +26,17 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crc_fast::{CrcAlgorithm, Digest as CrcDigest};
-use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyMemoryView};
+use pyo3::types::{PyBytes, PyDict};
 use sha2::{Digest, Sha256};
 
 use crate::aligned::{AlignedBuf, ALIGN};
 use crate::error::{CoreError, CoreResult, IoContext};
 use crate::hash::to_hex;
+use crate::pybuffer::{self, SharedBytes};
 use crate::reader::read_full_at;
+use crate::sys::{self, Writeback};
 
 /// Read size of the read-back of a resumed prefix.
 const HASH_BLOCK: usize = 4 << 20;
@@ -46,9 +46,9 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 pub fn is_all_zero(data: &[u8]) -> bool {
-    // SAFETY: every bit pattern is a valid u128; align_to only splits the slice.
-    let (prefix, words, suffix) = unsafe { data.align_to::<u128>() };
-    prefix.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && suffix.iter().all(|&b| b == 0)
+    // 16 bytes at a time: the compiler makes each a single vector compare.
+    let (words, tail) = data.as_chunks::<16>();
+    words.iter().all(|w| u128::from_ne_bytes(*w) == 0) && tail.iter().all(|&b| b == 0)
 }
 
 /// The filesystem's allocation unit on ext4/xfs: the finest hole a skipped block can leave.
@@ -87,14 +87,11 @@ fn open_locked(temp_path: &Path) -> CoreResult<File> {
             .truncate(false)
             .open(temp_path)
             .context(|| format!("creating {}", temp_path.display()))?;
-        // SAFETY: flock on a valid fd.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc != 0 {
-            let err = io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                return Err(CoreError::Locked(temp_path.display().to_string()));
-            }
-            return Err(CoreError::io(format!("locking {}", temp_path.display()), err));
+        // flock(LOCK_EX | LOCK_NB) on Linux, like the Python side's locks.
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => return Err(CoreError::Locked(temp_path.display().to_string())),
+            Err(TryLockError::Error(err)) => return Err(CoreError::io(format!("locking {}", temp_path.display()), err)),
         }
         let ours = file.metadata().context(|| format!("inspecting {}", temp_path.display()))?;
         match std::fs::metadata(temp_path) {
@@ -184,24 +181,46 @@ pub enum Held {
     Copied(Vec<u8>),
     /// An immutable Python `bytes`, or a memoryview of a buffer its caller gave up: the
     /// reference keeps the memory alive, so it can be read later without the GIL or a copy.
-    Shared { object: Py<PyAny>, address: usize, len: usize },
+    Shared(SharedBytes),
 }
 
 impl Held {
     fn bytes(&self) -> &[u8] {
         match self {
             Held::Copied(data) => data,
-            // SAFETY: `object` is a `bytes` (immutable, never resized) or a memoryview holding
-            // an export of a given-up buffer, kept alive by this reference; address/len were
-            // taken from it.
-            Held::Shared { address, len, .. } => unsafe { std::slice::from_raw_parts(*address as *const u8, *len) },
+            Held::Shared(shared) => shared.bytes(),
         }
     }
 
     fn object(&self) -> Option<&Py<PyAny>> {
         match self {
             Held::Copied(_) => None,
-            Held::Shared { object, .. } => Some(object),
+            Held::Shared(shared) => Some(shared.object()),
+        }
+    }
+}
+
+/// The bytes of one `write`, and what the hasher may keep of them if they arrive early.
+pub enum Chunk<'a> {
+    /// Borrowed for the call only (copied if they must be held); `object`, when given, is a
+    /// Python object holding exactly these bytes, passed on uncopied to a stream sink.
+    Borrowed { data: &'a [u8], object: Option<&'a Py<PyAny>> },
+    /// Bytes that may be held by reference instead of a copy.
+    Shared(&'a SharedBytes),
+}
+
+impl Chunk<'_> {
+    fn data(&self) -> &[u8] {
+        match self {
+            Chunk::Borrowed { data, .. } => data,
+            Chunk::Shared(shared) => shared.bytes(),
+        }
+    }
+
+    fn object(&self) -> Option<&Py<PyAny>> {
+        match self {
+            Chunk::Borrowed { object, .. } => *object,
+            Chunk::Shared(shared) => Some(shared.object()),
         }
     }
 }
@@ -401,10 +420,10 @@ impl Ordered {
     }
 
     /// A writer's bytes for [offset, offset + data.len()) are stored: hash them now if they
-    /// are next (and then whatever was held for after them), else hold them. `object` is the
-    /// Python object the bytes came from; with `share` it is an immutable `bytes` that can be
-    /// held instead of a copy.
-    fn accept(&self, offset: u64, data: &[u8], object: &mut Option<Py<PyAny>>, share: bool) -> CoreResult<()> {
+    /// are next (and then whatever was held for after them), else hold them: by reference
+    /// when they are `Chunk::Shared`, else as a copy.
+    fn accept(&self, offset: u64, chunk: &Chunk<'_>) -> CoreResult<()> {
+        let data = chunk.data();
         let end = offset + data.len() as u64;
         let mut held: Option<Held> = None;
         loop {
@@ -421,22 +440,20 @@ impl Ordered {
                 let mut digests = state.digests.take().expect("an idle pass keeps its digests");
                 drop(state);
                 drop(held); // a copy made while the frontier moved up to us
-                let whole = if skip == 0 { object.as_ref() } else { None };
+                let whole = if skip == 0 { chunk.object() } else { None };
                 let result = self.consume(&mut digests, &data[skip..], whole);
                 return self.drive(digests, result, Driver::Writer);
             }
-            match held.take() {
-                Some(ready) => {
+            match (held.take(), chunk) {
+                (Some(ready), _) => {
                     let unused = state.insert(offset, end, Segment::Memory(ready));
                     drop(state);
                     drop(unused);
                     return Ok(());
                 }
-                None if share && object.is_some() => {
-                    let object = object.take().expect("checked");
-                    held = Some(Held::Shared { object, address: data.as_ptr() as usize, len: data.len() });
-                }
-                None => {
+                // Another reference to the same memory: no copy, no GIL needed.
+                (None, Chunk::Shared(shared)) => held = Some(Held::Shared((*shared).clone())),
+                (None, Chunk::Borrowed { .. }) => {
                     // Copy outside the lock: other writers only need it for a moment.
                     drop(state);
                     held = Some(Held::Copied(data.to_vec()));
@@ -754,13 +771,13 @@ impl WriterCore {
     /// boundary: only the non-zero runs are written. A chunk ahead of the hash frontier is
     /// copied to be hashed later (see `write_from` for the uncopied way).
     pub fn write_at(&self, offset: u64, data: &[u8]) -> CoreResult<u64> {
-        self.write_from(offset, data, &mut None, false)
+        self.write_from(offset, &Chunk::Borrowed { data, object: None })
     }
 
-    /// `write_at` for bytes that came from the Python object `object` (passed on to a stream
-    /// sink as it is); with `share` the object is an immutable `bytes` that the hasher may
-    /// keep instead of a copy (it takes the reference out of `object` then).
-    pub fn write_from(&self, offset: u64, data: &[u8], object: &mut Option<Py<PyAny>>, share: bool) -> CoreResult<u64> {
+    /// `write_at` for bytes that came from a Python object (passed on to a stream sink as it
+    /// is); `Chunk::Shared` bytes are held by reference, not copied, if they arrive early.
+    pub fn write_from(&self, offset: u64, chunk: &Chunk<'_>) -> CoreResult<u64> {
+        let data = chunk.data();
         let stored = if self.stream {
             if self.closed.load(Ordering::Acquire) {
                 return Err(self.closed_error());
@@ -771,7 +788,7 @@ impl WriterCore {
         };
         self.bytes_written.fetch_add(data.len() as u64, Ordering::Relaxed);
         if let Some(order) = &self.order {
-            order.accept(offset, data, object, share)?;
+            order.accept(offset, chunk)?;
         }
         Ok(stored)
     }
@@ -826,25 +843,18 @@ impl WriterCore {
 
     /// Start writeback of a range now (so the final fsync has little left to do).
     pub fn start_writeback(&self, offset: u64, len: u64) {
-        self.sync_range(offset, len, libc::SYNC_FILE_RANGE_WRITE);
+        self.sync_range(offset, len, Writeback::Start);
     }
 
     /// Wait until a range is on disk; bounds the dirty pages a long copy accumulates.
     pub fn wait_writeback(&self, offset: u64, len: u64) {
-        self.sync_range(
-            offset,
-            len,
-            libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER,
-        );
+        self.sync_range(offset, len, Writeback::Wait);
     }
 
-    fn sync_range(&self, offset: u64, len: u64, flags: libc::c_uint) {
+    fn sync_range(&self, offset: u64, len: u64, how: Writeback) {
         if let Ok(file) = self.file() {
-            // SAFETY: advisory syscall on a valid fd; errors (e.g. on NFS) are harmless
-            // because commit() fsyncs the whole file anyway.
-            unsafe {
-                libc::sync_file_range(file.as_raw_fd(), offset as libc::off64_t, len as libc::off64_t, flags);
-            }
+            // Advisory: a failure (e.g. on NFS) is harmless, commit() fsyncs the whole file.
+            let _ = sys::sync_file_range(&file, offset, len, how);
         }
     }
 
@@ -1016,12 +1026,12 @@ impl ChunkWriter {
         &self.core
     }
 
-    fn write_and_start_writeback(&self, offset: u64, data: &[u8], object: &mut Option<Py<PyAny>>, share: bool) -> CoreResult<()> {
-        let stored = self.core.write_from(offset, data, object, share)?;
+    fn write_and_start_writeback(&self, offset: u64, chunk: &Chunk<'_>) -> CoreResult<()> {
+        let stored = self.core.write_from(offset, chunk)?;
         if stored > 0 && !self.core.stream {
             // Start writeback now, so the disk works while the network does and the
             // fsync in commit() has little left to flush.
-            self.core.start_writeback(offset, data.len() as u64);
+            self.core.start_writeback(offset, chunk.data().len() as u64);
         }
         Ok(())
     }
@@ -1117,35 +1127,18 @@ impl ChunkWriter {
     /// chunk of any buffer type is held by reference; otherwise only a `bytes` is.
     #[pyo3(signature = (offset, data, *, owned = false))]
     fn write_at(&self, py: Python<'_>, offset: u64, data: &Bound<'_, PyAny>, owned: bool) -> PyResult<()> {
-        if let Ok(bytes) = data.downcast::<PyBytes>() {
-            let slice = bytes.as_bytes();
-            let (address, len) = (slice.as_ptr() as usize, slice.len());
-            let mut object = Some(data.clone().unbind());
-            py.detach(|| {
-                // SAFETY: `object` (or the hold it moves into) keeps this immutable bytes
-                // object, and so these bytes, alive.
-                let slice = unsafe { std::slice::from_raw_parts(address as *const u8, len) };
-                self.write_and_start_writeback(offset, slice, &mut object, true)
-            })?;
-            return Ok(());
+        if owned || data.downcast::<PyBytes>().is_ok() {
+            // A bytes, or a given-up buffer pinned by a memoryview (dropped without the GIL
+            // if the hold outlives this call).
+            let shared = SharedBytes::of_given_up(data)?;
+            return Ok(py.detach(|| self.write_and_start_writeback(offset, &Chunk::Shared(&shared)))?);
         }
-        // A memoryview of a given-up buffer keeps it exported (alive, not resizable) for as
-        // long as the hold lasts, and is dropped without the GIL.
-        let object = if owned { PyMemoryView::from(data)?.into_any() } else { data.clone() };
-        let buffer = PyBuffer::<u8>::get(&object)?;
-        if !buffer.is_c_contiguous() {
-            return Err(PyValueError::new_err("expected a contiguous bytes-like object"));
-        }
-        let (address, len) = (buffer.buf_ptr() as usize, buffer.len_bytes());
-        let mut object = Some(object.unbind());
-        let result = py.detach(|| {
-            // SAFETY: `buffer` keeps the exporter's memory alive and its size fixed until it
-            // is released below; after that only a given-up buffer is held (by its memoryview),
-            // any other is copied if it has to be held.
-            let slice = unsafe { std::slice::from_raw_parts(address as *const u8, len) };
-            self.write_and_start_writeback(offset, slice, &mut object, owned)
-        });
-        drop(buffer);
+        // Any other buffer stays exported (alive, not resizable) for the call, and is copied
+        // if it has to be held.
+        let object = data.clone().unbind();
+        let result = pybuffer::borrow(py, data, 0, |slice| {
+            self.write_and_start_writeback(offset, &Chunk::Borrowed { data: slice, object: Some(&object) })
+        })?;
         Ok(result?)
     }
 
@@ -1454,9 +1447,7 @@ mod tests {
         // invalid argument) for every call that reports it.
         let dir = tempfile::tempdir().expect("tempdir");
         let (final_path, temp_path) = paths(dir.path());
-        let c_path = std::ffi::CString::new(temp_path.as_os_str().as_encoded_bytes()).expect("path");
-        // SAFETY: mkfifo with a valid NUL-terminated path.
-        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        crate::sys::mkfifo(&temp_path).expect("mkfifo");
         let writer = WriterCore::open(&final_path, &temp_path, true, true).expect("open");
         writer.mark_done(0, 4096).expect("mark");
         for _ in 0..2 {
