@@ -9,11 +9,12 @@
 
 from __future__ import annotations
 
+import os
 import posixpath
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from urllib.parse import SplitResult, quote, unquote, urlsplit, urlunsplit
 
 from vmstore.errors import InvalidConfigError, PermissionDeniedError
 
@@ -30,6 +31,16 @@ def url_scheme(url: str) -> str:
     """The lower-case scheme of ``url`` ("" for a plain path)."""
     match = _SCHEME_PREFIX.match(url)
     return match.group(1).lower() if match else ""
+
+
+def _split(url: str, what: str) -> SplitResult:
+    """urlsplit, with its ValueError (e.g. an unclosed "[" IPv6 host) as InvalidConfigError."""
+    try:
+        return urlsplit(url)
+    except ValueError as exc:
+        raise InvalidConfigError(
+            f"{what} {redact_url(url)!r} is not a valid URL: {exc}", cause=exc
+        ) from exc
 
 
 def _check_text(url: object, what: str) -> str:
@@ -61,6 +72,12 @@ def parse_nfs_url(url: str, mount_points: Sequence[str]) -> str:
             "point, or rel/path"
         )
     path = url[len(NFS_SCHEME) + 3 :] if scheme else url
+    try:
+        os.fsencode(path)  # a surrogate that stands for no byte of a file name
+    except UnicodeEncodeError as exc:
+        raise InvalidConfigError(
+            f"NFS URL {url!r} is not a file name this system can represent", cause=exc
+        ) from exc
     last_component = path.rsplit("/", 1)[-1]
     if last_component in ("", ".", ".."):
         raise InvalidConfigError(
@@ -107,7 +124,7 @@ def normalize_endpoint(endpoint: str, *, use_ssl: bool = True) -> str:
         return ""
     if not url_scheme(endpoint):
         endpoint = f"{'https' if use_ssl else 'http'}://{endpoint}"
-    parts = urlsplit(endpoint)
+    parts = _split(endpoint, "endpoint")
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise InvalidConfigError(
             f"endpoint {endpoint!r} is not an http(s) URL; use e.g. https://s3.example.com"
@@ -148,13 +165,15 @@ def parse_s3_url(
             raise InvalidConfigError(f"S3 URL {url!r} has no bucket; use s3://bucket/key")
         return S3Location(bucket, _check_key(key, url))
     if scheme in ("http", "https"):
-        parts = urlsplit(url)
+        parts = _split(url, "S3 URL")
         path = unquote(parts.path).lstrip("/")
-        endpoint_host = urlsplit(normalize_endpoint(endpoint, use_ssl=use_ssl)).hostname or ""
+        base = normalize_endpoint(endpoint, use_ssl=use_ssl)
+        endpoint_host = _split(base, "endpoint").hostname or ""
         host = parts.hostname or ""
-        if endpoint_host and host.endswith("." + endpoint_host):
+        virtual_bucket = host[: -len(endpoint_host) - 1]
+        if endpoint_host and host.endswith("." + endpoint_host) and virtual_bucket.strip("."):
             # Virtual-hosted style: the bucket is the first label of the host name.
-            return S3Location(host[: -len(endpoint_host) - 1], _check_key(path, url))
+            return S3Location(virtual_bucket, _check_key(path, url))
         bucket, _, key = path.partition("/")
         if not bucket:
             raise InvalidConfigError(
@@ -190,9 +209,15 @@ def parse_http_url(url: str, *, endpoint: str = "", use_ssl: bool = True) -> str
     place", and it cannot climb above it with ``..``.
     """
     _check_text(url, "HTTP")
+    try:
+        url.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate: no request can carry it
+        raise InvalidConfigError(
+            f"HTTP URL {redact_url(url)!r} is not valid Unicode text", cause=exc
+        ) from exc
     scheme = url_scheme(url)
     if scheme in ("http", "https"):
-        parts = urlsplit(url)
+        parts = _split(url, "HTTP URL")
         if not parts.netloc:
             raise InvalidConfigError(f"HTTP URL {redact_url(url)!r} has no host")
         if not parts.path.strip("/") or parts.path.endswith("/"):
@@ -236,6 +261,11 @@ def redact_url(url: str) -> str:
     lets a re-issued presigned URL of the same object resume (the ETag pins the version)."""
     if not isinstance(url, str):
         return repr(url)
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # not a URL urlsplit takes (an unclosed "[" host): cut by hand
+        head = url.split("#", 1)[0].split("?", 1)[0]
+        scheme, sep, rest = head.partition("://")
+        return f"{scheme}{sep}{rest.rpartition('@')[2]}" if sep else head
     netloc = parts.netloc.rpartition("@")[2]
     return urlunsplit((parts.scheme, netloc, parts.path, "", "")) if parts.scheme else parts.path

@@ -58,7 +58,7 @@ pub fn filesystem_type(path: &Path) -> io::Result<(bool, String)> {
 
 /// The fstype of the mount that holds `path` (the longest mount point that is a prefix of
 /// it) in the text of /proc/self/mountinfo.
-fn mount_fstype(mountinfo: &str, path: &Path) -> Option<String> {
+pub(crate) fn mount_fstype(mountinfo: &str, path: &Path) -> Option<String> {
     let mut best: Option<(usize, String)> = None;
     for line in mountinfo.lines() {
         // "36 35 98:0 /root /mnt/point rw,noatime master:1 - fuse.glusterfs host:/vol rw,..."
@@ -75,7 +75,7 @@ fn mount_fstype(mountinfo: &str, path: &Path) -> Option<String> {
 }
 
 /// mountinfo writes space, tab, newline and backslash in paths as \ooo octal escapes.
-fn unescape(field: &str) -> String {
+pub(crate) fn unescape(field: &str) -> String {
     let bytes = field.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -25,6 +25,9 @@ mod writer;
 // The only modules allowed `unsafe`: system calls, and memory shared with Python.
 mod pybuffer;
 mod sys;
+/// Contracts of the parsers, for the cargo-fuzz targets in fuzz/ (and `cargo test`).
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 
 use std::path::PathBuf;
 

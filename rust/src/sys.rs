@@ -165,4 +165,21 @@ mod tests {
         assert!(std::fs::metadata(&path).expect("stat").file_type().is_fifo());
         assert_eq!(mkfifo(&path).expect_err("exists").raw_os_error(), Some(libc::EEXIST));
     }
+
+    #[test]
+    fn unsafe_is_allowed_in_these_two_modules_only() {
+        // lib.rs denies unsafe_code; an `allow` elsewhere would quietly undo that.
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("rust/src");
+        let lib = std::fs::read_to_string(src.join("lib.rs")).expect("lib.rs");
+        assert!(lib.contains("#![deny(unsafe_code)]"));
+        for entry in std::fs::read_dir(&src).expect("src") {
+            let path = entry.expect("entry").path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+            if !name.ends_with(".rs") || name == "sys.rs" || name == "pybuffer.rs" {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).expect("read");
+            assert!(!text.contains("allow(unsafe_code)"), "{name} allows unsafe code");
+        }
+    }
 }

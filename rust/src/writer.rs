@@ -52,13 +52,13 @@ pub fn is_all_zero(data: &[u8]) -> bool {
 }
 
 /// The filesystem's allocation unit on ext4/xfs: the finest hole a skipped block can leave.
-const ZERO_BLOCK: u64 = 4096;
+pub(crate) const ZERO_BLOCK: u64 = 4096;
 
 /// (start, end) index ranges of `data` (which lands at file offset `offset`) that hold a
 /// non-zero byte, in whole `ZERO_BLOCK`s aligned to the file, adjacent blocks merged. For
 /// dense data each block's first word is non-zero, so the scan costs next to nothing and
 /// yields one run: one pwrite, as before.
-fn nonzero_runs(data: &[u8], offset: u64) -> Vec<(usize, usize)> {
+pub(crate) fn nonzero_runs(data: &[u8], offset: u64) -> Vec<(usize, usize)> {
     let mut runs: Vec<(usize, usize)> = Vec::new();
     let mut start = 0usize;
     while start < data.len() {

@@ -307,7 +307,9 @@ class _UploadState:
         }
 
     @classmethod
-    def from_header(cls, data: dict[str, Any]) -> _UploadState:
+    def from_header(cls, data: object) -> _UploadState:
+        if not isinstance(data, dict):
+            raise ValueError("the state header is not a JSON object")
         if data.get("version") != STATE_VERSION:
             raise ValueError(f"state version {data.get('version')!r}")
         return cls(
@@ -370,6 +372,13 @@ class _CompletedUpload:
         )
 
 
+_UNREADABLE = (ValueError, KeyError, TypeError, IndexError, AttributeError, OverflowError,
+               RecursionError)
+"""What reading a state file's JSON into values can raise: a state file is input, and one that
+is not what vmstore wrote is ignored (json: ValueError, RecursionError for deep nesting; int():
+OverflowError for 1e999, ValueError for NaN; a non-object: AttributeError, TypeError)."""
+
+
 class _StateFile:
     """The resume state of one (source file, destination) upload, kept as a journal.
 
@@ -396,7 +405,7 @@ class _StateFile:
         lines = self._lines()
         try:
             state = _UploadState.from_header(json.loads(lines[0]))
-        except (ValueError, KeyError, TypeError, IndexError):
+        except _UNREADABLE:
             return None
         for line in lines[1:]:
             try:
@@ -404,7 +413,7 @@ class _StateFile:
                 if frames:
                     state.frames[int(number)] = tuple(map(FrameRecord.from_list, frames[0]))
                 state.parts[int(number)] = (str(etag), int(crc))
-            except (ValueError, TypeError):
+            except _UNREADABLE:
                 continue
         return state
 
@@ -413,7 +422,7 @@ class _StateFile:
         lines = self._lines()
         try:
             upload_id = json.loads(lines[0]).get("upload_id")
-        except (ValueError, AttributeError, IndexError):
+        except _UNREADABLE:
             return None
         return str(upload_id) if upload_id else None
 
@@ -421,7 +430,7 @@ class _StateFile:
         lines = self._lines()
         try:
             return _CompletedUpload.from_json(lines[0]) if len(lines) == 1 else None
-        except (ValueError, KeyError, TypeError, InvalidConfigError):
+        except (*_UNREADABLE, InvalidConfigError):
             return None
 
     def _write_atomically(self, text: str) -> None:
@@ -482,7 +491,7 @@ def _state_files_for(location: S3Location) -> list[str]:
         try:
             with open(path, encoding="utf-8") as handle:
                 first = json.loads(handle.readline())
-        except (OSError, ValueError, UnicodeDecodeError):
+        except (OSError, *_UNREADABLE):
             continue
         if (
             isinstance(first, dict)
