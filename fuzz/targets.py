@@ -141,20 +141,7 @@ def _non_ascii_digits(text: str) -> bool:
     return text.isdigit() and not (text.isascii() and text.isdecimal())
 
 
-KNOWN_BUGS: dict[str, str] = {
-    "http-unicode-digits": (
-        "backends/http.py: _retry_after and _Head.parse test a header with str.isdigit(), "
-        "which is true for '²' (a Latin-1 header byte), then int()/float() raise ValueError"
-    ),
-    "http-long-digits": (
-        "backends/http.py: _Head.parse turns Content-Length of more than 4300 digits into "
-        "int(), which raises ValueError (CPython's int max_str_digits)"
-    ),
-    "download-state-deep-json": (
-        "_download.py: _load_state catches OSError and ValueError only; a state file of deeply "
-        "nested JSON raises RecursionError"
-    ),
-}
+KNOWN_BUGS: dict[str, str] = {}
 
 
 def _known(bug: str, when: bool) -> bool:

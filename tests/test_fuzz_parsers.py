@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -155,45 +154,19 @@ def test_the_seed_inputs_pass() -> None:
             targets.TARGETS[name](seed)
 
 
-# --- found by fuzzing, in code another branch owns: one strict xfail per KNOWN_BUGS entry ---
-
-KNOWN_BUG_TESTS = {
-    "http-unicode-digits": [
-        "test_a_superscript_retry_after_is_no_delay",
-        "test_a_superscript_content_length_is_no_size",
-        "test_a_superscript_retry_after_on_a_ranged_get_is_a_status_error",
-    ],
-    "http-long-digits": ["test_a_content_length_of_5000_digits_is_no_size"],
-    "download-state-deep-json": ["test_a_deeply_nested_download_state_is_ignored"],
-}
+# --- found by fuzzing, fixed: each input that failed is a test ---
 
 
-def test_every_known_bug_has_a_strict_xfail() -> None:
-    assert set(KNOWN_BUG_TESTS) == set(targets.KNOWN_BUGS)
-    for names in KNOWN_BUG_TESTS.values():
-        for name in names:
-            marks = [m for m in getattr(globals()[name], "pytestmark", []) if m.name == "xfail"]
-            assert marks and marks[0].kwargs.get("strict") is True, name
-
-
-def _xfail(bug: str) -> Any:
-    return pytest.mark.xfail(strict=True, raises=(ValueError, RecursionError),
-                             reason=targets.KNOWN_BUGS[bug])
-
-
-@_xfail("http-unicode-digits")
 def test_a_superscript_retry_after_is_no_delay() -> None:
     # '²' is byte 0xB2 of a Latin-1 header: str.isdigit() says yes, float() says no.
     assert targets.http_name("_retry_after")("\xb2") is None
 
 
-@_xfail("http-unicode-digits")
 def test_a_superscript_content_length_is_no_size() -> None:
     head = targets.http_name("_Head").parse(targets._headers([("Content-Length", "\xb3")]))
     assert head.size is None
 
 
-@_xfail("http-unicode-digits")
 def test_a_superscript_retry_after_on_a_ranged_get_is_a_status_error() -> None:
     reader = targets.http_name("_ObjectReader")(
         targets._FakeTransport(
@@ -207,13 +180,11 @@ def test_a_superscript_retry_after_on_a_ranged_get_is_a_status_error() -> None:
         reader.read_range(0, 10)
 
 
-@_xfail("http-long-digits")
 def test_a_content_length_of_5000_digits_is_no_size() -> None:
     head = targets.http_name("_Head").parse(targets._headers([("Content-Length", "9" * 5000)]))
     assert head.size is None or head.size > 0
 
 
-@_xfail("download-state-deep-json")
 def test_a_deeply_nested_download_state_is_ignored(tmp_path: Path) -> None:
     from vmstore._download import _load_state
 

@@ -215,7 +215,7 @@ def _load_state(path: str) -> dict[str, object] | None:
     try:
         with open(path, encoding="utf-8") as handle:
             state = json.load(handle)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # deeply nested JSON: not our state
         return None
     return state if isinstance(state, dict) else None
 

@@ -183,12 +183,26 @@ def _is_loopback(url: str) -> bool:
         return False
 
 
+MAX_HEADER_DIGITS = 20
+"""Digits of the largest number a header may carry here (2^64 has 20): a longer run is no
+size, and int() never sees it (CPython refuses more than 4300 digits with ValueError)."""
+
+
+def _header_int(value: str) -> int | None:
+    """A header's non-negative decimal number, or None. ASCII digits only: str.isdigit() is
+    also true for '²' (byte 0xB2 of a Latin-1 header), which int() refuses."""
+    value = value.strip()
+    if value.isascii() and value.isdigit() and len(value) <= MAX_HEADER_DIGITS:
+        return int(value)
+    return None
+
+
 def _retry_after(value: str | None) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if (seconds := _header_int(value)) is not None:
+        return float(seconds)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
@@ -509,7 +523,7 @@ class _Head:
                     metadata[key] = unquote(value)
         content_type = headers.get("Content-Type", "").strip() or DEFAULT_CONTENT_TYPE
         return cls(
-            size=int(length) if length.isdigit() else None,
+            size=_header_int(length),
             validator=_Validator(headers.get("ETag", ""), headers.get("Last-Modified", "")),
             content_type=content_type,
             checksum=advertised_sha256(headers),
@@ -1165,7 +1179,7 @@ class HttpStorage(_many.BatchTransfers):
             _check(response, "GET")
             total = response.headers.get("Content-Range", "").rpartition("/")[2]
             ranged = _is_range_answer(response, 0, 0)
-            return ranged, int(total) if total.isdigit() else None
+            return ranged, _header_int(total)
 
         return self._call("download", url, probe)
 
