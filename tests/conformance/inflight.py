@@ -1,8 +1,11 @@
 """An HTTP/1.1 proxy that counts the requests in flight between vmstore and a real server.
 
-A request is in flight from the first byte of its head until the last byte of its response
-has been passed back: what the server sees as concurrent work, whichever client-side pool
-sent it. The proxy reads each message's framing (Content-Length, chunked, or read to close)
+A request is in flight from the moment its whole head has arrived until just before the last
+bytes of its response are passed back (for a response with an empty body, such as S3's
+UploadPart, those are the head's own): what the server sees as concurrent work, whichever
+client-side pool sent it. Counting down only after the last bytes went out would count a
+request the client already saw finish beside the next one it sends, on a fresh connection
+handled by another proxy thread (moto closes every connection). The proxy reads each message's framing (Content-Length, chunked, or read to close)
 to know where one exchange ends and the next on the same keep-alive connection begins, and
 answers ``Expect: 100-continue`` itself (botocore's parts wait for it), so the server sees
 plain requests. Everything else is forwarded unchanged, so the server's behaviour is its own.
@@ -123,6 +126,13 @@ def _relay_body(
     return False
 
 
+def _empty_body(headers: dict[str, str]) -> bool:
+    """A response framed with an empty body: whoever has its head has all of it."""
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        return False
+    return headers.get("content-length", "").strip() == "0"
+
+
 @dataclass
 class CountingProxy:
     upstream_port: int
@@ -239,12 +249,15 @@ class CountingProxy:
                 if not 100 <= status < 200:
                     break
                 client.sendall(response)
-            if method == b"HEAD" or status in (204, 304):
+            response_headers = _headers(response)
+            if method == b"HEAD" or status in (204, 304) or _empty_body(response_headers):
+                # The head is the whole response (S3's UploadPart and PutObject answer
+                # 200 with Content-Length: 0): its last bytes are the head's own.
                 leave()
                 client.sendall(response)
                 return True
             client.sendall(response)
-            if not _relay_body(from_server, _headers(response), client, leave):
+            if not _relay_body(from_server, response_headers, client, leave):
                 from_server.relay_to_end(client)
                 leave()
                 return False
