@@ -2,19 +2,22 @@
 
 A request is in flight from the moment its whole head has arrived until just before the last
 bytes of its response are passed back (for a response with an empty body, such as S3's
-UploadPart, those are the head's own): what the server sees as concurrent work, whichever
-client-side pool sent it. Counting down only after the last bytes went out would count a
-request the client already saw finish beside the next one it sends, on a fresh connection
-handled by another proxy thread (moto closes every connection). The proxy reads each message's framing (Content-Length, chunked, or read to close)
-to know where one exchange ends and the next on the same keep-alive connection begins, and
-answers ``Expect: 100-continue`` itself (botocore's parts wait for it), so the server sees
-plain requests. Everything else is forwarded unchanged, so the server's behaviour is its own.
-Plain http only (it must read the bytes); everything on 127.0.0.1.
+UploadPart, those are the head's own), or until the client hangs up on it: what the server
+sees as concurrent work, whichever client-side pool sent it. Counting down only after the last
+bytes went out would count a request the client already saw finish beside the next one it
+sends, on a fresh connection handled by another proxy thread (moto closes every connection).
+
+The proxy reads each message's framing (Content-Length, chunked, or read to close) to know
+where one exchange ends and the next on the same keep-alive connection begins, and answers
+``Expect: 100-continue`` itself (botocore's parts wait for it), so the server sees plain
+requests. Everything else is forwarded unchanged, so the server's behaviour is its own. Plain
+http only (it must read the bytes); everything on 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import threading
 from collections.abc import Callable
@@ -29,6 +32,21 @@ class _Closed(Exception):
 
 def _nothing() -> None:
     pass
+
+
+def _send(to: socket.socket, data: bytes | bytearray) -> None:
+    """sendall, unless the peer hung up: a client that closes a response it stopped reading
+    (a server ignoring Range sends the whole file) is done with that exchange at that moment,
+    not when a later send finally fails."""
+    readable, _, _ = select.select([to], [], [], 0)
+    if readable:
+        try:
+            peeked = to.recv(1, socket.MSG_PEEK)
+        except OSError:
+            peeked = b""
+        if not peeked:
+            raise _Closed()
+    to.sendall(data)
 
 
 class _Reader:
@@ -74,7 +92,7 @@ class _Reader:
             take = min(count, len(self._buffer))
             if take == count:
                 last()
-            to.sendall(self._buffer[:take])
+            _send(to, self._buffer[:take])
             del self._buffer[:take]
             count -= take
 
@@ -89,17 +107,17 @@ class _Reader:
                     tail += trailer
                     if trailer == b"\r\n":
                         last()
-                        to.sendall(tail)
+                        _send(to, tail)
                         return
-            to.sendall(size_line)
+            _send(to, size_line)
             self.relay(size + 2, to)  # the chunk and its CRLF
 
     def relay_to_end(self, to: socket.socket) -> None:
         if self._buffer:
-            to.sendall(self._buffer)
+            _send(to, self._buffer)
             self._buffer.clear()
         while self._fill():
-            to.sendall(self._buffer)
+            _send(to, self._buffer)
             self._buffer.clear()
 
 

@@ -26,6 +26,7 @@ from vmstore import (
     StorageError,
     UploadRequest,
     UploadResponse,
+    _many,
 )
 
 from tests.support import is_non_decreasing, random_bytes, sha256_bytes, write_file
@@ -329,3 +330,32 @@ def test_nfs_batch_reads_no_more_sources_at_once_than_concurrency(
         )
     assert all(isinstance(result, UploadResponse) for result in results), results
     assert _CountingStream.peak == 2
+
+
+def test_the_counting_proxy_sees_an_overshoot_when_the_budget_is_not_split(
+    counted: tuple[BackendHarness, CountingProxy], workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The control for the test above: with every item given the whole budget (the split
+    switched off), the proxy counts more than ``concurrency`` in flight (S3: parts going up;
+    HTTP: ranged GETs coming down; a server without ranges gets one request per item)."""
+    backend, proxy = counted
+    if Capability.DOWNLOAD_RESUME not in backend.capabilities:
+        pytest.skip("one request per item in both directions: nothing to overshoot with")
+    monkeypatch.setattr(_many, "concurrency_for", lambda concurrency: concurrency)
+    size = 11 << 20
+    paths = [write_file(workdir / f"big-{n}.img", random_bytes(size, seed=n)) for n in range(4)]
+    with backend.open() as store:
+        uploads = store.upload_many(
+            [UploadRequest(source_path=str(p), destination_url=backend.url(p.name)) for p in paths]
+        )
+        upload_peak = proxy.peak
+        proxy.reset()
+        downloads = store.download_many(
+            [
+                DownloadRequest(backend.url(p.name), destination_path=str(workdir / f"{n}.back"))
+                for n, p in enumerate(paths)
+            ]
+        )
+    assert all(isinstance(result, UploadResponse) for result in uploads), uploads
+    assert all(isinstance(result, DownloadResponse) for result in downloads), downloads
+    assert max(upload_peak, proxy.peak) > 3, (upload_peak, proxy.peak)
