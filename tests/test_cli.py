@@ -694,9 +694,12 @@ def test_a_signal_keeps_the_partial_download_and_the_next_run_says_it_resumed(
     # Chunks smaller than the data before the hole, so that what was written can be reused.
     chunks = ["--chunk-size", "1M"]
 
+    # Paced, so that the signal lands before the end however late this process reads the
+    # progress (the hole is no traffic; the 16 MiB after it take 2 s at 8 MiB/s).
     process = cli.start(
-        "download", "nfs://big.raw", dest, *chunks, "--progress", "json", "--progress-interval", "0"
-    )
+        "download", "nfs://big.raw", dest, *chunks, "--progress", "json",
+        "--progress-interval", "0", "--limit-rate", "8M",
+    )  # fmt: skip
     wait_for_progress(process, at_least=len(data))
     process.send_signal(signum)
     _, rest = process.communicate(timeout=60)
