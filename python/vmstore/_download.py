@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import concurrent.futures as cf
 import contextlib
 import dataclasses
 import json
@@ -53,7 +52,8 @@ from vmstore._incomplete import forget_download, record_download
 from vmstore._localpath import check_destination_file, stream_label
 from vmstore._oserrors import storage_error_from_oserror
 from vmstore._parts import Chunk, ChunkSet, split
-from vmstore._ratelimit import Pacer
+from vmstore._pool import run_bounded
+from vmstore._ratelimit import Pacer, StopSignal
 from vmstore._retry import RetryableError, RetryPolicy
 from vmstore.errors import (
     CancelledError,
@@ -591,7 +591,7 @@ def _fetch_ranges(
     the first one not yet hashed: the chunks in flight or held for the hash are the memory
     a download uses. ``landed(numbers, save)`` records chunks now on disk (file only).
     With ``frames`` a chunk is a frame: its stored range is read and decoded."""
-    stop = threading.Event()
+    stop = StopSignal(settings.pacer)  # a failure also ends the pacer's waits
     window = settings.concurrency + WINDOW_EXTRA
     shown_url = redact_url(request.source_url)
 
@@ -621,50 +621,41 @@ def _fetch_ranges(
         writer.write_at(chunk.offset, data, owned=True)
         return chunk
 
-    pending: set[cf.Future[Chunk]] = set()
-    submitted = 0  # todo[:submitted] went to the pool
     hashed = 0  # todo[:hashed] are wholly behind the hash frontier
-    with cf.ThreadPoolExecutor(
-        max_workers=settings.concurrency, thread_name_prefix="vmstore-get"
-    ) as pool:
-        try:
-            while submitted < len(todo) or pending:
-                frontier = writer.hashed_length
-                while hashed < submitted and todo[hashed].end <= frontier:
-                    hashed += 1
-                while submitted < len(todo) and submitted < hashed + window:
-                    pending.add(pool.submit(fetch, todo[submitted]))
-                    submitted += 1
-                if pending:
-                    finished, pending = cf.wait(
-                        pending, timeout=0.1, return_when=cf.FIRST_COMPLETED
-                    )
-                else:
-                    # The window is full of chunks waiting for a resumed prefix that the
-                    # writer is re-reading from disk: nothing to wait on but time.
-                    finished = set()
-                    stop.wait(0.02)
-                chunks = [future.result() for future in finished]
-                # Record landed chunks before telling anyone: a process killed from its
-                # progress callback must still find them on resume.
-                if chunks and landed is not None:
-                    landed((chunk.number for chunk in chunks), True)
-                for chunk in chunks:
-                    reporter.advance(chunk.length)
-                _check_cancel(request)
-        except BaseException:
-            stop.set()
-            if settings.pacer is not None:
-                settings.pacer.stop()
-            for future in pending:
-                future.cancel()
-            # Chunks that finish while we shut down are on disk: keep them for the resume.
-            for future in cf.as_completed(pending):
-                with contextlib.suppress(BaseException):
-                    number = future.result().number
-                    if landed is not None:
-                        landed((number,), False)
-            raise
+
+    def admit(submitted: int) -> bool:
+        # The reorder window: no chunk more than ``window`` past the first one not hashed.
+        nonlocal hashed
+        frontier = writer.hashed_length
+        while hashed < submitted and todo[hashed].end <= frontier:
+            hashed += 1
+        return submitted < hashed + window
+
+    def land(chunks: list[Chunk]) -> None:
+        # Recorded before telling anyone: a process killed from its progress callback must
+        # still find them on resume.
+        if landed is not None:
+            landed((chunk.number for chunk in chunks), True)
+        for chunk in chunks:
+            reporter.advance(chunk.length)
+
+    def keep(chunk: Chunk) -> None:
+        # A chunk that finished while the download stopped is on disk: kept for the resume.
+        if landed is not None:
+            landed((chunk.number,), False)
+
+    run_bounded(
+        todo,
+        fetch,
+        workers=settings.concurrency,
+        name="vmstore-get",
+        stop=stop,
+        landed=land,
+        check=lambda: _check_cancel(request),
+        max_in_flight=window,
+        admit=admit,
+        salvaged=keep,
+    )
 
 
 def _fetch_stream(

@@ -14,7 +14,6 @@ it after the data (see each backend's notes on where).
 from __future__ import annotations
 
 import base64
-import concurrent.futures as cf
 import logging
 import os
 import queue
@@ -27,6 +26,7 @@ from vmstore import _native, images
 from vmstore._codec import EncodedPart, Encoder, FramePart
 from vmstore._localpath import check_source_file
 from vmstore._parts import MIB, S3_MAX_PART, S3_MAX_PARTS, s3_part_size
+from vmstore._pool import run_bounded
 from vmstore._ratelimit import Pacer
 from vmstore.errors import CancelledError, ChecksumMismatchError, InvalidConfigError
 from vmstore.images import ImageInfo
@@ -350,47 +350,31 @@ def send_parts(
     cancelled: Callable[[], bool],
     describe: str,
 ) -> None:
-    """Send every part with ``send`` on ``concurrency`` threads, at most that many at once.
+    """Send every part with ``send`` on ``concurrency`` threads, at most that many at once
+    (the one bounded pool, ``_pool.run_bounded``): a part is read from the source only when a
+    sender is free.
 
     ``on_landed`` sees each batch of finished parts (to journal them) on this thread. The first
     failure stops everything: ``stop`` is set for the senders and the failure is raised.
     """
-    pending: set[cf.Future[P]] = set()
 
     def run(part: P) -> P:
         send(part)
         return part
 
-    def collect(block: bool) -> None:
-        nonlocal pending
-        if not pending:
-            return
-        finished, pending = cf.wait(
-            pending, timeout=0.1 if block else 0, return_when=cf.FIRST_COMPLETED
-        )
-        landed = [future.result() for future in finished]
-        if landed:
-            on_landed(landed)
+    def check() -> None:
+        if cancelled():
+            raise CancelledError(f"{describe} cancelled")
 
-    with cf.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="vmstore-put") as pool:
-        try:
-            for part in parts:
-                while len(pending) >= concurrency:
-                    collect(block=True)
-                    if cancelled():
-                        raise CancelledError(f"{describe} cancelled")
-                pending.add(pool.submit(run, part))
-                collect(block=False)
-            while pending:
-                collect(block=True)
-                if cancelled():
-                    raise CancelledError(f"{describe} cancelled")
-        except BaseException:
-            stop.set()
-            for future in pending:
-                future.cancel()
-            cf.wait(pending)
-            raise
+    run_bounded(
+        parts,
+        run,
+        workers=concurrency,
+        name="vmstore-put",
+        stop=stop,
+        landed=on_landed,
+        check=check,
+    )
 
 
 def encoder_for(request: UploadRequest, key: bytes | None) -> Encoder | None:
