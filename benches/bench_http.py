@@ -275,7 +275,7 @@ class HttpBench:
 
     def setup(self) -> None:
         import vmstore
-        from vmstore.backends import http as vmstore_http
+        from vmstore.backends.http import _backend as vmstore_http
 
         a = self.args
         os.makedirs(self.src_dir, exist_ok=True)

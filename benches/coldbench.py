@@ -93,12 +93,12 @@ def apply_direct_env() -> bool:
     if os.environ.get(DIRECT_ENV) != "1":
         return False
     import vmstore._upload
-    import vmstore.backends.http
+    import vmstore.backends.http._backend
     import vmstore.backends.s3
 
     direct = functools.partial(vmstore._upload.plan_source, direct=True)
     vmstore.backends.s3.plan_source = direct  # type: ignore[assignment]
-    vmstore.backends.http.plan_source = direct  # type: ignore[assignment]
+    vmstore.backends.http._backend.plan_source = direct  # type: ignore[assignment]
     return True
 
 

@@ -128,7 +128,7 @@ def test_presigned_download_that_was_interrupted_resumes_with_a_new_presigned_ur
         first, second = store.presign(url, expires_in=600), store.presign(url, expires_in=900)
     assert first != second
     destination = tmp_path / "imported.raw"
-    from vmstore.backends import http as http_backend
+    from vmstore.backends.http import _bodies as http_backend
 
     original = http_backend._ObjectReader.read_range
     reads = 0
