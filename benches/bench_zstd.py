@@ -7,7 +7,8 @@ libraries, text, icons, locale data), in a 1 GiB image, so it also holds free sp
 tables and journal, as an exported VM disk does.
 
 Contenders, each in its own child process (``os.wait4`` gives its CPU), interleaved in a
-shuffled order per repetition, the image warm in the page cache:
+shuffled order per repetition, the page cache dropped before each (--warm: the image read into
+it instead):
 
   vmstore-plain        NFS upload of the image into a local directory, as it is (copy_file)
   vmstore-zstd         the same with ``compression="zstd"`` (frames of the NFS chunk, 32 MiB)
@@ -229,8 +230,33 @@ def _encode_all(image: str, mib: int, level: int) -> dict[str, Any]:
     }
 
 
+def drop_caches() -> bool:
+    """``sync; echo 3 > /proc/sys/vm/drop_caches``: False when this process may not."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as handle:
+            handle.write("3\n")
+    except OSError:
+        return False
+    return True
+
+
+def prepare_cache(image: str, cold: bool) -> None:
+    """Before every contender alike: the page cache dropped (a migration host's disk is not
+    in RAM), or, with --warm, the image read into it."""
+    if cold:
+        drop_caches()
+        return
+    with open(image, "rb") as handle:
+        while handle.read(8 * MiB):
+            pass
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="bench-zstd-", dir=args.workdir))
+    cold = not args.warm and drop_caches()
+    if not args.warm and not cold:
+        print("cannot drop the page cache (not root?): measuring warm", file=sys.stderr)
     try:
         image = make_image(work, args.data_mib, args.image_mib)
         runs: dict[str, list[dict[str, Any]]] = {r: [] for r in (*ROLES, *AFTER)}
@@ -238,9 +264,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             order = list(ROLES)
             random.Random(rep).shuffle(order)
             for role in order:
-                with open(image["path"], "rb") as handle:  # warm, for every contender alike
-                    while handle.read(8 * MiB):
-                        pass
+                prepare_cache(image["path"], cold)
                 for name in (role, *[a for a, b in AFTER.items() if b == role]):
                     result = run_child(name, image["path"], str(work))
                     if "error" in result:
@@ -262,6 +286,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         },
         "image": {k: v for k, v in image.items() if k != "path"},
         "reps": args.reps,
+        "cache": "dropped before every contender" if cold else "warm",
         "runs": runs,
         "frame_ratios": ratios,
         "level_ratios": levels,
@@ -286,7 +311,8 @@ def report(results: dict[str, Any]) -> str:
         f"Image: ext4, {size / MiB:.0f} MiB, made with `mkfs.ext4 -d` from {image['files']} real "
         f"files ({image['file_bytes'] / MiB:.0f} MiB of shared libraries, /usr/share and "
         f"Python modules); {results['host']['cpus']} CPUs, {results['host']['zstd']}; "
-        f"{results['reps']} repetitions, {results['date']}, warm page cache. MiB/s are of the "
+        f"{results['reps']} repetitions, {results['date']}, page cache "
+        f"{results.get('cache', 'warm')}. MiB/s are of the "
         "image's bytes; ratio = image bytes / stored bytes.",
         "",
         "| contender | wall s | MiB/s | CPU s | ratio | peak RSS MiB |",
@@ -341,6 +367,11 @@ def main() -> None:
     ap.add_argument("--data-mib", type=int, default=850, help="real files put in the image")
     ap.add_argument("--image-mib", type=int, default=1024, help="size of the ext4 image")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument(
+        "--warm",
+        action="store_true",
+        help="read the image into the page cache instead of dropping it",
+    )
     ap.add_argument("--workdir", default=str(Path(__file__).resolve().parent.parent / "target"))
     ap.add_argument("--out", type=Path)
     ap.add_argument("--report", type=Path, help="print the table of a saved JSON")
