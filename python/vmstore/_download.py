@@ -124,7 +124,7 @@ class ObjectReader(Protocol):
     """How a backend reads the object's bytes. Both methods raise StorageError on failure,
     or RetryableError / a backend exception that ``classify`` maps to one for a retry."""
 
-    def read_range(self, start: int, end: int) -> bytes:
+    def read_range(self, start: int, end: int) -> bytes | memoryview:
         """Bytes [start, end) exactly, pinned to the object's ETag: any contiguous bytes-like
         object that nobody changes afterwards (the writer may hold it, uncopied, until the
         hash frontier reaches it)."""
@@ -599,7 +599,7 @@ def _fetch_ranges(
         frame = frames.by_number[chunk.number] if frames is not None else None
         start, end = (frame.stored_offset, frame.stored_end) if frame else (chunk.offset, chunk.end)
 
-        def attempt() -> bytes:
+        def attempt() -> bytes | memoryview:
             if stop.is_set():
                 raise CancelledError("download stopped")
             data = reader.read_range(start, end)
@@ -614,7 +614,7 @@ def _fetch_ranges(
             cancelled=stop,
         )
         if frames is not None and frame is not None:
-            data = frames.decode(frame, data)
+            data = frames.decode(frame, data)  # a fresh bytes; the pooled buffer is free again
         elif chunk.offset == 0 and looks_encoded(data):
             raise missing_record(request.source_url)
         # The reader's buffer is ours alone: held by reference if it lands early.

@@ -191,6 +191,23 @@ class PartBuffer:
     def __buffer__(self, flags: int, /) -> memoryview: ...
 
 @final
+class ChunkBuffers:
+    """The pooled buffers of one download's ranged reads (vmstore._bodyread)."""
+
+    def __init__(self) -> None: ...
+    def take(self, n: int) -> ChunkBuffer:
+        """A writable buffer of exactly ``n`` bytes, contents unspecified; its allocation
+        returns to the pool when the buffer is dropped."""
+
+@final
+class ChunkBuffer:
+    """One chunk's memory: ``memoryview(buffer)`` is writable (fill it, e.g. ``readinto``,
+    then give it up: the writer's ``owned=True``)."""
+
+    def __len__(self) -> int: ...
+    def __buffer__(self, flags: int, /) -> memoryview: ...
+
+@final
 class SourcePart:
     """One part of an upload's source, as read and hashed by :class:`UploadSource`."""
 

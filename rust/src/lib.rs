@@ -119,6 +119,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<source::UploadSource>()?;
     m.add_class::<source::SourcePart>()?;
     m.add_class::<source::PartBuffer>()?;
+    m.add_class::<pybuffer::ChunkBuffers>()?;
+    m.add_class::<pybuffer::ChunkBuffer>()?;
     m.add_class::<ratelimit::RateLimiter>()?;
     m.add_function(wrap_pyfunction!(copy_file, m)?)?;
     m.add_function(wrap_pyfunction!(sha256_file, m)?)?;

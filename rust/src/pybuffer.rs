@@ -165,3 +165,83 @@ impl PartBuffer {
         format!("PartBuffer({} bytes)", self.bytes().len())
     }
 }
+
+/// The buffers of one download's ranged reads: each chunk's body is read off the socket
+/// straight into one (``readinto``), handed to the writer by reference, and its allocation
+/// comes back here when the writer has hashed and dropped it. So a download reuses a few
+/// chunk-sized allocations instead of asking malloc for a fresh 16 MiB per chunk, which
+/// costs page faults on every chunk and, with glibc's dynamic mmap threshold, leaves freed
+/// chunks in its arenas (RSS far above the bytes in flight).
+#[pyclass(module = "vmstore._native", frozen)]
+pub struct ChunkBuffers {
+    pool: Arc<BufferPool>,
+}
+
+#[pymethods]
+impl ChunkBuffers {
+    #[new]
+    fn new() -> Self {
+        ChunkBuffers { pool: Arc::new(BufferPool::default()) }
+    }
+
+    /// A writable buffer of exactly ``n`` bytes, contents unspecified (the read overwrites
+    /// them).
+    fn take(&self, n: usize) -> ChunkBuffer {
+        let mut data = self.pool.take(n);
+        let address = data.bytes_mut().as_mut_ptr() as usize;
+        ChunkBuffer { data: Some(data), address, len: n, pool: Arc::clone(&self.pool) }
+    }
+}
+
+/// One chunk's memory, exported writable to Python (``memoryview(buffer)``, ``readinto``).
+/// Its filler gives it up once filled (the writer's ``owned=True``); from then on only
+/// read, by the writer, through the export it keeps.
+#[pyclass(module = "vmstore._native", frozen)]
+pub struct ChunkBuffer {
+    /// Owns the allocation; never touched again until dropped (the memory is reached only
+    /// through `address`, taken from a mutable borrow of it at creation).
+    data: Option<AlignedBuf>,
+    address: usize,
+    len: usize,
+    pool: Arc<BufferPool>,
+}
+
+impl Drop for ChunkBuffer {
+    fn drop(&mut self) {
+        if let Some(buf) = self.data.take() {
+            self.pool.give_back(buf);
+        }
+    }
+}
+
+#[pymethods]
+impl ChunkBuffer {
+    fn __len__(&self) -> usize {
+        self.len
+    }
+
+    /// # Safety
+    /// Called by CPython with a valid `view`. The memory (`address`, `len`) belongs to the
+    /// allocation `slf` owns and keeps alive for as long as the view (PyBuffer_FillInfo takes
+    /// a reference to `slf`); its size never changes. Writes come only from Python through
+    /// such views, as with a bytearray: the filler writes before it gives the buffer up,
+    /// readers read after.
+    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: std::os::raw::c_int) -> PyResult<()> {
+        let this = slf.get();
+        let (ptr, len) = (this.address as *mut std::os::raw::c_void, this.len as ffi::Py_ssize_t);
+        // SAFETY: see the method's safety note; readonly = 0.
+        let rc = unsafe { ffi::PyBuffer_FillInfo(view, slf.as_ptr(), ptr, len, 0, flags) };
+        if rc != 0 {
+            return Err(PyErr::fetch(slf.py()));
+        }
+        Ok(())
+    }
+
+    /// # Safety
+    /// Nothing to release: the view's reference to `self` is dropped by CPython.
+    unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
+
+    fn __repr__(&self) -> String {
+        format!("ChunkBuffer({} bytes)", self.len)
+    }
+}

@@ -42,7 +42,7 @@ pub struct BufferPool {
 
 impl BufferPool {
     /// A buffer for `len` bytes (contents unspecified: the caller overwrites them).
-    fn take(&self, len: usize) -> AlignedBuf {
+    pub fn take(&self, len: usize) -> AlignedBuf {
         let room = len.next_multiple_of(ALIGN) + ALIGN;
         let mut spares = lock(&self.spares);
         let best = spares

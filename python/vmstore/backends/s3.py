@@ -33,6 +33,7 @@ import botocore.config
 import botocore.exceptions
 
 from vmstore import _logredact, _many, _native, images
+from vmstore._bodyread import http_client_response, read_into_buffer
 from vmstore._codec import (
     ENCODING_METADATA_KEY,
     EncodedPart,
@@ -513,8 +514,9 @@ class _S3ObjectReader:
         self._location = location
         self._etag = etag
         self._pacer = pacer
+        self._buffers = _native.ChunkBuffers()  # this download's chunk memory, reused
 
-    def read_range(self, start: int, end: int) -> bytes:
+    def read_range(self, start: int, end: int) -> bytes | memoryview:
         extra = {"IfMatch": self._etag} if self._etag else {}
         response = self._client.get_object(
             Bucket=self._location.bucket,
@@ -527,7 +529,12 @@ class _S3ObjectReader:
         if content_range and not content_range.startswith(f"bytes {start}-{end - 1}/"):
             raise RetryableError(f"asked for bytes {start}-{end - 1}, got {content_range}")
         body = response["Body"]
+        raw = getattr(body, "_raw_stream", None)
+        fp = http_client_response(raw) if content_range else None
         try:
+            if fp is not None:
+                # Straight off the socket into this download's pooled buffer (_bodyread).
+                return read_into_buffer(raw, fp, end - start, self._buffers, self._pacer)
             if self._pacer is not None:
                 return self._pacer.read(body.read, end - start)
             data: bytes = body.read()

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Iterator
 import requests
 
 from vmstore import _native
+from vmstore._bodyread import http_client_response, read_into_buffer
 from vmstore._codec import EncodedPart
 from vmstore._ratelimit import Pacer
 from vmstore._retry import RetryableError
@@ -80,6 +81,7 @@ class _ObjectReader:
         self._size = size
         self._validator = validator
         self._pacer = pacer
+        self._buffers = _native.ChunkBuffers()  # this download's chunk memory, reused
 
     def _get(self, headers: dict[str, str]) -> requests.Response:
         response = self._transport.send(
@@ -101,7 +103,7 @@ class _ObjectReader:
             )
         return response
 
-    def read_range(self, start: int, end: int) -> bytes:
+    def read_range(self, start: int, end: int) -> bytes | memoryview:
         response = self._get({"Range": f"bytes={start}-{end - 1}"})
         with contextlib.closing(response):
             # A 200 with a Content-Range is a range too (rclone answers so).
@@ -118,7 +120,16 @@ class _ObjectReader:
             elif not (start == 0 and end == self._size):
                 # The whole object for a part of it: fine only when the part is the whole.
                 raise RetryableError(f"the server ignored Range bytes={start}-{end - 1}")
-            return _read_exactly(response, end - start, self._pacer)
+            fp = http_client_response(response.raw)
+            if fp is None:
+                return _read_exactly(response, end - start, self._pacer)
+            # Straight off the socket into this download's pooled buffer (_bodyread).
+            data = read_into_buffer(response.raw, fp, end - start, self._buffers, self._pacer)
+            if len(data) != end - start:
+                raise RetryableError(
+                    f"the response body ended after {len(data)} of {end - start} bytes"
+                )
+            return data
 
     def read_stream(self) -> Iterable[bytes]:
         response = self._get({})
