@@ -13,9 +13,28 @@ from pathlib import Path
 import pytest
 from vmstore import Storage, StorageConfig, new_storage
 
+from tests.s3_servers import S3_SERVERS, S3Server, running_s3_server
 from tests.socket_guard import SocketGuard
 
 NFS_CHUNK = 256 * 1024
+
+
+@pytest.fixture(scope="module", params=S3_SERVERS)
+def s3_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[S3Server]:
+    """Each real S3 server of the suite in turn (rclone, moto, SeaweedFS), one per module.
+    A module that needs one server only defines its own ``s3_server``."""
+    with running_s3_server(request.param, tmp_path_factory.mktemp(request.param)) as server:
+        yield server
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """vmstore's state directory (resume state, journals) for this test alone."""
+    path = tmp_path / "state"
+    monkeypatch.setenv("VMSTORE_STATE_DIR", str(path))
+    return path
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
@@ -28,24 +27,9 @@ from vmstore import (
 )
 from vmstore.urls import redact_url
 
-from tests.s3_servers import S3_SERVERS, S3Server, running_s3_server, unique_prefix
+from tests.s3_servers import S3Server, unique_prefix
 
 CHUNK = 256 << 10
-
-
-@pytest.fixture(scope="module", params=S3_SERVERS)
-def s3_server(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[S3Server]:
-    with running_s3_server(request.param, tmp_path_factory.mktemp(request.param)) as server:
-        yield server
-
-
-@pytest.fixture
-def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "state"
-    monkeypatch.setenv("VMSTORE_STATE_DIR", str(path))
-    return path
 
 
 @pytest.fixture

@@ -38,7 +38,7 @@ from vmstore import (
 from vmstore._parts import S3_MAX_PARTS, s3_part_size
 
 from tests.faults import DroppingProxy
-from tests.s3_servers import S3_SERVERS, S3Server, free_port, running_s3_server, unique_prefix
+from tests.s3_servers import S3Server, free_port, unique_prefix
 from tests.support import (
     InterruptAt,
     Interrupted,
@@ -49,22 +49,6 @@ from tests.support import (
 )
 
 PART = 5 * MiB  # the S3 minimum part size; moto enforces it like AWS does
-
-
-@pytest.fixture(scope="module", params=S3_SERVERS)
-def s3_server(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[S3Server]:
-    """Each real S3 server in turn (rclone serve s3, moto), one per module run."""
-    with running_s3_server(request.param, tmp_path_factory.mktemp(request.param)) as server:
-        yield server
-
-
-@pytest.fixture
-def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "state"
-    monkeypatch.setenv("VMSTORE_STATE_DIR", str(path))
-    return path
 
 
 @pytest.fixture
