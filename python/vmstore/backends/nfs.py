@@ -109,6 +109,10 @@ from vmstore.urls import nfs_url, parse_nfs_url
 logger = logging.getLogger("vmstore.nfs")
 
 DEFAULT_CHUNK_SIZE = 32 << 20
+DEFAULT_FRAME_SIZE = 16 << 20
+"""Part size of an encoded (compressed/encrypted) upload without a chunk_size: each frame is
+held plain and encoded while in flight, so 32 MiB frames cost twice the memory of the HTTP
+backend's 16 MiB for 0.1 % of compression ratio (docs/BENCHMARKS.md)."""
 
 PARTIAL_SUFFIX = ".vmstore-partial"
 TEMP_MARKER = ".vmstore-tmp-"
@@ -824,7 +828,8 @@ class NfsStorage(_many.BatchTransfers):
         journal in the state directory (never the key) names them with their CRCs and the
         upload's salt; a resume re-reads those frames from the partial, checks them and the
         source's plain bytes against the journal, and continues under the same salt."""
-        plan = plan_source(request, lambda _size: self._chunk_size)
+        frame_size = self._config.chunk_size or DEFAULT_FRAME_SIZE
+        plan = plan_source(request, lambda _size: frame_size)
         resumable = may_resume and request.resume and plan.stat is not None
         if resumable:
             partial = f"{final_path}{PARTIAL_SUFFIX}-{_host_label()}"
