@@ -313,9 +313,11 @@ _TLS: tuple[type[BaseException], ...] = (
     urllib3.exceptions.SSLError,
 )
 _TLS_BROKEN_REASONS = frozenset(
-    {"BAD_RECORD_MAC", "DECRYPTION_FAILED_OR_BAD_RECORD_MAC", "UNEXPECTED_EOF_WHILE_READING"}
-)
-"""OpenSSL's reasons for a record that was cut off or damaged in transit, not refused."""
+    {"BAD_RECORD_MAC", "DECRYPTION_FAILED_OR_BAD_RECORD_MAC", "UNEXPECTED_EOF_WHILE_READING",
+     "SSLV3_ALERT_BAD_RECORD_MAC"}
+)  # fmt: skip
+"""OpenSSL's reasons for a record that was cut off or damaged in transit, not refused (the
+last: the peer's alert that a record we sent arrived damaged)."""
 
 
 def _tls_connection_broke(exc: BaseException) -> bool:
