@@ -22,7 +22,12 @@ from pathlib import Path
 
 import pytest
 from vmstore import DownloadRequest, Storage, UploadRequest
-from vmstore.errors import ChecksumMismatchError, ErrorType, OperationFailedError
+from vmstore.errors import (
+    ChecksumMismatchError,
+    ErrorType,
+    NetworkError,
+    OperationFailedError,
+)
 
 from tests.faults import DroppingProxy
 from tests.support import KiB, MiB, files_under, random_bytes, sha256_bytes, write_file
@@ -91,14 +96,14 @@ def network_backend(backend: BackendHarness) -> BackendHarness:
 
 @contextlib.contextmanager
 def through_proxy(
-    backend: BackendHarness, fault: str, direction: str
+    backend: BackendHarness, fault: str, direction: str, drops: int = 1
 ) -> Iterator[tuple[DroppingProxy, BackendHarness]]:
     port = backend.upstream_port()
     assert port is not None
     proxy = DroppingProxy(
         port,
         after_bytes=fault_at(backend, direction),
-        drops=1,
+        drops=drops,
         reset=fault == "reset",
         stall=fault == "stall",
         flip=fault == "flip",
@@ -174,6 +179,55 @@ def test_a_download_survives_a_connection_fault(
     assert down.checksum == sha256_bytes(data)
     assert dest.read_bytes() == data
     assert files_under(workdir) == {"disk.img", "imported.img"}
+
+
+# --- the same fault on every connection: a NetworkError everywhere, nothing committed ------
+
+EVERY_TIME = 1000
+"""``drops`` for a fault that strikes every connection: no retry can get through."""
+
+
+@pytest.mark.parametrize("fault", ["reset", "truncate", "stall"])
+def test_an_upload_that_always_breaks_is_a_network_error_and_commits_nothing(
+    network_backend: BackendHarness, workdir: Path, fault: str
+) -> None:
+    backend = network_backend
+    data = random_bytes(data_size(backend), seed=310)
+    source = write_file(workdir / "disk.img", data)
+
+    with through_proxy(backend, fault, "upload", drops=EVERY_TIME) as (proxy, via):
+        with proxied_store(via, fault) as store, pytest.raises(NetworkError) as caught:
+            store.upload(UploadRequest(str(source), via.url("disk.img")))
+        assert proxy.dropped > 1, "the retries never met the fault"
+
+    assert caught.value.type is ErrorType.NETWORK_ERROR
+    assert backend.read_object("disk.img") is None
+    # An unfinished S3 multipart upload may stay, to be resumed: it is no object.
+    assert not {"disk.img", "disk.img.vmstore.json"} & backend.stored_names()
+
+
+@pytest.mark.parametrize("fault", ["reset", "truncate", "stall"])
+def test_a_download_that_always_breaks_is_a_network_error_and_commits_nothing(
+    network_backend: BackendHarness, store: Storage, workdir: Path, fault: str
+) -> None:
+    backend = network_backend
+    data = random_bytes(data_size(backend), seed=311)
+    store.upload(UploadRequest(str(write_file(workdir / "disk.img", data)), backend.url("d")))
+    previous = random_bytes(10 * KiB, seed=312)
+    dest = write_file(workdir / "imported.img", previous)
+
+    with through_proxy(backend, fault, "download", drops=EVERY_TIME) as (proxy, via):
+        with proxied_store(via, fault) as flaky, pytest.raises(NetworkError) as caught:
+            flaky.download(DownloadRequest(via.url("d"), str(dest)))
+        assert proxy.dropped > 1, "the retries never met the fault"
+
+    assert caught.value.type is ErrorType.NETWORK_ERROR
+    assert dest.read_bytes() == previous, "the destination was replaced"
+    # A partial (and its state) may stay for a resume, never under the final name.
+    assert files_under(workdir) - {"disk.img", "imported.img"} <= {
+        "imported.img.vmstore-partial",
+        "imported.img.vmstore-partial.state",
+    }
 
 
 # --- one flipped bit: never wrong bytes believed ---------------------------------------------
