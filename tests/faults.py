@@ -28,6 +28,11 @@ class DroppingProxy:
     after_bytes: int = 1 << 62
     drops: int = 0
     rate: float | None = None
+    send_buffer: int | None = None
+    """SO_SNDBUF of the proxy's sockets (None: the kernel's autotuned one, up to MiBs). Bytes
+    are counted when the proxy reads them, so this bounds how far the count runs ahead of
+    what the receiver read: a fault at ``after_bytes`` then strikes bytes the peer asked for,
+    not a body it had closed unread (e.g. a range probe answered with the whole file)."""
     stall: bool = False
     """At ``after_bytes``, stop forwarding (the peer sees a silent connection) instead of
     cutting it; ``drops`` still counts how many connections this happens to. What the sender
@@ -94,6 +99,9 @@ class DroppingProxy:
             except OSError:
                 return
             server = socket.create_connection(("127.0.0.1", self.upstream_port))
+            if self.send_buffer:
+                for sock in (client, server):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer)
             counted = [0]
             broken = threading.Event()
 
