@@ -3,7 +3,9 @@
 No server drops a connection in the middle of a request on demand, so this proxy does it:
 it forwards bytes between vmstore and a real server on 127.0.0.1 and, for the first
 ``drops`` connections whose traffic in one direction passes ``after_bytes``, closes both
-sockets at that point (or, with ``flip``, flips one bit there and goes on). With ``rate``
+sockets at that point (with ``reset``, with a TCP RST and without forwarding the bytes that
+crossed it; with ``stall``, it goes silent instead; with ``flip``, it flips one bit there and
+goes on). With ``rate``
 it also limits the counted direction to that many bytes per second, like a slow link, so a
 test can kill a transfer while it is under way. Everything else is the real server's
 behaviour.
@@ -12,7 +14,9 @@ behaviour.
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,12 +28,23 @@ class DroppingProxy:
     after_bytes: int = 1 << 62
     drops: int = 0
     rate: float | None = None
+    send_buffer: int | None = None
+    """SO_SNDBUF of the proxy's sockets (None: the kernel's autotuned one, up to MiBs). Bytes
+    are counted when the proxy reads them, so this bounds how far the count runs ahead of
+    what the receiver read: a fault at ``after_bytes`` then strikes bytes the peer asked for,
+    not a body it had closed unread (e.g. a range probe answered with the whole file)."""
     stall: bool = False
     """At ``after_bytes``, stop forwarding (the peer sees a silent connection) instead of
-    cutting it; ``drops`` still counts how many connections this happens to."""
+    cutting it; ``drops`` still counts how many connections this happens to. What the sender
+    still sends is swallowed, and once it hangs up (given up after its timeout) both
+    connections are closed: the far end learns it, as from its own idle timeout, rather than
+    holding a half-received request (and e.g. a lock on the part) until the proxy stops."""
     flip: bool = False
     """At ``after_bytes``, flip one bit of the byte there and forward everything (a corrupting
     NIC or middlebox) instead of cutting; ``drops`` counts the connections it happens to."""
+    reset: bool = False
+    """At ``after_bytes``, abort both connections with a TCP RST (SO_LINGER 0) without
+    forwarding the bytes that crossed it, instead of delivering half of them and closing."""
     direction: str = "upload"  # "upload": client->server bytes count; "download": server->client
     port: int = 0
     dropped: int = 0
@@ -84,11 +99,28 @@ class DroppingProxy:
             except OSError:
                 return
             server = socket.create_connection(("127.0.0.1", self.upstream_port))
+            if self.send_buffer:
+                for sock in (client, server):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer)
             counted = [0]
             broken = threading.Event()
 
-            def close_both(a: socket.socket = client, b: socket.socket = server) -> None:
+            def close_both(
+                a: socket.socket = client, b: socket.socket = server, rst: bool = False
+            ) -> None:
                 for sock in (a, b):
+                    if rst:
+                        with contextlib.suppress(OSError):  # close() then sends RST
+                            sock.setsockopt(
+                                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                            )
+                        # The other pipe's thread may be blocked in recv() on this socket,
+                        # and the kernel closes it (and sends the RST) only once that call
+                        # returns: SHUT_RD wakes it, without sending anything itself.
+                        with contextlib.suppress(OSError):
+                            sock.shutdown(socket.SHUT_RD)
+                        sock.close()
+                        continue
                     with contextlib.suppress(OSError):
                         sock.shutdown(socket.SHUT_RDWR)
                     sock.close()
@@ -119,12 +151,17 @@ class DroppingProxy:
                             counted[0] += len(data)
                             if counted[0] > self.after_bytes and self._take_drop():
                                 if self.stall:
-                                    # Silence: hold the connection open, forward nothing.
-                                    while not self._stop.wait(0.2) and not broken.is_set():
-                                        pass
+                                    # Silence: forward nothing, until the sender hangs up.
+                                    while not self._stop.is_set() and not broken.is_set():
+                                        readable = select.select([src], [], [], 0.2)[0]
+                                        if readable and not src.recv(65536):
+                                            break
                                     close_both()  # type: ignore[operator]
                                     return
                                 broken.set()
+                                if self.reset:
+                                    close_both(rst=True)  # type: ignore[operator]
+                                    return
                                 # Deliver part of the bytes, then cut: a truncated request
                                 # or body, exactly as a dying connection leaves it.
                                 dst.sendall(data[: len(data) // 2])

@@ -13,7 +13,11 @@ double), :func:`http_client_response` says so and the reader keeps its plain ``r
 
 from __future__ import annotations
 
+import http.client
+import ssl
 from typing import Any, Protocol
+
+import urllib3.exceptions
 
 from vmstore import _native
 from vmstore._ratelimit import Pacer
@@ -39,8 +43,9 @@ def read_into_buffer(
     buffers: _native.ChunkBuffers,
     pacer: Pacer | None = None,
 ) -> memoryview:
-    """Up to ``length`` bytes of the body (fewer only if it ends early) in a pooled buffer;
-    with a pacer, each block is taken from the limiter before it is read off the socket.
+    """``length`` bytes of the body in a pooled buffer (a body that ends before them is
+    urllib3's ProtocolError, as from ``read``); with a pacer, each block is taken from the
+    limiter before it is read off the socket.
 
     Once http.client has the whole body, the connection goes back to urllib3's pool
     (``release_conn``): urllib3 did not see these reads, so it would otherwise close it."""
@@ -50,15 +55,35 @@ def read_into_buffer(
         want = length - got if pacer is None else min(pacer.block, length - got)
         if pacer is not None:
             pacer.take(want)
-        n = fp.readinto(view[got : got + want])
+        n = _readinto(fp, view[got : got + want])
         if not n:
-            break
+            # urllib3 (enforce_content_length) raises this for a body cut short: the same
+            # failure, classified and retried the same way, whichever path read it.
+            missing = http.client.IncompleteRead(b"", length - got)
+            raise urllib3.exceptions.ProtocolError(
+                f"Connection broken: the body ended after {got} of {length} bytes", missing
+            )
         got += n
     if fp.isclosed():
         release = getattr(raw, "release_conn", None)
         if release is not None:
             release()
-    return view[:got]
+    return view
+
+
+def _readinto(fp: _ReadInto, view: memoryview) -> int:
+    """``fp.readinto`` with its failures raised as urllib3 raises them from a body read
+    (``_error_catcher``), so the backends classify them as they always did."""
+    try:
+        return fp.readinto(view)
+    except TimeoutError as exc:  # socket.timeout
+        raise urllib3.exceptions.ReadTimeoutError(None, "", "Read timed out.") from exc  # type: ignore[arg-type]
+    except ssl.SSLError as exc:
+        if "read operation timed out" in str(exc):
+            raise urllib3.exceptions.ReadTimeoutError(None, "", "Read timed out.") from exc  # type: ignore[arg-type]
+        raise urllib3.exceptions.SSLError(exc) from exc
+    except (http.client.HTTPException, OSError) as exc:
+        raise urllib3.exceptions.ProtocolError(f"Connection broken: {exc!r}", exc) from exc
 
 
 __all__ = ["http_client_response", "read_into_buffer"]

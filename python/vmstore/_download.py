@@ -222,9 +222,15 @@ def _load_state(path: str) -> dict[str, object] | None:
 
 def _save_state(path: str, state: dict[str, object]) -> None:
     temp = f"{path}.tmp"
-    with open(temp, "w", encoding="utf-8") as handle:
-        json.dump(state, handle)
-    os.replace(temp, path)
+    try:
+        with open(temp, "w", encoding="utf-8") as handle:
+            json.dump(state, handle)
+        os.replace(temp, path)
+    except BaseException:
+        # A full disk fails the write (or the close): no half-written temp is left on it.
+        with contextlib.suppress(OSError):
+            os.remove(temp)
+        raise
 
 
 def _remove(path: str) -> None:
@@ -395,7 +401,11 @@ def _download(
         if resumed_bytes:
             log.info("resuming %s at %d of %d bytes", obj.url, resumed_bytes, obj.size)
         state["done"] = done.runs()
-        _save_state(state_path, state)
+        try:
+            _save_state(state_path, state)
+        except OSError as exc:
+            # A StorageError here, so that a full disk is final: nothing is kept on it.
+            raise storage_error_from_oserror(exc, "write the resume state", state_path) from exc
 
         def landed(numbers: Iterable[int], save: bool) -> None:
             with done_lock:

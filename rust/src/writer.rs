@@ -663,8 +663,11 @@ pub struct WriterCore {
     temp_path: PathBuf,
     /// None for a stream writer, and once committed or aborted.
     file: Mutex<Option<Arc<File>>>,
-    /// The temp file opened again with O_DIRECT, when asked for and the filesystem allows.
-    direct: Option<File>,
+    /// The temp file opened again with O_DIRECT, when asked for and the filesystem allows;
+    /// closed with `file` (an aborted temp's blocks are freed only when its last fd closes).
+    direct: Mutex<Option<Arc<File>>>,
+    /// Whether `direct` was opened (it stays true once the writer is closed).
+    writes_direct: bool,
     stream: bool,
     closed: AtomicBool,
     existing_length: u64,
@@ -712,6 +715,8 @@ impl WriterCore {
         } else {
             None
         };
+        let writes_direct = direct.is_some();
+        let direct = Mutex::new(direct.map(Arc::new));
         let file = Arc::new(file);
         let order = (hash || !crcs.is_empty())
             .then(|| Ordered::new(Some(Arc::clone(&file)), temp_path.to_path_buf(), None, Digests::new(hash, crcs)));
@@ -720,6 +725,7 @@ impl WriterCore {
             temp_path: temp_path.to_path_buf(),
             file: Mutex::new(Some(file)),
             direct,
+            writes_direct,
             stream: false,
             closed: AtomicBool::new(false),
             existing_length,
@@ -735,7 +741,8 @@ impl WriterCore {
             final_path: PathBuf::new(),
             temp_path: PathBuf::new(),
             file: Mutex::new(None),
-            direct: None,
+            direct: Mutex::new(None),
+            writes_direct: false,
             stream: true,
             closed: AtomicBool::new(false),
             existing_length: 0,
@@ -795,9 +802,10 @@ impl WriterCore {
 
     fn store(&self, offset: u64, data: &[u8]) -> CoreResult<u64> {
         let file = self.file()?;
+        let direct = lock(&self.direct).clone();
         let write = |start: usize, end: usize| {
             let at = offset + start as u64;
-            let cached = match &self.direct {
+            let cached = match &direct {
                 Some(direct) => write_direct(direct, &data[start..end], at)
                     .context(|| format!("writing {} at offset {at}", self.temp_path.display()))?,
                 None => 0,
@@ -901,6 +909,7 @@ impl WriterCore {
             return Ok(());
         }
         let file = lock(&self.file).take().ok_or_else(|| self.closed_error())?;
+        drop(lock(&self.direct).take());
         self.closed.store(true, Ordering::Release);
         self.close_order();
         let result = (|| {
@@ -924,6 +933,7 @@ impl WriterCore {
             return Ok(());
         }
         let file = lock(&self.file).take();
+        drop(lock(&self.direct).take());
         if file.is_none() {
             return Ok(()); // already committed or aborted
         }
@@ -1090,7 +1100,7 @@ impl ChunkWriter {
     /// Whether the data is written with O_DIRECT.
     #[getter]
     fn direct(&self) -> bool {
-        self.core.direct.is_some()
+        self.core.writes_direct
     }
 
     #[getter]
@@ -1268,6 +1278,22 @@ mod tests {
         writer.abort(false).expect("abort");
         assert!(!temp_path.exists());
         assert_eq!(std::fs::read(&final_path).expect("read"), b"old");
+    }
+
+    #[test]
+    fn abort_closes_every_fd_of_the_temp_so_its_blocks_are_freed() {
+        // In the crate's directory: O_DIRECT needs a filesystem that takes it.
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).expect("tempdir");
+        let (final_path, temp_path) = paths(dir.path());
+        let writer = WriterCore::open_direct(&final_path, &temp_path, false, true, &[], true).expect("open");
+        writer.write_at(0, &vec![7u8; 1 << 16]).expect("write");
+        writer.abort(false).expect("abort");
+        let open_on_temp = std::fs::read_dir("/proc/self/fd")
+            .expect("/proc/self/fd")
+            .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+            .filter(|target| target.to_string_lossy().starts_with(&*temp_path.to_string_lossy()))
+            .count();
+        assert_eq!(open_on_temp, 0, "the aborted temp is still open (direct: {})", writer.writes_direct);
     }
 
     #[test]
@@ -1530,7 +1556,7 @@ mod tests {
         let (final_path, temp_path) = paths(dir.path());
         let writer = WriterCore::open_direct(&final_path, &temp_path, false, true, &[], true).expect("open");
         let takes_direct = OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(&temp_path).is_ok();
-        assert_eq!(writer.direct.is_some(), takes_direct);
+        assert_eq!(writer.writes_direct, takes_direct);
         let size = (3 << 20) + 4096 * 3 + 123;
         let mut data: Vec<u8> = (0..size as u32).map(|i| (i % 251) as u8 | 1).collect();
         data[1 << 20..2 << 20].fill(0); // a hole in the middle

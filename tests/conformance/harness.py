@@ -31,6 +31,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import botocore.exceptions
 import pytest
@@ -99,6 +100,21 @@ class BackendHarness(abc.ABC):
     @abc.abstractmethod
     def tamper(self, key: str) -> bytes:
         """Change the stored bytes (same size, stored checksum kept); return the new bytes."""
+
+    def upstream_port(self) -> int | None:
+        """The server's port on 127.0.0.1 (None: no network between vmstore and the store)."""
+        return None
+
+    def via_proxy(self, port: int) -> BackendHarness:
+        """This backend with vmstore's traffic sent through a TCP proxy on 127.0.0.1:``port``
+        (tests/faults.py) that forwards to ``upstream_port()``; the outside view is direct."""
+        raise NotImplementedError(f"{self.name} has no network to put a proxy in")
+
+
+def _proxied(url: str, port: int) -> str:
+    """``url`` with its host:port replaced by the proxy's."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=f"127.0.0.1:{port}"))
 
 
 @dataclass
@@ -194,6 +210,13 @@ class S3Harness(BackendHarness):
         metadata = {k.lower(): v for k, v in head.get("Metadata", {}).items()}
         return {f"{key}.vmstore.json"} if "vmstore-upload" in metadata else set()
 
+    def upstream_port(self) -> int | None:
+        return urlsplit(self.config.endpoint).port
+
+    def via_proxy(self, port: int) -> BackendHarness:
+        config = dataclasses.replace(self.config, endpoint=_proxied(self.config.endpoint, port))
+        return dataclasses.replace(self, config=config)
+
     def tamper(self, key: str) -> bytes:
         head = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
         data = bytearray(self.read_object(key) or b"")
@@ -257,6 +280,13 @@ class HttpHarness(BackendHarness):
     def companion_names(self, key: str) -> set[str]:
         return {f"{key}.vmstore.json"}  # nginx keeps no checksum or metadata of its own
 
+    def upstream_port(self) -> int | None:
+        return urlsplit(self.base).port
+
+    def via_proxy(self, port: int) -> BackendHarness:
+        config = dataclasses.replace(self.config, endpoint=_proxied(self.config.endpoint, port))
+        return dataclasses.replace(self, config=config, base=_proxied(self.base, port))
+
     def tamper(self, key: str) -> bytes:
         path = self.served / key
         before = path.stat()
@@ -303,12 +333,14 @@ class PlainHttpHarness(BackendHarness):
 
     server: Any = None
     area: str = ""
+    base: str = ""
+    """Where vmstore reaches the server ("": the server's own address)."""
 
     def _path(self, key: str) -> str:
         return f"/{self.area}/{key}"
 
     def url(self, key: str) -> str:
-        return f"{self.server.base}{self._path(key)}"
+        return f"{self.base or self.server.base}{self._path(key)}"
 
     def read_object(self, key: str) -> bytes | None:
         with self.server.lock:
@@ -322,6 +354,14 @@ class PlainHttpHarness(BackendHarness):
 
     def companion_names(self, key: str) -> set[str]:
         return {f"{key}.vmstore.json"}  # it keeps no checksum or metadata of its own
+
+    def upstream_port(self) -> int | None:
+        return urlsplit(str(self.server.base)).port
+
+    def via_proxy(self, port: int) -> BackendHarness:
+        base = _proxied(self.server.base, port)
+        config = dataclasses.replace(self.config, endpoint=base)
+        return dataclasses.replace(self, config=config, base=base)
 
     def tamper(self, key: str) -> bytes:
         return bytes(self.server.tamper(self._path(key)))

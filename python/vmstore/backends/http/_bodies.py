@@ -124,12 +124,7 @@ class _ObjectReader:
             if fp is None:
                 return _read_exactly(response, end - start, self._pacer)
             # Straight off the socket into this download's pooled buffer (_bodyread).
-            data = read_into_buffer(response.raw, fp, end - start, self._buffers, self._pacer)
-            if len(data) != end - start:
-                raise RetryableError(
-                    f"the response body ended after {len(data)} of {end - start} bytes"
-                )
-            return data
+            return read_into_buffer(response.raw, fp, end - start, self._buffers, self._pacer)
 
     def read_stream(self) -> Iterable[bytes]:
         response = self._get({})

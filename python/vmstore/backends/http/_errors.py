@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import re
+import ssl
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import requests
@@ -92,6 +93,35 @@ _TLS: tuple[type[BaseException], ...] = (
     requests.exceptions.SSLError,
     urllib3.exceptions.SSLError,
 )
+_TLS_BROKEN_REASONS = frozenset(
+    {"BAD_RECORD_MAC", "DECRYPTION_FAILED_OR_BAD_RECORD_MAC", "UNEXPECTED_EOF_WHILE_READING",
+     "SSLV3_ALERT_BAD_RECORD_MAC"}
+)  # fmt: skip
+"""OpenSSL's reasons for a record that was cut off or damaged in transit, not refused (the
+last: the peer's alert that a record we sent arrived damaged)."""
+
+
+def _tls_connection_broke(exc: BaseException) -> bool:
+    """A TLS failure of the connection, not of the peer's identity: the connection was cut
+    (an EOF inside a record, a reset) or a record arrived damaged (its MAC failed). Another
+    connection may well succeed, unlike after a certificate that does not verify."""
+    seen: set[int] = set()
+    todo: list[object] = [exc]
+    while todo:
+        item = todo.pop()
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, ssl.SSLCertVerificationError):
+            return False
+        if isinstance(item, ssl.SSLEOFError | ConnectionResetError):
+            return True
+        if isinstance(item, ssl.SSLError) and item.reason in _TLS_BROKEN_REASONS:
+            return True
+        todo.extend([*item.args, getattr(item, "reason", None), item.__cause__, item.__context__])
+    return False
+
+
 _BAD_REQUEST_SETUP: tuple[type[BaseException], ...] = (
     requests.exceptions.InvalidURL,
     requests.exceptions.InvalidSchema,
@@ -113,6 +143,8 @@ def classify_retry(exc: BaseException) -> RetryableError | None:
             return RetryableError(f"HTTP {exc.status}", retry_after=exc.retry_after)
         return None
     if isinstance(exc, _TLS):
+        if _tls_connection_broke(exc):
+            return RetryableError("the TLS connection broke")
         return None  # a certificate does not become valid by asking again
     if isinstance(exc, _TRANSIENT):
         return RetryableError(_reason(exc))
@@ -223,6 +255,12 @@ def _map_error(exc: BaseException, action: str, where: str) -> StorageError:
                 f"could not {action} {where}: TLS {reason}; set StorageConfig.ca_bundle "
                 "(VMSTORE_CA_BUNDLE) to the CA certificate that signed the server's, or "
                 "insecure_skip_verify=True for a test server",
+                cause=exc,
+            )
+        if _tls_connection_broke(exc):
+            return NetworkError(
+                f"could not {action} {where}: the TLS connection broke ({reason}) after all "
+                "retries; check the endpoint and the network, then retry",
                 cause=exc,
             )
         return NetworkError(
