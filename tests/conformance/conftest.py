@@ -64,9 +64,9 @@ def nfs_backend(tmp_path: Path) -> BackendHarness:
     return nfs_harness(tmp_path / "share")
 
 
-def _s3_backend(server: S3Endpoint) -> BackendHarness:
+def _s3_backend(server: S3Endpoint) -> Iterator[BackendHarness]:
     pytest.importorskip("vmstore.backends.s3", reason="the S3 backend is not available")
-    return s3_harness(
+    harness = s3_harness(
         f"s3-{server.name}",
         server.endpoint,
         server.client(),
@@ -75,21 +75,23 @@ def _s3_backend(server: S3Endpoint) -> BackendHarness:
         ACCESS_KEY,
         SECRET_KEY,
     )
+    yield harness
+    harness.abort_open_uploads()
 
 
 @pytest.fixture
-def s3_rclone_backend(rclone_s3_server: S3Endpoint) -> BackendHarness:
-    return _s3_backend(rclone_s3_server)
+def s3_rclone_backend(rclone_s3_server: S3Endpoint) -> Iterator[BackendHarness]:
+    yield from _s3_backend(rclone_s3_server)
 
 
 @pytest.fixture
-def s3_moto_backend(moto_s3_server: S3Endpoint) -> BackendHarness:
-    return _s3_backend(moto_s3_server)
+def s3_moto_backend(moto_s3_server: S3Endpoint) -> Iterator[BackendHarness]:
+    yield from _s3_backend(moto_s3_server)
 
 
 @pytest.fixture
-def s3_seaweedfs_backend(seaweedfs_s3_server: S3Endpoint) -> BackendHarness:
-    return _s3_backend(seaweedfs_s3_server)
+def s3_seaweedfs_backend(seaweedfs_s3_server: S3Endpoint) -> Iterator[BackendHarness]:
+    yield from _s3_backend(seaweedfs_s3_server)
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ Adding a backend (rclone fstests style) means adding one subclass here and one f
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import json
 import os
@@ -198,6 +199,22 @@ class S3Harness(BackendHarness):
             uploads = []  # rclone's answer when there is none
         names |= {f"{u['Key'][start:]} (multipart upload)" for u in uploads}
         return names
+
+    def abort_open_uploads(self) -> None:
+        """Abort the multipart uploads a test left open under its prefix (a failed resumable
+        upload keeps its upload for the resume): the bucket is shared by every test on this
+        server, and what one leaves, a store-wide listing in another would see."""
+        try:
+            uploads = self.client.list_multipart_uploads(
+                Bucket=self.bucket, Prefix=self.prefix + "/"
+            ).get("Uploads", [])
+        except self.client.exceptions.NoSuchUpload:
+            uploads = []
+        for upload in uploads:
+            with contextlib.suppress(botocore.exceptions.ClientError):
+                self.client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                )
 
     def companion_names(self, key: str) -> set[str]:
         # A multipart upload learns the SHA-256 after its last part, so it keeps it in a
