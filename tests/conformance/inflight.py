@@ -34,19 +34,33 @@ def _nothing() -> None:
     pass
 
 
+def _hung_up(sock: socket.socket) -> bool:
+    """Whether the peer closed or reset ``sock`` (readable, and nothing or an error to peek)."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        if not readable:
+            return False
+        return not sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return False
+    except (OSError, ValueError):
+        return True
+
+
 def _send(to: socket.socket, data: bytes | bytearray) -> None:
     """sendall, unless the peer hung up: a client that closes a response it stopped reading
     (a server ignoring Range sends the whole file) is done with that exchange at that moment,
     not when a later send finally fails."""
-    readable, _, _ = select.select([to], [], [], 0)
-    if readable:
-        try:
-            peeked = to.recv(1, socket.MSG_PEEK)
-        except OSError:
-            peeked = b""
-        if not peeked:
-            raise _Closed()
+    if _hung_up(to):
+        raise _Closed()
     to.sendall(data)
+
+
+@dataclass(eq=False)
+class _Exchange:
+    """One request in flight, with the client connection that sent it."""
+
+    client: socket.socket
 
 
 class _Reader:
@@ -158,6 +172,7 @@ class CountingProxy:
     peak: int = 0
     requests: int = 0
     _current: int = 0
+    _active: set[_Exchange] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _listener: socket.socket | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -188,15 +203,26 @@ class CountingProxy:
             self.peak = self._current
             self.requests = 0
 
-    def _enter(self) -> None:
+    def _enter(self, exchange: _Exchange) -> None:
         with self._lock:
+            # An exchange whose client has hung up is over for the client, whose next
+            # request this may be: counted down now, not when its relay thread notices (a
+            # thread that may not run again before this one counts).
+            for other in [e for e in self._active if _hung_up(e.client)]:
+                self._close_locked(other)
+            self._active.add(exchange)
             self._current += 1
             self.requests += 1
             self.peak = max(self.peak, self._current)
 
-    def _leave(self) -> None:
-        with self._lock:
+    def _close_locked(self, exchange: _Exchange) -> None:
+        if exchange in self._active:
+            self._active.remove(exchange)
             self._current -= 1
+
+    def _leave(self, exchange: _Exchange) -> None:
+        with self._lock:
+            self._close_locked(exchange)
 
     def _accept_loop(self) -> None:
         assert self._listener is not None
@@ -231,16 +257,13 @@ class CountingProxy:
         head = from_client.head()
         if head is None:
             return False
-        self._enter()
-        left = False
+        exchange = _Exchange(client)
+        self._enter(exchange)
 
         def leave() -> None:
             # Just before the response's last bytes go out: the client cannot send its next
             # request before it has them, so an exchange never overlaps the one it enables.
-            nonlocal left
-            if not left:
-                left = True
-                self._leave()
+            self._leave(exchange)
 
         try:
             method = head.split(b" ", 1)[0].upper()
