@@ -89,7 +89,7 @@ TARGETS = [
     Target("download peak RSS, MiB", "download", "rss", None, "<=", 0),
 ]
 VM_NAMES = {
-    "upload": {"default": VM_UP, "O_DIRECT": VM_UP_DIRECT},
+    "upload": {"default": VM_UP, "O_DIRECT": VM_UP_DIRECT, "floor (no HTTP)": cb.FLOOR_UP},
     "download": {"default": VM_DL},
 }
 PY_BLOCK = MiB  # iter_content block of the requests download baselines
@@ -166,7 +166,10 @@ def child_main(argv: list[str]) -> None:
     import vmstore
     import vmstore.backends.http  # new_storage would import it on first use
 
-    if op == "vmstore-download":
+    if op == "floor-upload":
+        src, part = args
+        result.update(cb.floor_upload(src, int(part), meter))
+    elif op == "vmstore-download":
         knobs, url, dst, expected = args
         store = vmstore.new_storage(vmstore_config(json.loads(knobs)))
         req = vmstore.DownloadRequest(
@@ -392,6 +395,11 @@ class HttpBench:
                     raise RuntimeError(f"sidecar of {stored}: {sha}")
             rec["verified"] = "stored file"
 
+        def check_digest(rec: dict[str, Any]) -> None:
+            if rec.get("sha256") != exp:
+                raise RuntimeError(f"floor: sha256 {rec.get('sha256')} != {exp}")
+            rec["verified"] = "digest of the bytes sent"
+
         def clean_dl() -> None:
             nfs.rm(*glob.glob(dl + "*"))
 
@@ -421,6 +429,15 @@ class HttpBench:
             up(VM_UP, "vmstore", vm_up, {cb.DIRECT_ENV: "0"}),
             up(VM_UP_DIRECT, "vmstore-direct", vm_up, {cb.DIRECT_ENV: "1"}),
             up(RQ_UP, "peer", py_child("requests-upload", src, target, "0")),
+            Contender(
+                cb.FLOOR_UP,
+                "upload",
+                py_child("floor-upload", src, str(self.settings["chunk_size"])),
+                cb.FLOOR_ROLE,
+                {},
+                check_digest,
+                None,
+            ),
             up(RQ_UP_H, "peer+hash", py_child("requests-upload", src, target, "1")),
             up(CURL_T, "ceiling", self.curl("-T", src, "-o", "/dev/null", target)),
             down(VM_DL, "vmstore", py_child("vmstore-download", knobs, url, dl, exp)),

@@ -104,7 +104,7 @@ TARGETS = [
     Target("download peak RSS, MiB", "download", "rss", None, "<=", 0),
 ]
 VM_NAMES = {
-    "upload": {"default": VM_UP, "O_DIRECT": VM_UP_DIRECT},
+    "upload": {"default": VM_UP, "O_DIRECT": VM_UP_DIRECT, "floor (no HTTP)": cb.FLOOR_UP},
     "download": {"default": VM_DL},
 }
 
@@ -199,6 +199,9 @@ def child_main(argv: list[str]) -> None:
             down = store.download(req)
         result["sha256"] = down.checksum
         store.close()
+    elif op == "floor-upload":
+        src, part = args
+        result.update(cb.floor_upload(src, int(part), meter))
     elif op == "boto3-upload":
         from boto3.s3.transfer import TransferConfig
 
@@ -451,6 +454,11 @@ class S3Bench:
             self.verify_object(up_key, spec.sha256)
             rec["verified"] = "stored object"
 
+        def check_digest(rec: dict[str, Any]) -> None:
+            if rec.get("sha256") != spec.sha256:
+                raise RuntimeError(f"floor: sha256 {rec.get('sha256')} != {spec.sha256}")
+            rec["verified"] = "digest of the bytes sent"
+
         def clean_dl() -> None:
             nfs.rm(*glob.glob(dl + "*"))
 
@@ -477,6 +485,15 @@ class S3Bench:
                 {cb.DIRECT_ENV: "1"},
             ),
             up(B3_UP, "peer", py_child("boto3-upload", "0", src, up_key)),
+            Contender(
+                cb.FLOOR_UP,
+                "upload",
+                py_child("floor-upload", src, str(self.settings["chunk_size"])),
+                cb.FLOOR_ROLE,
+                {},
+                check_digest,
+                None,
+            ),
             up(B3_UP_H, "peer+hash", py_child("boto3-upload", "1", src, up_key)),
             down(VM_DL, "vmstore", py_child("vmstore-download", stored, dl)),
             down(B3_DL, "peer", py_child("boto3-download", "0", stored, dl)),

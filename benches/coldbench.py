@@ -224,6 +224,47 @@ class OpMeter:
         )
 
 
+FLOOR_UP = "floor: vmstore's pass + socket, no HTTP"
+FLOOR_ROLE = "floor"
+
+_SINK = (
+    "import socket,sys\n"
+    "s=socket.socket(); s.bind(('127.0.0.1',0)); s.listen(1)\n"
+    "print(s.getsockname()[1], flush=True)\n"
+    "c,_=s.accept(); b=bytearray(1<<20); n=0\n"
+    "while (k:=c.recv_into(b)): n+=k\n"
+    "print(n, flush=True)\n"
+)
+
+
+def floor_upload(src: str, part_size: int, meter: OpMeter) -> dict[str, Any]:
+    """The least CPU an upload with this issue's checks can cost, measured: vmstore's own
+    pass over the source (UploadSource, O_DIRECT: one read, SHA-256 + CRC-64/NVME in Rust)
+    with every part's bytes handed to a loopback TCP socket, and nothing else: no HTTP
+    request, no signing, no response, no thread pool. The receiving end is another process
+    (excluded, like every server); it is reaped after the meter stops."""
+    from vmstore import _native
+
+    sink = subprocess.Popen([sys.executable, "-c", _SINK], stdout=subprocess.PIPE, text=True)
+    assert sink.stdout is not None
+    port = int(sink.stdout.readline())
+    import socket
+
+    conn = socket.create_connection(("127.0.0.1", port))
+    with meter:
+        source = _native.UploadSource.file(src, direct=True)
+        while (part := source.next_part(part_size)) is not None:
+            conn.sendall(memoryview(part.data).cast("B"))
+            meter.progress(source.position)
+        conn.close()
+        sha = source.sha256()
+    received = int(sink.stdout.readline())
+    sink.wait()
+    if received != os.path.getsize(src):
+        raise SystemExit(f"the sink received {received} bytes of {os.path.getsize(src)}")
+    return {"sha256": sha, "direct": True}
+
+
 class FirstRead:
     """A file object for requests' PUT that notes its first read, then gets out of the way:
     the bound method of the file replaces this wrapper's after the first call, so the later
@@ -594,6 +635,8 @@ def targets_rows(
     for sn in size_names(runs):
         for t in targets:
             for variant, vm in vm_names[t.direction].items():
+                if vm == FLOOR_UP and t.kind != "cpu":
+                    continue  # the floor stores nothing: only its CPU is a bound
                 bound = rss_bound_mib(sn, t.direction) if t.kind == "rss" else t.bound
                 op = t.op
                 vals = target_values(runs, t, sn, vm)

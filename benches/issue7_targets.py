@@ -81,7 +81,8 @@ def table(s3: Any, sw: Any, http: Any) -> str:
     lines = [head, "|---|---|---|" + "---|" * len(cols)]
     for size in sizes:
         for (kind, direction), label in ROWS:
-            for variant in ("default", "O_DIRECT") if direction == "upload" else ("default",):
+            variants = ("default", "O_DIRECT", "floor (no HTTP)")
+            for variant in variants if direction == "upload" else ("default",):
                 row = [g.get((size, kind, direction, variant), "-") for g in got]
                 if all(c == "-" for c in row):
                     continue
