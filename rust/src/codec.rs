@@ -490,7 +490,7 @@ pub fn parse_frame_header(head: &[u8]) -> PyResult<(u8, u64, u64, u64, u64)> {
 /// CRC-64/NVME of A||B from crc(A), crc(B) and len(B) (S3's FULL_OBJECT checksum of frames).
 #[pyfunction]
 pub fn crc64nvme_combine(crc_a: u64, crc_b: u64, len_b: u64) -> u64 {
-    crc_fast::checksum_combine(CrcAlgorithm::Crc64Nvme, crc_a, crc_b, len_b)
+    crate::crc64::combine(crc_a, crc_b, len_b)
 }
 
 /// CRC-64/NVME of a bytes-like object, with the GIL released for large ones.

@@ -13,6 +13,7 @@ mod buffer;
 mod cancel;
 mod codec;
 mod copy;
+mod crc64;
 mod error;
 mod fsinfo;
 mod hash;

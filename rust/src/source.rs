@@ -148,7 +148,7 @@ impl Pass {
         self.crc = if self.position == 0 {
             part_crc
         } else {
-            crc_fast::checksum_combine(CrcAlgorithm::Crc64Nvme, self.crc, part_crc, data.len() as u64)
+            crate::crc64::combine(self.crc, part_crc, data.len() as u64)
         };
         let sha = part_sha256.then(|| to_hex(&Sha256::digest(data)));
         self.position += data.len() as u64;
