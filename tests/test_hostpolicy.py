@@ -444,6 +444,35 @@ def test_http_proxy_target_is_resolved_and_checked_here(
     assert socket_guard.connects == [] and plain.requests() == []
 
 
+def test_s3_proxy_target_is_resolved_and_checked_on_every_request(
+    plain: PlainServer,
+    resolver: StubResolver,
+    socket_guard: SocketGuard,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """botocore takes its proxy from the environment once, at client creation; the policy
+    decides "through a proxy" once per host too, but still resolves and checks the target's
+    name before every request (it may have changed to a refused address since)."""
+    monkeypatch.setenv("http_proxy", plain.base)
+    monkeypatch.setenv("no_proxy", "")
+    store = new_storage(
+        StorageConfig(
+            type="s3",
+            endpoint="http://metadata.test:9000",
+            bucket="b",
+            access_key="k",
+            secret_key="s",
+            region="us-east-1",
+            max_retries=1,
+        )
+    )
+    with store:
+        refused(lambda: store.get_metadata("/x"))
+        refused(lambda: store.get_metadata("/y"))
+    assert resolver.count("metadata.test") == 2
+    assert socket_guard.connects == [] and plain.requests() == []
+
+
 # --- real servers: nginx and an S3 server ----------------------------------------------------
 
 

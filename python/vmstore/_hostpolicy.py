@@ -307,13 +307,17 @@ class HostPolicy:
         ):
             raise _refused(host, "", "the name is not in StorageConfig.allowed_hosts")
 
-    def check_url(self, url: str) -> None:
+    def check_url(self, url: str, *, through_proxy: bool | None = None) -> None:
         """Check the host of a URL before a request: without resolving (the connection
         resolves and checks once, then connects to what it checked), unless the request
-        goes through a proxy, which connects on its own: then the name is resolved here."""
+        goes through a proxy, which connects on its own: then the name is resolved here.
+        ``through_proxy`` is that decision when the caller knows it (None: from the
+        environment now)."""
         host = urlsplit(url).hostname or ""
         self.check_host(host)
-        if proxied(url) and literal_address(host) is None:
+        if through_proxy is None:
+            through_proxy = proxied(url)
+        if through_proxy and literal_address(host) is None:
             port = urlsplit(url).port or (443 if url.lower().startswith("https") else 80)
             self.resolve(host, port)
 
@@ -532,7 +536,16 @@ def install_on_boto3_client(client: Any, policy: HostPolicy) -> None:
     classes.update(pool_classes(policy, dict(classes)))
     manager.pool_classes_by_scheme = classes
 
+    # botocore reads the proxy environment once, when the client is made; so does this,
+    # once per scheme and host (reading the environment costs ~1 ms a request).
+    through_proxy: dict[tuple[str, str], bool] = {}
+
     def before_send(request: Any, **_: Any) -> None:
-        policy.check_url(str(request.url))
+        url = str(request.url)
+        parts = urlsplit(url)
+        origin = (parts.scheme.lower(), parts.netloc.lower())
+        if origin not in through_proxy:
+            through_proxy[origin] = proxied(url)
+        policy.check_url(url, through_proxy=through_proxy[origin])
 
     client.meta.events.register_first("before-send.s3", before_send)
