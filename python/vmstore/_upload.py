@@ -192,7 +192,10 @@ class PartFeed:
     """The source's parts in order, read (and hashed) ahead on one thread.
 
     ``keep(number)`` says whether a part's bytes are needed (False for parts a resumed upload
-    already stored: they are hashed, not kept). At most ``depth`` parts wait in the queue.
+    already stored: they are hashed, not kept). At most ``depth`` parts are read ahead of the
+    consumer: the thread takes a slot before it reads a part, and the consumer gives it back
+    when it takes the part, so no part is read only to wait for room (one part size less
+    memory than a queue of ``depth`` plus the one in hand).
     ``first_number`` is the number of the next part when earlier ones were read already.
     """
 
@@ -208,25 +211,23 @@ class PartFeed:
         self._plan = plan
         self._first_number = first_number
         self._keep = keep
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=max(1, depth))
+        self._queue: queue.Queue[object] = queue.Queue()
+        self._slots = threading.Semaphore(max(1, depth))
         self._stop = threading.Event()
         self._cancel = cancel
         self._thread = threading.Thread(target=self._run, name="vmstore-read", daemon=True)
         self._started = False
 
-    def _put(self, item: object) -> bool:
+    def _take_slot(self) -> bool:
         while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
+            if self._slots.acquire(timeout=0.1):
                 return True
-            except queue.Full:
-                continue
         return False
 
     def _run(self) -> None:
         number = self._first_number
         try:
-            while not self._stop.is_set():
+            while self._take_slot():
                 if self._cancel is not None and self._cancel.is_cancelled:
                     raise CancelledError(f"upload of {self._plan.name} cancelled")
                 part = self._plan.source.next_part(
@@ -234,12 +235,11 @@ class PartFeed:
                 )
                 if part is None:
                     break
-                if not self._put(part):
-                    return
+                self._queue.put(part)
                 number += 1
-            self._put(_END)
+            self._queue.put(_END)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
-            self._put(exc)
+            self._queue.put(exc)
 
     def __iter__(self) -> Iterator[_native.SourcePart]:
         if not self._started:
@@ -247,6 +247,7 @@ class PartFeed:
             self._thread.start()
         while True:
             item = self._queue.get()
+            self._slots.release()
             if item is _END:
                 return
             if isinstance(item, BaseException):
