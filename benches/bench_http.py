@@ -15,10 +15,12 @@ time, client CPU-seconds, bytes read from storage, time to the first progress re
 RSS (coldbench's docstring says how), and nginx's own CPU beside them (not in the client's).
 
 Contenders
-  upload    vmstore upload                the library as it is: one pass over the source, the
-                                          sidecar PUT after the data
-            vmstore upload (O_DIRECT)     VMSTORE_BENCH_DIRECT=1: plan_source opens the file
-                                          with O_DIRECT
+  upload    vmstore upload (O_DIRECT, default)  the library as it is: one pass over the
+                                          source (read O_DIRECT), the sidecar PUT after the data
+            vmstore upload (page cache)   VMSTORE_BENCH_DIRECT=0: plan_source reads the file
+                                          through the page cache
+            floor: vmstore's pass + socket  the O_DIRECT pass, bytes to a loopback socket,
+                                          no HTTP (coldbench.floor_upload)
             requests PUT                  alone: the open file as the body, no hashing
             requests PUT + hashlib        a hashlib pass, then the PUT with the digest in a
                                           header (equal work)
@@ -70,7 +72,11 @@ DOC_END = "<!-- bench_http:table:end -->"
 DOC_HEADING = "## HTTP backend (nginx), page cache dropped"
 TOKEN_ENV = "BENCH_HTTP_TOKEN"  # the children's token: kept out of argv
 
-VM_UP, VM_UP_DIRECT, VM_DL = "vmstore upload", "vmstore upload (O_DIRECT)", "vmstore download"
+VM_UP, VM_UP_DIRECT, VM_DL = (
+    "vmstore upload (page cache)",
+    "vmstore upload (O_DIRECT, default)",
+    "vmstore download",
+)
 RQ_UP, RQ_UP_H = "requests PUT", "requests PUT + hashlib"
 RQ_DL, RQ_DL_H = "requests GET", "requests GET + hashlib + fsync"
 CURL_T, CURL_O, CURL_NULL = "curl -T", "curl -o", "limit: curl -o /dev/null"
@@ -89,7 +95,11 @@ TARGETS = [
     Target("download peak RSS, MiB", "download", "rss", None, "<=", 0),
 ]
 VM_NAMES = {
-    "upload": {"default": VM_UP, "O_DIRECT": VM_UP_DIRECT, "floor (no HTTP)": cb.FLOOR_UP},
+    "upload": {
+        "O_DIRECT (default)": VM_UP_DIRECT,
+        "page cache": VM_UP,
+        "floor (no HTTP)": cb.FLOOR_UP,
+    },
     "download": {"default": VM_DL},
 }
 PY_BLOCK = MiB  # iter_content block of the requests download baselines

@@ -18,10 +18,13 @@ storage, time to the first progress report, peak RSS (see coldbench's docstring 
 is measured; servers excluded).
 
 Contenders
-  upload    vmstore upload                      the library as it is (one pass, default
-                                                chunk_size and concurrency)
-            vmstore upload (O_DIRECT)           the same with VMSTORE_BENCH_DIRECT=1: the child
-                                                makes plan_source open the file O_DIRECT
+  upload    vmstore upload (O_DIRECT, default)  the library as it is (one pass, the file
+                                                read O_DIRECT, default chunk_size, concurrency)
+            vmstore upload (page cache)         the same with VMSTORE_BENCH_DIRECT=0: the child
+                                                makes plan_source read the file cached
+            floor: vmstore's pass + socket      vmstore's O_DIRECT pass (read, SHA-256, CRC-64)
+                                                with the bytes sent to a loopback socket and
+                                                no HTTP at all (coldbench.floor_upload)
             boto3 upload_file                   alone, no hashing at all (default TransferConfig)
             boto3 upload_file + hashlib         a hashlib SHA-256 pass, then upload_file with
                                                 the digest as metadata ``sha256`` (equal work)
@@ -86,7 +89,11 @@ DOC_END = "<!-- bench_s3:table:end -->"
 REGION = "us-east-1"
 ENV_CFG = "VMSTORE_BENCH_S3"  # the server and settings, JSON, for the children
 
-VM_UP, VM_UP_DIRECT, VM_DL = "vmstore upload", "vmstore upload (O_DIRECT)", "vmstore download"
+VM_UP, VM_UP_DIRECT, VM_DL = (
+    "vmstore upload (page cache)",
+    "vmstore upload (O_DIRECT, default)",
+    "vmstore download",
+)
 B3_UP, B3_UP_H = "boto3 upload_file", "boto3 upload_file + hashlib"
 B3_DL, B3_DL_H = "boto3 download_file", "boto3 download_file + hashlib + fsync"
 S5_UP, S5_DL = "s5cmd cp (upload)", "s5cmd cp (download)"
@@ -104,7 +111,11 @@ TARGETS = [
     Target("download peak RSS, MiB", "download", "rss", None, "<=", 0),
 ]
 VM_NAMES = {
-    "upload": {"default": VM_UP, "O_DIRECT": VM_UP_DIRECT, "floor (no HTTP)": cb.FLOOR_UP},
+    "upload": {
+        "O_DIRECT (default)": VM_UP_DIRECT,
+        "page cache": VM_UP,
+        "floor (no HTTP)": cb.FLOOR_UP,
+    },
     "download": {"default": VM_DL},
 }
 

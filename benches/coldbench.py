@@ -87,19 +87,19 @@ def proc_io(pid: int | str = "self") -> dict[str, int]:
 
 
 def apply_direct_env() -> bool:
-    """With VMSTORE_BENCH_DIRECT=1, make vmstore's uploads open their file source with
-    O_DIRECT (only the native core has the switch: ``UploadSource.file(path, direct=True)``).
-    The backends import ``plan_source`` by name, so the partial goes into their namespaces."""
-    if os.environ.get(DIRECT_ENV) != "1":
-        return False
+    """VMSTORE_BENCH_DIRECT=1 makes vmstore's uploads read their file with O_DIRECT (the
+    library's default on a local disk), =0 through the page cache (the default before
+    2026-12-02), by putting ``functools.partial(plan_source, direct=...)`` into the backends'
+    namespaces (they import ``plan_source`` by name). Returns whether the run reads direct."""
     import vmstore._upload
     import vmstore.backends.http._backend
     import vmstore.backends.s3
 
-    direct = functools.partial(vmstore._upload.plan_source, direct=True)
-    vmstore.backends.s3.plan_source = direct  # type: ignore[assignment]
-    vmstore.backends.http._backend.plan_source = direct  # type: ignore[assignment]
-    return True
+    direct = os.environ.get(DIRECT_ENV) != "0"
+    planner = functools.partial(vmstore._upload.plan_source, direct=direct)
+    vmstore.backends.s3.plan_source = planner  # type: ignore[assignment]
+    vmstore.backends.http._backend.plan_source = planner  # type: ignore[assignment]
+    return direct
 
 
 def code_files() -> list[str]:

@@ -81,7 +81,7 @@ def table(s3: Any, sw: Any, http: Any) -> str:
     lines = [head, "|---|---|---|" + "---|" * len(cols)]
     for size in sizes:
         for (kind, direction), label in ROWS:
-            variants = ("default", "O_DIRECT", "floor (no HTTP)")
+            variants = ("O_DIRECT (default)", "page cache", "floor (no HTTP)")
             for variant in variants if direction == "upload" else ("default",):
                 row = [g.get((size, kind, direction, variant), "-") for g in got]
                 if all(c == "-" for c in row):

@@ -49,7 +49,7 @@ from vmstore import _native, images
 from vmstore._codec import Encoding, Frame, decoder_for, looks_encoded, missing_record
 from vmstore._failure import keeps_partial
 from vmstore._incomplete import forget_download, record_download
-from vmstore._localpath import check_destination_file, stream_label
+from vmstore._localpath import check_destination_file, direct_io_suits, stream_label
 from vmstore._oserrors import storage_error_from_oserror
 from vmstore._parts import Chunk, ChunkSet, split
 from vmstore._pool import run_bounded
@@ -309,19 +309,6 @@ def _done_runs(chunks: list[Chunk], done: ChunkSet) -> list[tuple[int, int]]:
     return runs
 
 
-def _writes_direct(directory: str) -> bool:
-    """O_DIRECT for a local disk: the chunks go from memory to the device without a
-    page-cache copy (measured: about 1 CPU-second less per GiB after drop_caches, the
-    page-cache pages' first touch being most of a download's kernel time) and the import does
-    not evict the host's cache. Not on a network filesystem, where O_DIRECT means one
-    synchronous write RPC per block."""
-    try:
-        shared, _kind = _native.is_network_filesystem(directory)
-    except StorageError:
-        return False
-    return not shared
-
-
 def _download(
     obj: RemoteObject,
     reader: ObjectReader,
@@ -350,7 +337,7 @@ def _download(
             resume=reuse_partial,
             hash=True,
             crc=check.crc,
-            direct=_writes_direct(directory),
+            direct=direct_io_suits(directory),
         )
     except BlockingIOError as exc:
         raise OperationFailedError(

@@ -24,7 +24,7 @@ from typing import TypeVar
 
 from vmstore import _native, images
 from vmstore._codec import EncodedPart, Encoder, FramePart
-from vmstore._localpath import check_source_file
+from vmstore._localpath import check_source_file, direct_io_suits
 from vmstore._parts import MIB, S3_MAX_PART, S3_MAX_PARTS, s3_part_size
 from vmstore._pool import run_bounded
 from vmstore._ratelimit import Pacer
@@ -136,10 +136,12 @@ class SourcePlan:
 
 
 def plan_source(
-    request: UploadRequest, part_size_for: Callable[[int], int], *, direct: bool = False
+    request: UploadRequest, part_size_for: Callable[[int], int], *, direct: bool | None = None
 ) -> SourcePlan:
     """Open the request's source. ``part_size_for(size)`` gives the fixed part size for a
-    source of known size; an unsized stream grows its parts (:func:`stream_part_size`)."""
+    source of known size; an unsized stream grows its parts (:func:`stream_part_size`).
+    A file is read with O_DIRECT where that suits its filesystem (``direct=None``,
+    :func:`vmstore._localpath.direct_io_suits`), or as ``direct`` says."""
     if request.source_stream is not None:
         hint = request.size_hint
         if hint is not None:
@@ -163,6 +165,8 @@ def plan_source(
             f"{path} holds {stat.st_size} bytes, more than the 5 TiB an object may hold"
         )
     image = images.check_upload_file(path, allow=request.allow_backing_file)
+    if direct is None:
+        direct = direct_io_suits(path)
     source = _native.UploadSource.file(path, direct=direct)
     fixed = part_size_for(source.size or 0)
     return SourcePlan(source, path, source.size, lambda _n: fixed, stat, image)
