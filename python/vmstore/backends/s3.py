@@ -24,8 +24,7 @@ import uuid
 from collections.abc import Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from types import TracebackType
-from typing import Any, Self, cast
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import boto3
@@ -629,18 +628,7 @@ class S3Storage(_many.BatchTransfers):
         # CRC-64/NVME per part until the server refuses it once (then SHA-256).
         self._checksum_algorithm = CHECKSUM_CRC64NVME
 
-    # -- context --------------------------------------------------------------------------
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
+    # -- closing (with: _many.BatchTransfers) ---------------------------------------------
 
     def close(self) -> None:
         if not self._closed:
