@@ -454,6 +454,26 @@ class FrameRecord:
         return cls(*values)
 
 
+def verify_stored_frames(
+    feed: Iterable[_native.SourcePart],
+    stored_frames: Mapping[int, FrameRecord],
+    *,
+    differs: Callable[[int], Exception],
+    advance: Callable[[int], None],
+) -> Iterator[_native.SourcePart]:
+    """A resumed encoded upload's feed, every part passed on: a part whose frame the
+    interrupted attempt stored has its plain bytes checked against that frame (not sent
+    again). A mismatch raises ``differs(part number)``; a match calls ``advance(part length)``
+    (the caller counts the resumed bytes and reports progress)."""
+    for part in feed:
+        frame = stored_frames.get(part.number)
+        if frame is not None:
+            if frame.plain_crc64nvme != part.crc64nvme:
+                raise differs(part.number)
+            advance(part.length)
+        yield part
+
+
 @dataclass(frozen=True)
 class FramePart:
     """Consecutive frames sent as one S3 part: S3 wants every part but the last to hold at
@@ -558,6 +578,7 @@ __all__ = [
     "missing_record",
     "read_key_file",
     "store_key",
+    "verify_stored_frames",
 ]
 
 

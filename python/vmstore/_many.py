@@ -35,7 +35,7 @@ import os
 import threading
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
+from typing import TYPE_CHECKING, Any, NoReturn, Self, TypeVar, cast
 
 from vmstore import _native
 from vmstore._native import CancelToken
@@ -51,6 +51,8 @@ from vmstore.progress import ProgressReporter
 from vmstore.urls import redact_url
 
 if TYPE_CHECKING:
+    from types import TracebackType
+
     from vmstore.config import StorageConfig
 
 RequestT = TypeVar("RequestT", UploadRequest, DownloadRequest)
@@ -396,11 +398,26 @@ class _Batch:
 
 
 class BatchTransfers:
-    """``upload_many`` / ``download_many`` for a backend class, written once: the backend
-    gives its own ``upload``, ``download``, ``_config`` and ``_batch_destination(url)`` (the
-    canonical name of an upload's destination, equal for two URLs naming one object)."""
+    """``upload_many`` / ``download_many`` and the context manager for a backend class,
+    written once: the backend gives its own ``upload``, ``download``, ``close``, ``_config``
+    and ``_batch_destination(url)`` (the canonical name of an upload's destination, equal for
+    two URLs naming one object). ``with`` a store closes it on the way out."""
 
     _config: StorageConfig
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
 
     def upload(self, request: UploadRequest) -> UploadResponse:
         raise NotImplementedError

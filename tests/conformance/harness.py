@@ -29,6 +29,10 @@ import contextlib
 import dataclasses
 import json
 import os
+import select
+import signal
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -396,3 +400,52 @@ def plain_http_harness(server: Any, area: str) -> PlainHttpHarness:
         server=server,
         area=area,
     )
+
+
+STALL_HELPER = Path(__file__).with_name("stall_transfer.py")
+
+
+def kill_mid_transfer(
+    backend: BackendHarness,
+    mode: str,
+    source: str,
+    destination: str,
+    *,
+    stall_after: int | None = None,
+    encryption_key: bytes | None = None,
+    compression: str | None = None,
+) -> None:
+    """Start the transfer in a child process (stall_transfer.py), wait until it is under way,
+    SIGKILL it. It stalls after ``stall_after`` bytes (default: one upload unit, or two
+    download units); ``encryption_key`` and ``compression`` make it an encoded transfer."""
+    if stall_after is None:
+        stall_after = backend.upload_unit if mode == "upload" else 2 * backend.download_unit
+    config = dataclasses.asdict(backend.config)
+    if encryption_key is not None:
+        config["encryption_key"] = encryption_key.hex()
+    args = [json.dumps(config), mode, source, destination, str(stall_after)]
+    if compression is not None:
+        args.append(compression)
+    child = subprocess.Popen(
+        [sys.executable, str(STALL_HELPER), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        ready, _, _ = select.select([child.stdout], [], [], 60)
+        line = child.stdout.readline() if ready else ""
+        if not line.startswith("STALLED"):
+            child.kill()
+            _out, err = child.communicate(timeout=30)
+            pytest.fail(f"transfer child did not stall: stdout={line!r} stderr={err[-2000:]}")
+        os.kill(child.pid, signal.SIGKILL)
+        assert child.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        for stream in (child.stdout, child.stderr):
+            if stream is not None:
+                stream.close()

@@ -9,16 +9,11 @@ a missing key and a flipped stored byte each fail with their own error, committi
 from __future__ import annotations
 
 import base64
-import dataclasses
 import hashlib
 import io
 import json
-import os
-import select
 import shutil
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -44,6 +39,7 @@ from .harness import (
     NfsHarness,
     PlainHttpHarness,
     S3Harness,
+    kill_mid_transfer,
 )
 
 KEY = bytes(range(32))
@@ -390,49 +386,17 @@ def test_encoded_download_to_a_stream_gets_the_image_in_order(
     assert (down.checksum, down.content_length) == (hashlib.sha256(data).hexdigest(), len(data))
 
 
-STALL_ENCODED = """
-import json, sys, time
-from vmstore import DownloadRequest, StorageConfig, UploadRequest, new_storage
-config_json, mode, source, destination, after = sys.argv[1:6]
-def stall(done, total):
-    if done >= min(int(after), total):
-        print(f"STALLED {done} {total}", flush=True)
-        time.sleep(600)
-with new_storage(StorageConfig(**json.loads(config_json))) as store:
-    if mode == "upload":
-        store.upload(
-            UploadRequest(source, destination, compression="zstd", progress_callback=stall)
-        )
-    else:
-        store.download(DownloadRequest(source, destination, progress_callback=stall))
-print("FINISHED without stalling", flush=True)
-"""
-
-
-def kill_encoded_transfer(backend: BackendHarness, mode: str, source: str, dest: str) -> None:
-    """An encoded transfer in a child process, SIGKILLed once under way (as test_resume's)."""
-    config = {**dataclasses.asdict(backend.config), "encryption_key": KEY.hex()}
-    unit = backend.upload_unit
-    child = subprocess.Popen(
-        [sys.executable, "-c", STALL_ENCODED, json.dumps(config), mode, source, dest, str(unit)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+def kill_encoded(backend: BackendHarness, mode: str, source: str, dest: str) -> None:
+    """An encoded (zstd, encrypted) transfer in a child process, SIGKILLed once under way."""
+    kill_mid_transfer(
+        backend,
+        mode,
+        source,
+        dest,
+        stall_after=backend.upload_unit,
+        encryption_key=KEY,
+        compression="zstd",
     )
-    try:
-        assert child.stdout is not None
-        ready, _, _ = select.select([child.stdout], [], [], 60)
-        line = child.stdout.readline() if ready else ""
-        assert line.startswith("STALLED"), line
-        os.kill(child.pid, signal.SIGKILL)
-        assert child.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-        for stream in (child.stdout, child.stderr):
-            if stream is not None:
-                stream.close()
 
 
 def test_encoded_transfers_resume_after_the_process_is_killed(
@@ -441,14 +405,14 @@ def test_encoded_transfers_resume_after_the_process_is_killed(
     backend.require(Capability.UPLOAD_RESUME)
     data = random_bytes(image_size(backend), seed=93)
     source = write_file(workdir / "disk.img", data)
-    kill_encoded_transfer(backend, "upload", str(source), backend.url("disk.img"))
+    kill_encoded(backend, "upload", str(source), backend.url("disk.img"))
     assert backend.read_object("disk.img") is None
     with backend.open(encryption_key=KEY) as store:
         up = upload(store, backend, source, "disk.img", "zstd")
         assert 0 < up.resumed_from <= len(data)
         assert up.checksum == hashlib.sha256(data).hexdigest()
         dest = workdir / "back.img"
-        kill_encoded_transfer(backend, "download", up.url, str(dest))
+        kill_encoded(backend, "download", up.url, str(dest))
         assert not dest.exists()
         down = store.download(DownloadRequest(up.url, str(dest)))
         assert 0 < down.resumed_from <= len(data)

@@ -7,10 +7,6 @@ part for an S3 upload), so every backend sees an object of several units.
 from __future__ import annotations
 
 import os
-import select
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,9 +22,7 @@ from tests.support import (
     write_file,
 )
 
-from .harness import BackendHarness, Capability
-
-STALL_HELPER = Path(__file__).with_name("stall_transfer.py")
+from .harness import BackendHarness, Capability, kill_mid_transfer
 
 
 def upload_size(backend: BackendHarness) -> int:
@@ -66,35 +60,6 @@ def interrupt_download(
                 resume=resume,
             )
         )
-
-
-def kill_mid_transfer(backend: BackendHarness, mode: str, source: str, destination: str) -> None:
-    """Start the transfer in a child process, wait until it is under way, SIGKILL it."""
-    unit = backend.upload_unit if mode == "upload" else 2 * backend.download_unit
-    child = subprocess.Popen(
-        [sys.executable, str(STALL_HELPER), backend.config_json(), mode, source, destination,
-         str(unit)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
-    try:
-        assert child.stdout is not None
-        ready, _, _ = select.select([child.stdout], [], [], 60)
-        line = child.stdout.readline() if ready else ""
-        if not line.startswith("STALLED"):
-            child.kill()
-            _out, err = child.communicate(timeout=30)
-            pytest.fail(f"transfer child did not stall: stdout={line!r} stderr={err[-2000:]}")
-        os.kill(child.pid, signal.SIGKILL)
-        assert child.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-        for stream in (child.stdout, child.stderr):
-            if stream is not None:
-                stream.close()
 
 
 def reuses_whole_units(resumed_from: int, unit: int, size: int) -> bool:

@@ -39,11 +39,10 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, Protocol
 
 from vmstore import _many, _native, images
 from vmstore._codec import (
@@ -55,6 +54,7 @@ from vmstore._codec import (
     looks_encoded,
     missing_record,
     store_key,
+    verify_stored_frames,
 )
 from vmstore._download import DownloadSettings, RemoteObject, download_object
 from vmstore._failure import keeps_partial
@@ -704,17 +704,6 @@ class NfsStorage(_many.BatchTransfers):
     def close(self) -> None:
         self._closed = True
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"NfsStorage(mount_point={self._mount_point!r})"
 
@@ -849,16 +838,10 @@ class NfsStorage(_many.BatchTransfers):
         resumed = 0
         pacer = pacer_for(self._limiter, request.cancel)
 
-        def checked(feed: Iterable[_native.SourcePart]) -> Iterator[_native.SourcePart]:
+        def resumed_frame(length: int) -> None:
             nonlocal resumed
-            for part in feed:
-                frame = stored_frames.get(part.number)
-                if frame is not None:
-                    if frame.plain_crc64nvme != part.crc64nvme:
-                        raise _ResumedFramesDiffer(part.number)
-                    resumed += part.length
-                    reporter.advance(part.length)
-                yield part
+            resumed += length
+            reporter.advance(length)
 
         try:
             if resumed_bytes := sum(f.plain_length for f in stored_frames.values()):
@@ -867,7 +850,9 @@ class NfsStorage(_many.BatchTransfers):
                 plan, cancel=request.cancel, keep=lambda number: number not in stored_frames
             ) as feed:
                 for frame in encode_parts(
-                    checked(feed),
+                    verify_stored_frames(
+                        feed, stored_frames, differs=_ResumedFramesDiffer, advance=resumed_frame
+                    ),
                     encoder,
                     concurrency=_many.concurrency_for(self._config.concurrency),
                     stored={n: (f.stored_length, f.crc64nvme) for n, f in stored_frames.items()},

@@ -24,8 +24,7 @@ import uuid
 from collections.abc import Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from types import TracebackType
-from typing import Any, Self, cast
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import boto3
@@ -46,6 +45,7 @@ from vmstore._codec import (
     group_frames,
     missing_record,
     store_key,
+    verify_stored_frames,
 )
 from vmstore._download import DownloadSettings, RemoteObject, S3Checksum, download_object
 from vmstore._failure import keeps_partial
@@ -628,18 +628,7 @@ class S3Storage(_many.BatchTransfers):
         # CRC-64/NVME per part until the server refuses it once (then SHA-256).
         self._checksum_algorithm = CHECKSUM_CRC64NVME
 
-    # -- context --------------------------------------------------------------------------
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
+    # -- closing (with: _many.BatchTransfers) ---------------------------------------------
 
     def close(self) -> None:
         if not self._closed:
@@ -1354,14 +1343,17 @@ class _MultipartUpload:
         stored_frames = {f.number: f for frames in state.frames.values() for f in frames}
         parts = self._parts(first, stored_frames if self.encoder is not None else stored)
 
-        def sent_or_stored(batch: Iterator[_Part]) -> Iterator[_Part]:
+        def resumed_part(length: int) -> None:
             nonlocal resumed
+            resumed += length
+            self.reporter.advance(length)
+
+        def sent_or_stored(batch: Iterator[_Part]) -> Iterator[_Part]:
             for part in batch:
                 if part.number in stored:
                     if stored[part.number][1] != part.crc64nvme:
                         raise _ResumedPartDiffers(part.number)
-                    resumed += part.length
-                    self.reporter.advance(part.length)
+                    resumed_part(part.length)
                     continue
                 yield part
 
@@ -1373,26 +1365,16 @@ class _MultipartUpload:
             for part in batch:
                 self.reporter.advance(part.length)
 
-
-        def checked_frames(feed: Iterator[_native.SourcePart]) -> Iterator[_native.SourcePart]:
-            """A resumed upload's stored frames: their plain bytes are checked, not sent."""
-            nonlocal resumed
-            for part in feed:
-                frame = stored_frames.get(part.number)
-                if frame is not None:
-                    if frame.plain_crc64nvme != part.crc64nvme:
-                        raise _ResumedPartDiffers(part.number)
-                    resumed += part.length
-                    self.reporter.advance(part.length)
-                yield part
-
         with parts as feed:
             outgoing: Iterator[_Part]
             if self.encoder is None:
                 outgoing = sent_or_stored(iter(feed))
             else:
                 frames = encode_parts(
-                    checked_frames(iter(feed)),
+                    # A resumed upload's stored frames: their plain bytes are checked, not sent.
+                    verify_stored_frames(
+                        feed, stored_frames, differs=_ResumedPartDiffers, advance=resumed_part
+                    ),
                     self.encoder,
                     concurrency=_many.concurrency_for(self.storage._config.concurrency),
                     stored={n: (f.stored_length, f.crc64nvme) for n, f in stored_frames.items()},

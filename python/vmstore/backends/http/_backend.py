@@ -39,8 +39,7 @@ import logging
 import mimetypes
 from collections.abc import Callable, Hashable, Iterator
 from datetime import UTC, datetime, timedelta
-from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from vmstore import _logredact, _many, _native, images
@@ -137,18 +136,7 @@ class HttpStorage(_many.BatchTransfers):
         self._closed = False
         self._limiter = limiter_for(config)
 
-    # -- context --------------------------------------------------------------------------
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
+    # -- closing (with: _many.BatchTransfers) ---------------------------------------------
 
     def close(self) -> None:
         if not self._closed:
