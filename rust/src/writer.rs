@@ -964,9 +964,9 @@ impl Drop for WriterCore {
     }
 }
 
-/// Bytes an O_DIRECT write takes at a time, through a per-thread aligned bounce buffer: the
-/// caller's bytes (a Python `bytes`) are not block-aligned, and a MiB keeps the copy in cache
-/// and the extra memory small.
+/// Bytes an O_DIRECT write takes at a time, through a per-thread aligned bounce buffer, when
+/// the caller's bytes are not block-aligned (a Python `bytes`): a MiB keeps the copy in cache
+/// and the extra memory small. Aligned bytes (a pooled `ChunkBuffer`) are written as they are.
 const DIRECT_BOUNCE: usize = 1 << 20;
 
 thread_local! {
@@ -981,6 +981,9 @@ fn write_direct(direct: &File, data: &[u8], at: u64) -> io::Result<usize> {
         return Ok(0);
     }
     let body = data.len() / ALIGN * ALIGN;
+    if (data.as_ptr() as usize).is_multiple_of(ALIGN) {
+        return write_direct_from(direct, &data[..body], at);
+    }
     BOUNCE.with(|cell| {
         let mut slot = cell.borrow_mut();
         let mut bounce = match slot.take() {
@@ -1008,6 +1011,29 @@ fn write_direct(direct: &File, data: &[u8], at: u64) -> io::Result<usize> {
         *slot = Some(bounce);
         result.map(|()| done)
     })
+}
+
+/// `write_direct` of block-aligned memory: no bounce copy (measured: the copy was 8 % of a
+/// cold 1 GiB HTTP download's samples). Returns how many leading bytes were written; a
+/// refusal (EINVAL) or a short write that leaves the rest unaligned stops there, and the
+/// caller writes the rest through the page cache.
+fn write_direct_from(direct: &File, body: &[u8], at: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < body.len() {
+        match direct.write_at(&body[done..], at + done as u64) {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "the device took no bytes")),
+            Ok(n) => {
+                done += n;
+                if !done.is_multiple_of(ALIGN) {
+                    return Ok(done);
+                }
+            }
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) if err.raw_os_error() == Some(libc::EINVAL) => return Ok(done),
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(done)
 }
 
 pub fn sync_parent_dir(path: &Path) -> CoreResult<()> {
@@ -1551,6 +1577,15 @@ mod tests {
 
     #[test]
     fn direct_writes_store_the_same_bytes_and_holes_with_an_unaligned_tail() {
+        direct_writes_round_trip(false);
+    }
+
+    #[test]
+    fn direct_writes_from_aligned_memory_skip_the_bounce_and_store_the_same_bytes() {
+        direct_writes_round_trip(true);
+    }
+
+    fn direct_writes_round_trip(from_aligned_memory: bool) {
         // In the crate's directory: /tmp may be a tmpfs, which refuses O_DIRECT.
         let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).expect("tempdir");
         let (final_path, temp_path) = paths(dir.path());
@@ -1561,7 +1596,11 @@ mod tests {
         let mut data: Vec<u8> = (0..size as u32).map(|i| (i % 251) as u8 | 1).collect();
         data[1 << 20..2 << 20].fill(0); // a hole in the middle
         writer.set_len(size as u64).expect("len");
-        for (i, chunk) in data.chunks(1 << 20).enumerate().rev() {
+        let mut aligned = AlignedBuf::new(Vec::new(), size);
+        aligned.bytes_mut().copy_from_slice(&data);
+        assert!(aligned.aligned());
+        let source: &[u8] = if from_aligned_memory { aligned.bytes() } else { &data };
+        for (i, chunk) in source.chunks(1 << 20).enumerate().rev() {
             writer.write_at((i << 20) as u64, chunk).expect("write");
         }
         assert_eq!(writer.hexdigest(size as u64).expect("digest"), crate::hash::to_hex(&Sha256::digest(&data)));
