@@ -87,9 +87,9 @@ def proc_io(pid: int | str = "self") -> dict[str, int]:
 
 
 def apply_direct_env() -> bool:
-    """VMSTORE_BENCH_DIRECT=1 makes vmstore's uploads read their file with O_DIRECT (the
-    library's default on a local disk), =0 through the page cache (the default before
-    2026-12-02), by putting ``functools.partial(plan_source, direct=...)`` into the backends'
+    """VMSTORE_BENCH_DIRECT=1 makes vmstore's uploads read their file with O_DIRECT (S3's
+    default on a local disk), =0 through the page cache (HTTP's default), by putting
+    ``functools.partial(plan_source, direct=...)`` into the backends'
     namespaces (they import ``plan_source`` by name). Returns whether the run reads direct."""
     import vmstore._upload
     import vmstore.backends.http._backend

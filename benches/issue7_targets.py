@@ -81,7 +81,7 @@ def table(s3: Any, sw: Any, http: Any) -> str:
     lines = [head, "|---|---|---|" + "---|" * len(cols)]
     for size in sizes:
         for (kind, direction), label in ROWS:
-            variants = ("O_DIRECT (default)", "page cache", "floor (no HTTP)")
+            variants = ("O_DIRECT", "page cache", "floor (no HTTP)")
             for variant in variants if direction == "upload" else ("default",):
                 row = [g.get((size, kind, direction, variant), "-") for g in got]
                 if all(c == "-" for c in row):
@@ -95,6 +95,56 @@ def table(s3: Any, sw: Any, http: Any) -> str:
         lines += ["|---|" + "---|" * len(cols)]
         for n in names:
             lines.append(f"| {n} | " + " | ".join(f.get(n, "-") for f in flats) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def bounds(s3: Any, sw: Any, http: Any) -> str:
+    """What bounds the CPU and speed targets, per repetition of the same runs (median
+    [min-max]): the floor's CPU (vmstore's own O_DIRECT pass and a socket, no HTTP) as a
+    share of the peer + hashlib, and, for the HTTP upload, the two cores: the client cannot
+    finish before the machine has done the client's and nginx's CPU work, so its wall time is
+    at least (the floor's CPU + nginx's CPU for the PUT) / 2, and its speed ratio at most the
+    peer's wall over that."""
+    lines = [
+        "| server | size | floor CPU / peer + hashlib | vmstore CPU / floor "
+        "| HTTP upload: (floor + nginx CPU) / 2, s | vmstore wall s "
+        "| best speed ratio the 2 cores allow |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, data, mod in (
+        ("rclone", s3, bench_s3),
+        ("SeaweedFS", sw, bench_s3),
+        ("nginx", http, bench_http),
+    ):
+        if not data:
+            continue
+        peer_h = mod.B3_UP_H if mod is bench_s3 else mod.RQ_UP_H
+        peer = mod.B3_UP if mod is bench_s3 else mod.RQ_UP
+        for size in cb.size_names(data["runs"]):
+            floor_share, over_floor, cpu_bound, walls, best = [], [], [], [], []
+            for (sn, _rep), row in sorted(cb.per_rep(data["runs"]).items()):
+                fl, vm, ph, pr = (row.get(n) for n in (cb.FLOOR_UP, mod.VM_UP_DIRECT, peer_h, peer))
+                if sn != size or fl is None or vm is None:
+                    continue
+                if ph is not None:
+                    floor_share.append(cb.cpu(fl) / cb.cpu(ph))
+                over_floor.append(cb.cpu(vm) / cb.cpu(fl))
+                if vm.get("server_cpu_s") is not None:
+                    # the least client CPU with these checks (the floor's) + what nginx spent
+                    # storing vmstore's PUT, over the two cores
+                    bound = (min(cb.cpu(vm), cb.cpu(fl)) + vm["server_cpu_s"]) / 2
+                    cpu_bound.append(bound)
+                    walls.append(vm["seconds"])
+                    if pr is not None:
+                        best.append(pr["seconds"] / bound)
+
+            def cell(values: list[float]) -> str:
+                return cb.fmt_stat(cb.stats(values)) if values else "-"
+
+            lines.append(
+                f"| {label} | {size} | {cell(floor_share)} | {cell(over_floor)} "
+                f"| {cell(cpu_bound)} | {cell(walls)} | {cell(best)} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -122,7 +172,10 @@ def main() -> None:
             merged["files"].update(more["files"])
         return merged
 
-    text = table(load(a.s3), load(a.seaweedfs), load(a.http))
+    s3, sw, http = load(a.s3), load(a.seaweedfs), load(a.http)
+    text = table(s3, sw, http)
+    text += "\nWhat bounds the CPU and speed targets (same runs, per repetition):\n\n"
+    text += bounds(s3, sw, http)
     print(text)
     if a.update_doc:
         cb.update_doc(Path(a.update_doc), START, END, "## Issue 7 targets", text)

@@ -150,8 +150,9 @@ def direct_io_suits(path: str) -> bool:
     transfer's own buffers without a page-cache copy, and a 200 GB image does not evict the
     host's cache (qemu-img's ``-T none``, KubeVirt's importer). Measured, page cache dropped:
     a download about 1 CPU-second less per GiB (the page-cache pages' first touch is most of
-    its kernel time); an S3 upload 11-16 % less client CPU at the same speed (1 and 4 GiB,
-    docs/BENCHMARKS.md). Not on a network filesystem, where O_DIRECT means one synchronous
+    its kernel time); an S3 upload 15 % less client CPU at the same speed (1 and 4 GiB,
+    docs/BENCHMARKS.md; the HTTP backend reads cached, see its upload). Not on a network
+    filesystem, where O_DIRECT means one synchronous
     RPC per block. A filesystem that refuses O_DIRECT (tmpfs) is read and written cached."""
     try:
         shared, _kind = _native.is_network_filesystem(path)
