@@ -112,7 +112,7 @@ TARGETS = [
 ]
 VM_NAMES = {
     "upload": {
-        "O_DIRECT (default)": VM_UP_DIRECT,
+        "O_DIRECT": VM_UP_DIRECT,
         "page cache": VM_UP,
         "floor (no HTTP)": cb.FLOOR_UP,
     },

@@ -106,7 +106,7 @@ def bounds(s3: Any, sw: Any, http: Any) -> str:
     at least (the floor's CPU + nginx's CPU for the PUT) / 2, and its speed ratio at most the
     peer's wall over that."""
     lines = [
-        "| server | size | floor CPU / peer + hashlib | vmstore CPU / floor "
+        "| server | size | floor CPU / peer + hashlib | vmstore (default) CPU / floor "
         "| HTTP upload: (floor + nginx CPU) / 2, s | vmstore wall s "
         "| best speed ratio the 2 cores allow |",
         "|---|---|---|---|---|---|---|",
@@ -120,10 +120,12 @@ def bounds(s3: Any, sw: Any, http: Any) -> str:
             continue
         peer_h = mod.B3_UP_H if mod is bench_s3 else mod.RQ_UP_H
         peer = mod.B3_UP if mod is bench_s3 else mod.RQ_UP
+        # the library's default reading: O_DIRECT for S3, the page cache for HTTP
+        default = mod.VM_UP_DIRECT if mod is bench_s3 else mod.VM_UP
         for size in cb.size_names(data["runs"]):
             floor_share, over_floor, cpu_bound, walls, best = [], [], [], [], []
             for (sn, _rep), row in sorted(cb.per_rep(data["runs"]).items()):
-                fl, vm, ph, pr = (row.get(n) for n in (cb.FLOOR_UP, mod.VM_UP_DIRECT, peer_h, peer))
+                fl, vm, ph, pr = (row.get(n) for n in (cb.FLOOR_UP, default, peer_h, peer))
                 if sn != size or fl is None or vm is None:
                     continue
                 if ph is not None:
