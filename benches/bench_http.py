@@ -405,11 +405,6 @@ class HttpBench:
                     raise RuntimeError(f"sidecar of {stored}: {sha}")
             rec["verified"] = "stored file"
 
-        def check_digest(rec: dict[str, Any]) -> None:
-            if rec.get("sha256") != exp:
-                raise RuntimeError(f"floor: sha256 {rec.get('sha256')} != {exp}")
-            rec["verified"] = "digest of the bytes sent"
-
         def clean_dl() -> None:
             nfs.rm(*glob.glob(dl + "*"))
 
@@ -439,14 +434,8 @@ class HttpBench:
             up(VM_UP, "vmstore", vm_up, {cb.DIRECT_ENV: "0"}),
             up(VM_UP_DIRECT, "vmstore-direct", vm_up, {cb.DIRECT_ENV: "1"}),
             up(RQ_UP, "peer", py_child("requests-upload", src, target, "0")),
-            Contender(
-                cb.FLOOR_UP,
-                "upload",
-                py_child("floor-upload", src, str(self.settings["chunk_size"])),
-                cb.FLOOR_ROLE,
-                {},
-                check_digest,
-                None,
+            cb.floor_contender(
+                py_child("floor-upload", src, str(self.settings["chunk_size"])), exp
             ),
             up(RQ_UP_H, "peer+hash", py_child("requests-upload", src, target, "1")),
             up(CURL_T, "ceiling", self.curl("-T", src, "-o", "/dev/null", target)),

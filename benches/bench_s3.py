@@ -465,11 +465,6 @@ class S3Bench:
             self.verify_object(up_key, spec.sha256)
             rec["verified"] = "stored object"
 
-        def check_digest(rec: dict[str, Any]) -> None:
-            if rec.get("sha256") != spec.sha256:
-                raise RuntimeError(f"floor: sha256 {rec.get('sha256')} != {spec.sha256}")
-            rec["verified"] = "digest of the bytes sent"
-
         def clean_dl() -> None:
             nfs.rm(*glob.glob(dl + "*"))
 
@@ -496,14 +491,8 @@ class S3Bench:
                 {cb.DIRECT_ENV: "1"},
             ),
             up(B3_UP, "peer", py_child("boto3-upload", "0", src, up_key)),
-            Contender(
-                cb.FLOOR_UP,
-                "upload",
-                py_child("floor-upload", src, str(self.settings["chunk_size"])),
-                cb.FLOOR_ROLE,
-                {},
-                check_digest,
-                None,
+            cb.floor_contender(
+                py_child("floor-upload", src, str(self.settings["chunk_size"])), spec.sha256
             ),
             up(B3_UP_H, "peer+hash", py_child("boto3-upload", "1", src, up_key)),
             down(VM_DL, "vmstore", py_child("vmstore-download", stored, dl)),

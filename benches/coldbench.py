@@ -363,6 +363,18 @@ class Contender:
     start: Callable[[], None] | None = None
 
 
+def floor_contender(argv: list[str], sha256: str) -> Contender:
+    """The floor (see floor_upload) as an upload contender of either bench: ``argv`` runs
+    the bench's ``floor-upload`` child; the digest of the bytes it sent must be the file's."""
+
+    def check(rec: dict[str, Any]) -> None:
+        if rec.get("sha256") != sha256:
+            raise RuntimeError(f"floor: sha256 {rec.get('sha256')} != {sha256}")
+        rec["verified"] = "digest of the bytes sent"
+
+    return Contender(FLOOR_UP, "upload", argv, FLOOR_ROLE, {}, check, None)
+
+
 @dataclass
 class SizeSpec:
     name: str  # e.g. "1G"
