@@ -70,13 +70,8 @@ pub fn combine(crc_a: u64, crc_b: u64, len_b: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crc_fast::{CrcAlgorithm, Digest};
-
-    fn crc(data: &[u8]) -> u64 {
-        let mut d = Digest::new(CrcAlgorithm::Crc64Nvme);
-        d.update(data);
-        d.finalize()
-    }
+    use crate::codec::crc64nvme as crc;
+    use crc_fast::CrcAlgorithm;
 
     #[test]
     fn combine_equals_the_crc_of_the_concatenation() {

@@ -552,11 +552,7 @@ mod tests {
     use super::*;
     use std::io::Write;
 
-    fn crc64(data: &[u8]) -> u64 {
-        let mut d = CrcDigest::new(CrcAlgorithm::Crc64Nvme);
-        d.update(data);
-        d.finalize()
-    }
+    use crate::codec::crc64nvme as crc64;
 
     #[test]
     fn crc64nvme_matches_the_published_check_value() {
