@@ -152,8 +152,8 @@ def direct_io_suits(path: str) -> bool:
     a download about 1 CPU-second less per GiB (the page-cache pages' first touch is most of
     its kernel time); an S3 upload 15 % less client CPU at the same speed (1 and 4 GiB,
     docs/BENCHMARKS.md; the HTTP backend reads cached, see its upload). Not on a network
-    filesystem, where O_DIRECT means one synchronous
-    RPC per block. A filesystem that refuses O_DIRECT (tmpfs) is read and written cached."""
+    filesystem, where O_DIRECT means one synchronous RPC per block. A filesystem that
+    refuses O_DIRECT (tmpfs) is read and written cached."""
     try:
         shared, _kind = _native.is_network_filesystem(path)
     except StorageError:
