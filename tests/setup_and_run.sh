@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install everything the checks need on a fresh Debian 12 / Ubuntu 24.04 machine, then run them
-# all: cargo test, cargo clippy, ruff, mypy --strict and pytest (the README's test command; CI
-# runs it through .ci/run).
+# all: cargo test, cargo clippy, cargo fmt --check, ruff, mypy --strict and pytest (the README's
+# test command; CI runs it through .ci/run).
 #
 #   bash tests/setup_and_run.sh            # from anywhere, as root or as a user with sudo
 #
@@ -104,7 +104,7 @@ version_at_least() { [[ $(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n1) == "
 if [[ -z $rust_found ]] || ! version_at_least "$rust_found" "$rust_needed"; then
     if command -v rustup >/dev/null; then
         note "rustc ${rust_found:-missing} is older than $rust_needed: rustup toolchain install stable"
-        rustup toolchain install stable --profile minimal --component clippy
+        rustup toolchain install stable --profile minimal --component clippy --component rustfmt
         export RUSTUP_TOOLCHAIN=stable # for this script only; the default stays as it was
     else
         die "the Rust core needs rustc >= $rust_needed, found ${rust_found:-none} $(command -v rustc || true).
@@ -115,6 +115,9 @@ then run this script again (it finds ~/.cargo/bin by itself)"
 fi
 if ! cargo clippy --version >/dev/null 2>&1; then
     rustup component add clippy
+fi
+if ! cargo fmt --version >/dev/null 2>&1; then
+    rustup component add rustfmt
 fi
 
 # --- the virtual environment: made from $PYTHON, remade if it came from another interpreter --
@@ -155,6 +158,7 @@ run() {
 
 run "cargo test" cargo test --quiet
 run "cargo clippy" cargo clippy --all-targets --quiet -- -D warnings
+run "cargo fmt" cargo fmt --check
 run "ruff" "$py" -m ruff check .
 run "mypy" "$py" -m mypy --strict
 run "pytest" "$py" -m pytest -q "$@"

@@ -9,10 +9,6 @@ const DETACH_THRESHOLD: usize = 64 << 10;
 
 /// Run `f` over the object's bytes (bytes, bytearray, memoryview, any contiguous buffer),
 /// with the GIL released for large buffers.
-pub fn with_bytes<R: Send>(
-    py: Python<'_>,
-    obj: &Bound<'_, PyAny>,
-    f: impl FnOnce(&[u8]) -> R + Send,
-) -> PyResult<R> {
+pub fn with_bytes<R: Send>(py: Python<'_>, obj: &Bound<'_, PyAny>, f: impl FnOnce(&[u8]) -> R + Send) -> PyResult<R> {
     pybuffer::borrow(py, obj, DETACH_THRESHOLD, f)
 }

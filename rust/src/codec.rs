@@ -401,7 +401,11 @@ impl PyFrameCodec {
         let level = match compression {
             None => None,
             Some("zstd") => Some(level),
-            Some(other) => return Err(InvalidConfigError::new_err(format!("compression {other:?} is not supported (only \"zstd\")"))),
+            Some(other) => {
+                return Err(InvalidConfigError::new_err(format!(
+                    "compression {other:?} is not supported (only \"zstd\")"
+                )))
+            }
         };
         let key = match (key, salt) {
             (Some(k), Some(s)) => Some((k, s)),

@@ -164,7 +164,10 @@ fn open_source(path: &Path) -> CoreResult<SourceFile> {
     let meta = file.metadata().context(|| format!("reading {}", path.display()))?;
     let kind = meta.file_type();
     if kind.is_dir() {
-        return Err(CoreError::io(format!("reading {}", path.display()), std::io::Error::from_raw_os_error(libc::EISDIR)));
+        return Err(CoreError::io(
+            format!("reading {}", path.display()),
+            std::io::Error::from_raw_os_error(libc::EISDIR),
+        ));
     }
     if !kind.is_file() {
         let what = if kind.is_fifo() {
@@ -257,7 +260,8 @@ pub fn copy_file(
         });
 
         loop {
-            let finished = reader.is_finished() && hasher.is_finished() && writer.as_ref().is_none_or(|w| w.is_finished());
+            let finished =
+                reader.is_finished() && hasher.is_finished() && writer.as_ref().is_none_or(|w| w.is_finished());
             if finished {
                 break;
             }
@@ -597,8 +601,9 @@ mod tests {
         let dst = dir.path().join("dst");
         let writer = WriterCore::open(&dst, &dir.path().join("p"), false, false).expect("open");
         let started = std::time::Instant::now();
-        let stats = copy_file(&src, Some(&writer), 1 << 20, false, &mut Progress::silent(0), paced(&bucket, Side::Source))
-            .expect("copy");
+        let stats =
+            copy_file(&src, Some(&writer), 1 << 20, false, &mut Progress::silent(0), paced(&bucket, Side::Source))
+                .expect("copy");
         let took = started.elapsed().as_secs_f64();
         writer.commit().expect("commit");
         assert_eq!(std::fs::read(&dst).expect("dst"), std::fs::read(&src).expect("src"));
@@ -635,8 +640,9 @@ mod tests {
         std::fs::write(&partial, &data[..1 << 20]).expect("partial");
         let bucket = TokenBucket::new(256 << 20).expect("bucket");
         let writer = WriterCore::open(&dst, &partial, true, false).expect("open");
-        let stats = copy_file(&src, Some(&writer), 1 << 20, true, &mut Progress::silent(0), paced(&bucket, Side::Source))
-            .expect("copy");
+        let stats =
+            copy_file(&src, Some(&writer), 1 << 20, true, &mut Progress::silent(0), paced(&bucket, Side::Source))
+                .expect("copy");
         writer.commit().expect("commit");
         assert_eq!(stats.resumed_from, 1 << 20);
         // The source's prefix was re-read (1 MiB) and its rest copied (1 MiB).

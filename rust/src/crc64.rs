@@ -86,11 +86,7 @@ mod tests {
     fn combine_agrees_with_crc_fast_for_large_lengths() {
         for len in [10u64 << 20, 5 << 30, (5u64 << 40) - 1, u64::MAX / 8] {
             let (a, b) = (0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210);
-            assert_eq!(
-                combine(a, b, len),
-                crc_fast::checksum_combine(CrcAlgorithm::Crc64Nvme, a, b, len),
-                "len {len}"
-            );
+            assert_eq!(combine(a, b, len), crc_fast::checksum_combine(CrcAlgorithm::Crc64Nvme, a, b, len), "len {len}");
         }
     }
 

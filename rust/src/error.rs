@@ -20,11 +20,18 @@ pyo3::import_exception!(vmstore.errors, NetworkError);
 #[derive(Debug)]
 pub enum CoreError {
     /// A system call failed; `context` says what was being done to which path.
-    Io { context: String, source: io::Error },
+    Io {
+        context: String,
+        source: io::Error,
+    },
     /// The caller's cancel token was set.
     Cancelled,
     /// The bytes' SHA-256 is not the one expected.
-    ChecksumMismatch { context: String, expected: String, actual: String },
+    ChecksumMismatch {
+        context: String,
+        expected: String,
+        actual: String,
+    },
     /// Another writer holds the temp file's lock.
     Locked(String),
     InvalidArgument(String),
@@ -148,8 +155,12 @@ impl fmt::Display for CoreError {
                 let hint = match classify(source) {
                     IoClass::NotFound => "",
                     IoClass::Network => " (the file server did not answer; check the mount, then retry)",
-                    IoClass::PermissionDenied => " (check the path's permissions and that the filesystem is mounted read-write)",
-                    IoClass::NoSpace => " (free space on the destination filesystem, then retry: the partial file was removed)",
+                    IoClass::PermissionDenied => {
+                        " (check the path's permissions and that the filesystem is mounted read-write)"
+                    }
+                    IoClass::NoSpace => {
+                        " (free space on the destination filesystem, then retry: the partial file was removed)"
+                    }
                     IoClass::InvalidPath => " (give the path of a regular file)",
                     IoClass::Other => "",
                 };

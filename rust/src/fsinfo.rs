@@ -47,7 +47,8 @@ pub fn filesystem_type(path: &Path) -> io::Result<(bool, String)> {
         .map(|(_, name, shared)| (*shared, (*name).to_string()))
         .unwrap_or((false, format!("unknown(0x{magic:x})")));
     if magic == FUSE_MAGIC {
-        if let Some(fstype) = std::fs::read_to_string("/proc/self/mountinfo").ok().and_then(|t| mount_fstype(&t, path)) {
+        if let Some(fstype) = std::fs::read_to_string("/proc/self/mountinfo").ok().and_then(|t| mount_fstype(&t, path))
+        {
             if fstype.starts_with("fuse") {
                 return Ok((shared, fstype));
             }
@@ -80,7 +81,8 @@ pub(crate) fn unescape(field: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let octal = bytes.get(i + 1..i + 4).filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        let octal =
+            bytes.get(i + 1..i + 4).filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
         match octal {
             Some(digits) => {
                 out.push(digits.iter().fold(0u8, |acc, d| acc.wrapping_mul(8).wrapping_add(d - b'0')));

@@ -81,7 +81,8 @@ mod tests {
 
     #[test]
     fn mountinfo_contract_holds_on_pseudo_random_tables() {
-        let pieces = ["/", "/mnt", "/mnt/a b", "\\040", "\\134", "\\", " - ", " ", "fuse.x", "ext4", "\n", "7", "é", "\\7"];
+        let pieces =
+            ["/", "/mnt", "/mnt/a b", "\\040", "\\134", "\\", " - ", " ", "fuse.x", "ext4", "\n", "7", "é", "\\7"];
         let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
         for _ in 0..20_000 {
             let mut text = String::from(rng.pick(&["/", "/mnt/a b/x", "/mnt", "rel", ""]));

@@ -98,8 +98,7 @@ pub fn hash_span(
         }
         while pos < stop_at {
             let want = ((stop_at - pos) as usize).min(buf.len());
-            let got =
-                read_full_at(file, &mut buf[..want], pos).context(|| format!("reading {}", path.display()))?;
+            let got = read_full_at(file, &mut buf[..want], pos).context(|| format!("reading {}", path.display()))?;
             // A file that shrank under us hashes as zeros: the digests then differ from the
             // bytes sent, which the upload's per-part re-check reports as a changed source.
             buf[got..want].fill(0);
@@ -119,10 +118,7 @@ mod tests {
 
     #[test]
     fn hex_of_empty_input() {
-        assert_eq!(
-            hex_digest(&Sha256State::new()),
-            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-        );
+        assert_eq!(hex_digest(&Sha256State::new()), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
     }
 
     #[test]
@@ -132,5 +128,4 @@ mod tests {
         let b = Sha256State::digest(vec![0u8; 200_000]);
         assert_eq!(hex_digest(&a), to_hex(&b));
     }
-
 }

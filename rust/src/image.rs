@@ -461,9 +461,8 @@ fn parse_descriptor(bytes: &[u8], name: &str) -> CoreResult<Descriptor> {
             // RW <sectors> <type> ["file name" [offset]]
             let rest = line[first.len()..].trim_start();
             let (sectors, rest) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
-            let sectors: u64 = sectors
-                .parse()
-                .map_err(|_| bad(format!("{name}: vmdk extent line {line:?} has no sector count")))?;
+            let sectors: u64 =
+                sectors.parse().map_err(|_| bad(format!("{name}: vmdk extent line {line:?} has no sector count")))?;
             let rest = rest.trim_start();
             let (kind, rest) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
             let file = rest.trim_start().strip_prefix('"').and_then(|r| r.split_once('"')).map(|(f, _)| f.to_string());
@@ -634,11 +633,8 @@ fn vhd_parent_locator(input: &Input<'_>, header: &[u8]) -> CoreResult<Option<Str
 
 /// A GUID as VHDX stores it: the first three fields little-endian, the rest as written.
 fn guid(text: &str) -> [u8; 16] {
-    let hex: Vec<u8> = text
-        .bytes()
-        .filter(u8::is_ascii_hexdigit)
-        .map(|c| (c as char).to_digit(16).map_or(0, |d| d as u8))
-        .collect();
+    let hex: Vec<u8> =
+        text.bytes().filter(u8::is_ascii_hexdigit).map(|c| (c as char).to_digit(16).map_or(0, |d| d as u8)).collect();
     let mut raw = [0u8; 16];
     for (i, pair) in hex.chunks_exact(2).take(16).enumerate() {
         raw[i] = pair[0] << 4 | pair[1];
@@ -740,7 +736,16 @@ fn vhdx(input: &Input<'_>) -> CoreResult<ImageInfo> {
     info.cluster_size = Some(u64::from(le32(&parameters, 0)));
     let flags = le32(&parameters, 4);
     let has_parent = flags & 2 != 0;
-    info.subformat = Some(if has_parent { "differencing" } else if flags & 1 != 0 { "fixed" } else { "dynamic" }.to_string());
+    info.subformat = Some(
+        if has_parent {
+            "differencing"
+        } else if flags & 1 != 0 {
+            "fixed"
+        } else {
+            "dynamic"
+        }
+        .to_string(),
+    );
     if has_parent {
         let parent = match item(VHDX_PARENT_LOCATOR)? {
             Some(locator) => vhdx_parent(&locator, &name)?,

@@ -24,11 +24,11 @@ mod reader;
 mod source;
 mod writer;
 // The only modules allowed `unsafe`: system calls, and memory shared with Python.
-mod pybuffer;
-mod sys;
 /// Contracts of the parsers, for the cargo-fuzz targets in fuzz/ (and `cargo test`).
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
+mod pybuffer;
+mod sys;
 
 use std::path::PathBuf;
 

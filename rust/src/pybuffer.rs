@@ -143,7 +143,11 @@ impl PartBuffer {
     /// Called by CPython with a valid `view`; the exported memory is owned by `slf`, which
     /// the view keeps alive (PyBuffer_FillInfo takes a reference), and is never mutated
     /// (the class is frozen and the buffer read-only).
-    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: std::os::raw::c_int) -> PyResult<()> {
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut ffi::Py_buffer,
+        flags: std::os::raw::c_int,
+    ) -> PyResult<()> {
         if flags & ffi::PyBUF_WRITABLE == ffi::PyBUF_WRITABLE {
             return Err(PyBufferError::new_err("PartBuffer is read-only"));
         }
@@ -226,7 +230,11 @@ impl ChunkBuffer {
     /// a reference to `slf`); its size never changes. Writes come only from Python through
     /// such views, as with a bytearray: the filler writes before it gives the buffer up,
     /// readers read after.
-    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: std::os::raw::c_int) -> PyResult<()> {
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut ffi::Py_buffer,
+        flags: std::os::raw::c_int,
+    ) -> PyResult<()> {
         let this = slf.get();
         let (ptr, len) = (this.address as *mut std::os::raw::c_void, this.len as ffi::Py_ssize_t);
         // SAFETY: see the method's safety note; readonly = 0.

@@ -94,7 +94,13 @@ impl<C: Clock> TokenBucket<C> {
         }
         let burst = burst_for(rate);
         let stamp = clock.now();
-        Ok(TokenBucket { rate, burst, level: Mutex::new(Level { tokens: burst as f64, stamp }), granted: AtomicU64::new(0), clock })
+        Ok(TokenBucket {
+            rate,
+            burst,
+            level: Mutex::new(Level { tokens: burst as f64, stamp }),
+            granted: AtomicU64::new(0),
+            clock,
+        })
     }
 
     pub fn rate(&self) -> u64 {

@@ -73,8 +73,7 @@ impl SourceFile {
     }
 
     pub fn extents(&self) -> CoreResult<Vec<(u64, u64)>> {
-        data_extents(&self.file, self.size)
-            .context(|| format!("finding data extents of {}", self.path.display()))
+        data_extents(&self.file, self.size).context(|| format!("finding data extents of {}", self.path.display()))
     }
 }
 

@@ -23,8 +23,8 @@ use sha2::{Digest, Sha256};
 use crate::aligned::{AlignedBuf, ALIGN};
 use crate::buffer::with_bytes;
 use crate::error::{CoreError, CoreResult, IoContext};
-pub use crate::pybuffer::PartBuffer;
 use crate::hash::{hex_digest, to_hex};
+pub use crate::pybuffer::PartBuffer;
 use crate::reader::{read_full_at, SourceFile};
 
 /// Spare part buffers kept for reuse; more than the parts in flight is never needed.
@@ -45,12 +45,8 @@ impl BufferPool {
     pub fn take(&self, len: usize) -> AlignedBuf {
         let room = len.next_multiple_of(ALIGN) + ALIGN;
         let mut spares = lock(&self.spares);
-        let best = spares
-            .iter()
-            .enumerate()
-            .filter(|(_, v)| v.len() >= room)
-            .min_by_key(|(_, v)| v.len())
-            .map(|(i, _)| i);
+        let best =
+            spares.iter().enumerate().filter(|(_, v)| v.len() >= room).min_by_key(|(_, v)| v.len()).map(|(i, _)| i);
         let vec = match best {
             Some(i) => spares.swap_remove(i),
             None => Vec::new(),
@@ -152,11 +148,8 @@ impl Pass {
             part.update(block);
         }
         let part_crc = part.finalize();
-        self.crc = if self.position == 0 {
-            part_crc
-        } else {
-            crate::crc64::combine(self.crc, part_crc, data.len() as u64)
-        };
+        self.crc =
+            if self.position == 0 { part_crc } else { crate::crc64::combine(self.crc, part_crc, data.len() as u64) };
         let sha = part_sha256.then(|| to_hex(&Sha256::digest(data)));
         self.position += data.len() as u64;
         (part_crc, sha)
@@ -258,9 +251,7 @@ fn read_direct_span(
             .collect();
         handles
             .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| Err(CoreError::InvalidArgument("a read thread panicked".into())))
-            })
+            .map(|h| h.join().unwrap_or_else(|_| Err(CoreError::InvalidArgument("a read thread panicked".into()))))
             .collect()
     });
     let mut total = 0;
@@ -320,7 +311,10 @@ impl UploadSource {
             let (buf, got) = match ahead {
                 Some(ahead) if ahead.offset == offset && ahead.len == len => {
                     let (buf, got) = ahead.handle.join().unwrap_or_else(|_| {
-                        (AlignedBuf::new(Vec::new(), 0), Err(CoreError::InvalidArgument("the read-ahead thread panicked".into())))
+                        (
+                            AlignedBuf::new(Vec::new(), 0),
+                            Err(CoreError::InvalidArgument("the read-ahead thread panicked".into())),
+                        )
                     });
                     (buf, got?)
                 }
@@ -419,9 +413,9 @@ impl UploadSource {
         } else {
             while filled < want {
                 let block = stream.call_method1("read", (want - filled,))?;
-                let block = block.downcast::<PyBytes>().map_err(|_| {
-                    PyTypeError::new_err(format!("{}.read() must return bytes", self.name))
-                })?;
+                let block = block
+                    .downcast::<PyBytes>()
+                    .map_err(|_| PyTypeError::new_err(format!("{}.read() must return bytes", self.name)))?;
                 let got = block.as_bytes().len();
                 if got == 0 {
                     pass.eof = true;
@@ -462,16 +456,18 @@ impl UploadSource {
             let source = SourceFile::open(&path)?;
             let extents = source.extents()?;
             // tmpfs and some FUSE filesystems refuse O_DIRECT (EINVAL): read those cached.
-            let direct = if direct {
-                OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&path).ok()
-            } else {
-                None
-            };
+            let direct =
+                if direct { OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&path).ok() } else { None };
             Ok((source, extents, direct))
         })?;
         let size = source.size;
         let name = path.display().to_string();
-        Ok(UploadSource::new(Input::File(Arc::new(FileInput { source, extents, direct })), name, Some(size), part_sha256))
+        Ok(UploadSource::new(
+            Input::File(Arc::new(FileInput { source, extents, direct })),
+            name,
+            Some(size),
+            part_sha256,
+        ))
     }
 
     /// Whether the file is read with O_DIRECT.

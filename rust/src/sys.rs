@@ -70,7 +70,8 @@ pub fn sync_file_range(file: &File, offset: u64, len: u64, how: Writeback) -> io
         }
     };
     let overflow = |_| io::Error::from_raw_os_error(libc::EOVERFLOW);
-    let (offset, len) = (libc::off64_t::try_from(offset).map_err(overflow)?, libc::off64_t::try_from(len).map_err(overflow)?);
+    let (offset, len) =
+        (libc::off64_t::try_from(offset).map_err(overflow)?, libc::off64_t::try_from(len).map_err(overflow)?);
     // SAFETY: a valid descriptor and integers; no memory is passed.
     let rc = unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, flags) };
     if rc != 0 {

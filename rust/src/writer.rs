@@ -91,7 +91,9 @@ fn open_locked(temp_path: &Path) -> CoreResult<File> {
         match file.try_lock() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => return Err(CoreError::Locked(temp_path.display().to_string())),
-            Err(TryLockError::Error(err)) => return Err(CoreError::io(format!("locking {}", temp_path.display()), err)),
+            Err(TryLockError::Error(err)) => {
+                return Err(CoreError::io(format!("locking {}", temp_path.display()), err))
+            }
         }
         let ours = file.metadata().context(|| format!("inspecting {}", temp_path.display()))?;
         match std::fs::metadata(temp_path) {
@@ -502,9 +504,7 @@ impl Ordered {
     }
 
     fn consume_disk(&self, digests: &mut Digests, from: u64, to: u64) -> CoreResult<()> {
-        let file = lock(&self.file)
-            .clone()
-            .ok_or_else(|| CoreError::InvalidArgument("the writer is closed".into()))?;
+        let file = lock(&self.file).clone().ok_or_else(|| CoreError::InvalidArgument("the writer is closed".into()))?;
         if digests.buf.is_empty() {
             digests.buf = vec![0u8; HASH_BLOCK];
         }
@@ -684,7 +684,13 @@ impl WriterCore {
 
     /// A file writer; with `hash` the SHA-256 and with `crcs` those CRCs of the object are
     /// computed in order as chunks are written.
-    pub fn open_with(final_path: &Path, temp_path: &Path, resume: bool, hash: bool, crcs: &[CrcKind]) -> CoreResult<Self> {
+    pub fn open_with(
+        final_path: &Path,
+        temp_path: &Path,
+        resume: bool,
+        hash: bool,
+        crcs: &[CrcKind],
+    ) -> CoreResult<Self> {
         Self::open_direct(final_path, temp_path, resume, hash, crcs, false)
     }
 
@@ -761,7 +767,8 @@ impl WriterCore {
     }
 
     fn closed_error(&self) -> CoreError {
-        let what = if self.stream { "stream writer".to_string() } else { format!("writer for {}", self.final_path.display()) };
+        let what =
+            if self.stream { "stream writer".to_string() } else { format!("writer for {}", self.final_path.display()) };
         CoreError::InvalidArgument(format!("{what} is closed"))
     }
 
@@ -914,9 +921,8 @@ impl WriterCore {
         self.close_order();
         let result = (|| {
             file.sync_all().context(|| format!("flushing {} to disk", self.temp_path.display()))?;
-            std::fs::rename(&self.temp_path, &self.final_path).context(|| {
-                format!("renaming {} to {}", self.temp_path.display(), self.final_path.display())
-            })?;
+            std::fs::rename(&self.temp_path, &self.final_path)
+                .context(|| format!("renaming {} to {}", self.temp_path.display(), self.final_path.display()))?;
             sync_parent_dir(&self.final_path)
         })();
         drop(file);
@@ -1087,8 +1093,7 @@ impl ChunkWriter {
         direct: bool,
     ) -> PyResult<Self> {
         let crcs = parse_crcs(&crc)?;
-        let core =
-            py.detach(|| WriterCore::open_direct(&final_path, &temp_path, resume, hash, &crcs, direct))?;
+        let core = py.detach(|| WriterCore::open_direct(&final_path, &temp_path, resume, hash, &crcs, direct))?;
         Ok(ChunkWriter {
             core,
             final_path: final_path.to_string_lossy().into_owned(),
@@ -1467,7 +1472,11 @@ mod tests {
         let crcs = writer.crc_values(9).expect("crcs");
         assert_eq!(
             crcs,
-            vec![(CrcKind::Crc64Nvme, 0xae8b_1486_0a79_9888), (CrcKind::Crc32c, 0xe306_9283), (CrcKind::Crc32, 0xcbf4_3926)]
+            vec![
+                (CrcKind::Crc64Nvme, 0xae8b_1486_0a79_9888),
+                (CrcKind::Crc32c, 0xe306_9283),
+                (CrcKind::Crc32, 0xcbf4_3926)
+            ]
         );
         assert!(writer.hexdigest(9).is_err(), "no SHA-256 was asked for");
         assert_eq!(CrcKind::from_s3_name("crc64nvme"), Some(CrcKind::Crc64Nvme));
