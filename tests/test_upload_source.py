@@ -1,14 +1,17 @@
-"""How the upload pipeline opens a file source: O_DIRECT where the filesystem suits it."""
+"""How the upload pipeline opens a file source (O_DIRECT where the filesystem suits it) and
+feeds its parts to the senders (PartFeed: on a thread of its own, or inline)."""
 
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
 from vmstore import _native
 from vmstore._localpath import direct_io_suits
-from vmstore._upload import plan_source
+from vmstore._upload import PartFeed, part_view, plan_source
+from vmstore.errors import CancelledError
 from vmstore.models import UploadRequest
 
 
@@ -58,3 +61,44 @@ def test_a_filesystem_without_o_direct_is_read_cached(tmp_path: Path) -> None:
         assert part is not None and part.length == 10_000
     finally:
         path.unlink()
+
+
+def _feed_parts(path: Path, depth: int, keep: set[int] | None = None) -> list[tuple[int, bytes]]:
+    request = UploadRequest(source_path=str(path), destination_url="/x")
+    plan = plan_source(request, lambda _size: 4096)
+    parts = []
+    with PartFeed(plan, depth=depth, keep=lambda n: keep is None or n in keep) as feed:
+        for part in feed:
+            if depth == 0:
+                # Inline: no read-ahead thread of the feed's own.
+                assert "vmstore-read" not in {t.name for t in threading.enumerate()}
+            parts.append((part.number, bytes(part_view(part)) if part.data is not None else b""))
+    return parts
+
+
+@pytest.mark.parametrize("depth", [0, 1])
+def test_the_feed_gives_every_part_in_order_inline_or_on_its_thread(
+    tmp_path: Path, depth: int
+) -> None:
+    data = os.urandom(5 * 4096 + 77)
+    path = tmp_path / "disk.raw"
+    path.write_bytes(data)
+    parts = _feed_parts(path, depth)
+    assert [n for n, _ in parts] == [1, 2, 3, 4, 5, 6]
+    assert b"".join(b for _, b in parts) == data
+    # Parts a resumed upload already stored are hashed, not kept.
+    kept = _feed_parts(path, depth, keep={2, 6})
+    assert [(n, len(b)) for n, b in kept] == [(1, 0), (2, 4096), (3, 0), (4, 0), (5, 0), (6, 77)]
+
+
+def test_an_inline_feed_stops_at_a_cancel(tmp_path: Path) -> None:
+    path = tmp_path / "disk.raw"
+    path.write_bytes(os.urandom(4 * 4096))
+    plan = plan_source(UploadRequest(source_path=str(path), destination_url="/x"), lambda _s: 4096)
+    cancel = _native.CancelToken()
+    seen = []
+    with PartFeed(plan, depth=0, cancel=cancel) as feed, pytest.raises(CancelledError):
+        for part in feed:
+            seen.append(part.number)
+            cancel.cancel()
+    assert seen == [1]

@@ -199,7 +199,10 @@ class PartFeed:
     already stored: they are hashed, not kept). At most ``depth`` parts are read ahead of the
     consumer: the thread takes a slot before it reads a part, and the consumer gives it back
     when it takes the part, so no part is read only to wait for room (one part size less
-    memory than a queue of ``depth`` plus the one in hand).
+    memory than a queue of ``depth`` plus the one in hand). ``depth=0`` reads each part in the
+    consumer's thread when it asks for it, with no thread of its own: for a source that reads
+    ahead by itself (an O_DIRECT file, :attr:`UploadSource.direct`), whose next part's bytes
+    are already in memory when asked for, so only its hashing is left to wait for.
     ``first_number`` is the number of the next part when earlier ones were read already.
     """
 
@@ -213,6 +216,7 @@ class PartFeed:
         first_number: int = 1,
     ) -> None:
         self._plan = plan
+        self._inline = depth == 0
         self._first_number = first_number
         self._keep = keep
         self._queue: queue.Queue[object] = queue.Queue()
@@ -245,7 +249,22 @@ class PartFeed:
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
             self._queue.put(exc)
 
+    def _read_inline(self) -> Iterator[_native.SourcePart]:
+        number = self._first_number
+        while not self._stop.is_set():
+            if self._cancel is not None and self._cancel.is_cancelled:
+                raise CancelledError(f"upload of {self._plan.name} cancelled")
+            size, keep = self._plan.part_size(number), self._keep(number)
+            part = self._plan.source.next_part(size, keep=keep)
+            if part is None:
+                return
+            number += 1
+            yield part
+
     def __iter__(self) -> Iterator[_native.SourcePart]:
+        if self._inline:
+            yield from self._read_inline()
+            return
         if not self._started:
             self._started = True
             self._thread.start()

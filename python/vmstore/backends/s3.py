@@ -1421,6 +1421,9 @@ class _MultipartUpload:
         feed = PartFeed(
             self.plan,
             keep=lambda number: number not in stored,
+            # An O_DIRECT source reads its next part ahead by itself: a queued part on top of
+            # it would only hold one more part's memory (peak RSS: 4 in flight + 1 read ahead).
+            depth=0 if self.plan.source.direct else 1,
             cancel=self.request.cancel,
             first_number=first.number + 1 if first is not None else 1,
         )
