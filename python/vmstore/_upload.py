@@ -3,7 +3,8 @@
 The native :class:`vmstore._native.UploadSource` reads the source (a file or a stream) front
 to back exactly once; each part is hashed in Rust as it is read, in order for the whole-object
 SHA-256 and CRC-64/NVME and on its own for the part's checksum, so the bytes hashed are the
-bytes sent. A :class:`PartFeed` reads ahead on one thread while earlier parts are on the wire;
+bytes sent. One part is read ahead while earlier parts are on the wire: by the source itself
+when it reads O_DIRECT, else by a :class:`PartFeed` on a thread of its own;
 :func:`send_parts` keeps at most ``concurrency`` parts in flight, so memory stays near
 (concurrency + read-ahead) x part size whatever the source's size.
 
