@@ -76,6 +76,9 @@ def run_bounded(
                 results = [future.result() for future in finished]
                 if results:
                     landed(results)
+                # Let go of what finished (an upload part holds its buffer) before the next
+                # item is taken: otherwise one more item's memory is alive at the peak.
+                del results, finished
                 check()
         except BaseException:
             stop.set()
