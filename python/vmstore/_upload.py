@@ -233,38 +233,30 @@ class PartFeed:
                 return True
         return False
 
-    def _run(self) -> None:
+    def _read(self, may_read: Callable[[], bool]) -> Iterator[_native.SourcePart]:
+        """The parts in order, each read once ``may_read()`` allows it (False: stop)."""
         number = self._first_number
-        try:
-            while self._take_slot():
-                if self._cancel is not None and self._cancel.is_cancelled:
-                    raise CancelledError(f"upload of {self._plan.name} cancelled")
-                part = self._plan.source.next_part(
-                    self._plan.part_size(number), keep=self._keep(number)
-                )
-                if part is None:
-                    break
-                self._queue.put(part)
-                number += 1
-            self._queue.put(_END)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
-            self._queue.put(exc)
-
-    def _read_inline(self) -> Iterator[_native.SourcePart]:
-        number = self._first_number
-        while not self._stop.is_set():
+        while may_read():
             if self._cancel is not None and self._cancel.is_cancelled:
                 raise CancelledError(f"upload of {self._plan.name} cancelled")
             size, keep = self._plan.part_size(number), self._keep(number)
             part = self._plan.source.next_part(size, keep=keep)
             if part is None:
                 return
-            number += 1
             yield part
+            number += 1
+
+    def _run(self) -> None:
+        try:
+            for part in self._read(self._take_slot):
+                self._queue.put(part)
+            self._queue.put(_END)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            self._queue.put(exc)
 
     def __iter__(self) -> Iterator[_native.SourcePart]:
         if self._inline:
-            yield from self._read_inline()
+            yield from self._read(lambda: not self._stop.is_set())
             return
         if not self._started:
             self._started = True
