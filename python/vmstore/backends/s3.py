@@ -654,9 +654,18 @@ class S3Storage(_many.BatchTransfers):
 
     def _call(self, action: str, location: S3Location, operation: Any, **kwargs: Any) -> Any:
         """One S3 request with retries; failures become StorageErrors."""
+
+        def attempt() -> Any:
+            body: Any = kwargs.get("Body")
+            if hasattr(body, "seek"):
+                # Every attempt sends the whole body: a failed one may have read part of it
+                # (botocore's own retries rewind it; vmstore's replace them).
+                body.seek(0)
+            return operation(**kwargs)
+
         try:
             return self._retry.call(
-                lambda: operation(**kwargs),
+                attempt,
                 classify=classify_retry,
                 describe=f"{action} {s3_url(location)}",
             )
