@@ -261,40 +261,33 @@ def test_download_resumes_from_partial_after_the_process_is_killed(
     assert not (tmp_path / "big.img.vmstore-partial").exists()
 
 
-def test_part_upload_is_retried_when_the_connection_drops_mid_part(
+@pytest.mark.parametrize(
+    ("size", "drop_after"),
+    [
+        # Multipart: the dropped part is sent again from its buffer.
+        pytest.param(2 * PART + 10, PART // 2, id="multipart"),
+        # Under one part, one PUT: its retry must send the body again from its first byte,
+        # not what the dropped attempt left unread (rclone and moto store what they get).
+        pytest.param(PART // 2, PART // 4, id="single-put"),
+    ],
+)
+def test_an_upload_is_retried_whole_when_the_connection_drops_mid_body(
     config: StorageConfig,
     s3_server: S3Server,
     tmp_path: Path,
     prefix: str,
+    size: int,
+    drop_after: int,
 ) -> None:
-    data = random_bytes(2 * PART + 10, seed=5)
+    data = random_bytes(size, seed=5)
     source = write_file(tmp_path / "disk.img", data)
-    with DroppingProxy(_port(s3_server), after_bytes=PART // 2, drops=1) as proxy:
+    with DroppingProxy(_port(s3_server), after_bytes=drop_after, drops=1) as proxy:
         proxied = StorageConfig(**json.loads(_config_json(config, proxy.port)))
         with new_storage(proxied) as store:
             up = store.upload(UploadRequest(str(source), f"/{prefix}/disk.img"))
         assert proxy.dropped == 1
     assert up.checksum == sha256_bytes(data)
     assert get(s3_server, f"{prefix}/disk.img") == data
-
-
-def test_single_put_is_retried_from_the_first_byte_when_the_connection_drops(
-    config: StorageConfig,
-    s3_server: S3Server,
-    tmp_path: Path,
-    prefix: str,
-) -> None:
-    # A file under one part goes up in one PUT; its retry must send the body again from its
-    # start, not what the dropped attempt left unread (rclone and moto store what they get).
-    data = random_bytes(PART // 2, seed=6)
-    source = write_file(tmp_path / "small.img", data)
-    with DroppingProxy(_port(s3_server), after_bytes=PART // 4, drops=1) as proxy:
-        proxied = StorageConfig(**json.loads(_config_json(config, proxy.port)))
-        with new_storage(proxied) as store:
-            up = store.upload(UploadRequest(str(source), f"/{prefix}/small.img"))
-        assert proxy.dropped == 1
-    assert up.checksum == sha256_bytes(data)
-    assert get(s3_server, f"{prefix}/small.img") == data
 
 
 def test_upload_gives_up_with_network_error_when_every_attempt_drops(
