@@ -1212,6 +1212,7 @@ class _MultipartUpload:
         except CallbackAbort as abort:  # cancelled while waiting for the bandwidth limit
             raise abort.error from None
         etag = _strip_etag(str(response.get("ETag", "")))
+        self._check_stored_object(etag, size)
         self._record_completed(etag, digest, size)
         # A stale companion (from an earlier multipart upload) is not believed, but need
         # not stay either.
@@ -1219,6 +1220,23 @@ class _MultipartUpload:
             self.storage._delete_key(self.storage._companion(self.location), "delete")
         return UploadResponse(url=self.url, checksum=digest, bytes_transferred=size,
                               etag=etag, size=size)
+
+    def _check_stored_object(self, etag: str, size: int) -> None:
+        """The size the server holds after a single PUT, which is its own commit. A server
+        that validates the SHA-256 header refuses a short body itself; one that does not
+        (rclone, moto) keeps it, under the final name and with metadata that claims the
+        source's SHA-256. Such an object, if it is still ours (same ETag), is deleted."""
+        head = self.storage._head(self.location)
+        held = int(head.get("ContentLength", size))
+        if held == size or _strip_etag(str(head.get("ETag", ""))) != etag:
+            return  # as sent, or replaced since by a later upload: not this one's to judge
+        with contextlib.suppress(StorageError):
+            self.storage._delete_key(self.location, "delete")
+        raise ChecksumMismatchError(
+            f"{self.url} held {held} bytes after the upload, not the {size} that were sent: "
+            "the server stored other bytes than vmstore sent, so the object was deleted; "
+            "upload again"
+        )
 
     # -- multipart ----------------------------------------------------------------------
 
@@ -1320,7 +1338,11 @@ class _MultipartUpload:
             return None
         # Keep a part only if the server still has it with the ETag we were given; its
         # bytes are checked against the source as the pass reaches it.
-        previous.parts = {n: part for n, part in previous.parts.items() if listed.get(n) == part[0]}
+        previous.parts = {
+            n: part
+            for n, part in previous.parts.items()
+            if n in listed and listed[n][0] == part[0]
+        }
         if previous.encoding is not None:
             # The same salt: the frames stored already and those still to come are one object.
             # A stored part is kept with the consecutive frames its journal line names; the
@@ -1409,9 +1431,10 @@ class _MultipartUpload:
         size = source.position
         self.plan.check_complete(size)
         digest = source.sha256()
+        encoding = self.encoder.encoding() if self.encoder is not None else None
+        self._check_stored_parts(state, encoding.stored_size if encoding is not None else size)
         # Reported before Complete, which is the commit: a raising callback stops it.
         self.reporter.finish(size)
-        encoding = self.encoder.encoding() if self.encoder is not None else None
         # S3's FULL_OBJECT checksum is of the stored bytes: the frames' CRCs combined.
         crc = self.encoder.stored_crc64nvme() if self.encoder is not None else source.crc64nvme()
         etag = self._complete(state, crc)
@@ -1568,8 +1591,26 @@ class _MultipartUpload:
         except OSError as exc:
             log.warning("could not record the finished upload in %s: %s", self.state_file.path, exc)
 
-    def _list_parts(self, upload_id: str) -> dict[int, str] | None:
-        listed: dict[int, str] = {}
+    def _check_stored_parts(self, state: _UploadState, size: int) -> None:
+        """The server's list of the upload's parts against what was sent, before Complete
+        commits them: a server that validates part checksums refuses a short part itself, one
+        that does not would make an object of other bytes under the final name."""
+        listed = self._list_parts(state.upload_id)
+        if listed is None:
+            return  # the upload is gone: Complete says so
+        held = sum(part_size for _, part_size in listed.values())
+        sent = {n: _strip_etag(etag) for n, (etag, _) in state.parts.items()}
+        if held == size and {n: _strip_etag(etag) for n, (etag, _) in listed.items()} == sent:
+            return
+        raise ChecksumMismatchError(
+            f"the server holds {held} bytes in {len(listed)} parts of the upload to {self.url}, "
+            f"not the {size} bytes in {len(sent)} parts that were sent: nothing was stored "
+            "under the final name; upload again"
+        )
+
+    def _list_parts(self, upload_id: str) -> dict[int, tuple[str, int]] | None:
+        """The server's parts of an upload: number -> (ETag, size); None if it is gone."""
+        listed: dict[int, tuple[str, int]] = {}
         marker = 0
         try:
             while True:
@@ -1583,7 +1624,7 @@ class _MultipartUpload:
                     PartNumberMarker=marker,
                 )
                 for part in response.get("Parts", []):
-                    listed[int(part["PartNumber"])] = str(part["ETag"])
+                    listed[int(part["PartNumber"])] = (str(part["ETag"]), int(part["Size"]))
                 if not response.get("IsTruncated"):
                     return listed
                 marker = int(response.get("NextPartNumberMarker", 0))
