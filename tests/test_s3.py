@@ -326,6 +326,49 @@ def test_an_object_the_server_stored_short_is_not_left_claiming_the_source_check
     assert open_uploads(s3_server, prefix) == []
 
 
+@pytest.mark.parametrize("listed", ["without sizes", "with another ETag"])
+def test_the_parts_check_before_complete_holds_a_listing_to_what_it_says(
+    config: StorageConfig,
+    s3_server: S3Server,
+    tmp_path: Path,
+    prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+    listed: str,
+) -> None:
+    """A ListParts answer that leaves out the part sizes (none of the servers here does; AWS
+    sends them) is held to its ETags alone, and one whose ETag differs from UploadPart's
+    fails the upload. The listing is rewritten in vmstore's paginator: no server answers so
+    on demand."""
+    import vmstore.backends.s3 as s3_backend
+
+    listing = s3_backend.S3Storage._parts
+
+    def rewritten(self: Any, *args: Any) -> Iterator[dict[str, Any]]:
+        for part in listing(self, *args):
+            if listed == "without sizes":
+                yield {k: v for k, v in part.items() if k != "Size"}
+            else:
+                yield {**part, "ETag": '"0123456789abcdef0123456789abcdef"'}
+
+    monkeypatch.setattr(s3_backend.S3Storage, "_parts", rewritten)
+    data = random_bytes(2 * PART + 10, seed=13)
+    source = write_file(tmp_path / "disk.img", data)
+    key = f"{prefix}/disk.img"
+    with new_storage(config) as store:
+        if listed == "without sizes":
+            up = store.upload(UploadRequest(str(source), f"/{key}", resume=False))
+            assert up.checksum == sha256_bytes(data)
+            assert get(s3_server, key) == data
+            return
+        with pytest.raises(StorageError) as raised:
+            store.upload(UploadRequest(str(source), f"/{key}", resume=False))
+    assert raised.value.type is ErrorType.CHECKSUM_MISMATCH, raised.value
+    assert "parts" in str(raised.value)
+    objects = s3_server.client().list_objects_v2(Bucket=s3_server.bucket, Prefix=prefix)  # type: ignore[attr-defined]
+    assert objects.get("Contents", []) == []
+    assert open_uploads(s3_server, prefix) == []
+
+
 def test_upload_gives_up_with_network_error_when_every_attempt_drops(
     config: StorageConfig,
     s3_server: S3Server,

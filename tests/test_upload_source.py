@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from vmstore import _native
 from vmstore._localpath import direct_io_suits
-from vmstore._upload import PartFeed, part_view, plan_source
-from vmstore.errors import CancelledError
+from vmstore._upload import PartFeed, check_stored_size, part_view, plan_source
+from vmstore.errors import CancelledError, ChecksumMismatchError, ErrorType
 from vmstore.models import UploadRequest
 
 
@@ -102,3 +102,26 @@ def test_an_inline_feed_stops_at_a_cancel(tmp_path: Path) -> None:
             seen.append(part.number)
             cancel.cancel()
     assert seen == [1]
+
+
+def test_the_size_check_after_a_commit_says_whether_the_object_was_removed() -> None:
+    """The one check S3's single PUT and HTTP's PUT share (the servers' own faults are in
+    test_s3's short-body test; nginx cannot be made to store a short body)."""
+    check_stored_size("http://h/d.img", 10, 10)  # as sent
+    check_stored_size("http://h/d.img", None, 10)  # the server does not say
+    removed: list[bool] = []
+
+    def discard() -> bool:
+        removed.append(True)
+        return True
+
+    with pytest.raises(ChecksumMismatchError) as kept:
+        check_stored_size("http://h/d.img", 9, 10)
+    assert kept.value.type is ErrorType.CHECKSUM_MISMATCH
+    assert "held 9 bytes" in str(kept.value) and "left in place" in str(kept.value)
+    with pytest.raises(ChecksumMismatchError) as deleted:
+        check_stored_size("s3://b/d.img", 9, 10, discard)
+    assert removed == [True] and "was deleted" in str(deleted.value)
+    with pytest.raises(ChecksumMismatchError) as undeletable:
+        check_stored_size("s3://b/d.img", 9, 10, lambda: False)
+    assert "left in place" in str(undeletable.value)

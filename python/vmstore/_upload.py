@@ -394,6 +394,29 @@ def send_parts(
     )
 
 
+def check_stored_size(
+    url: str, held: int | None, sent: int, discard: Callable[[], bool] | None = None
+) -> None:
+    """The size the server reports holding after an upload's commit, against the bytes sent.
+
+    A server that validates the checksum headers refuses a short body itself; one that does
+    not keeps it under the final name, where its metadata or sidecar would claim the source's
+    SHA-256. ``discard`` deletes such an object when the backend can tell it is this upload's
+    (S3 by its ETag) and says whether it did; ``held`` is None when the server does not say.
+    """
+    if held is None or held == sent:
+        return
+    fate = (
+        "so the object was deleted"
+        if discard is not None and discard()
+        else "and the object was left in place: check it, or delete it"
+    )
+    raise ChecksumMismatchError(
+        f"{url} held {held} bytes after the upload, not the {sent} that were sent: the "
+        f"server stored other bytes than vmstore sent, {fate}; upload again"
+    )
+
+
 def encoder_for(request: UploadRequest, key: bytes | None) -> Encoder | None:
     """The frame encoder of an upload that asks for compression or has a key; None otherwise
     (the parts go out as they are read)."""

@@ -61,6 +61,7 @@ from vmstore._upload import (
     PartBody,
     PartFeed,
     SourcePlan,
+    check_stored_size,
     crc64nvme_b64,
     part_view,
     plan_source,
@@ -884,28 +885,35 @@ class S3Storage(_many.BatchTransfers):
             kwargs["KeyMarker"] = response.get("NextKeyMarker", "")
             kwargs["UploadIdMarker"] = response.get("NextUploadIdMarker", "")
 
+    def _parts(self, location: S3Location, upload_id: str) -> Iterator[dict[str, Any]]:
+        """Every part the server lists of an open upload, page by page (ListParts returns
+        1,000 at most); NotFoundError once the upload is gone."""
+        marker = 0
+        while True:
+            response = self._call(
+                "list the parts of",
+                location,
+                self._client.list_parts,
+                Bucket=location.bucket,
+                Key=location.key,
+                UploadId=upload_id,
+                PartNumberMarker=marker,
+            )
+            yield from response.get("Parts", [])
+            if not response.get("IsTruncated"):
+                return
+            marker = int(response.get("NextPartNumberMarker", 0))
+
     def _stored_parts(self, location: S3Location, upload_id: str) -> tuple[int, datetime]:
         """Bytes an open upload holds, and when its last part was stored."""
-        total, marker, latest = 0, 0, datetime.min.replace(tzinfo=UTC)
+        total, latest = 0, datetime.min.replace(tzinfo=UTC)
         try:
-            while True:
-                response = self._call(
-                    "list the parts of",
-                    location,
-                    self._client.list_parts,
-                    Bucket=location.bucket,
-                    Key=location.key,
-                    UploadId=upload_id,
-                    PartNumberMarker=marker,
-                )
-                for part in response.get("Parts", []):
-                    total += int(part.get("Size", 0))
-                    latest = max(latest, _aware(part.get("LastModified")))
-                if not response.get("IsTruncated"):
-                    return total, latest
-                marker = int(response.get("NextPartNumberMarker", 0))
+            for part in self._parts(location, upload_id):
+                total += int(part.get("Size", 0))
+                latest = max(latest, _aware(part.get("LastModified")))
         except StorageError:
-            return total, latest
+            pass  # what was counted before the listing failed
+        return total, latest
 
     def list_incomplete(self, prefix: str = "") -> list[IncompleteTransfer]:
         where = self._prefix_location(prefix)
@@ -1222,21 +1230,21 @@ class _MultipartUpload:
                               etag=etag, size=size)
 
     def _check_stored_object(self, etag: str, size: int) -> None:
-        """The size the server holds after a single PUT, which is its own commit. A server
-        that validates the SHA-256 header refuses a short body itself; one that does not
-        (rclone, moto) keeps it, under the final name and with metadata that claims the
-        source's SHA-256. Such an object, if it is still ours (same ETag), is deleted."""
+        """The size the server holds after a single PUT, which is its own commit (see
+        :func:`check_stored_size`)."""
         head = self.storage._head(self.location)
-        held = int(head.get("ContentLength", size))
-        if held == size or _strip_etag(str(head.get("ETag", ""))) != etag:
-            return  # as sent, or replaced since by a later upload: not this one's to judge
-        with contextlib.suppress(StorageError):
-            self.storage._delete_key(self.location, "delete")
-        raise ChecksumMismatchError(
-            f"{self.url} held {held} bytes after the upload, not the {size} that were sent: "
-            "the server stored other bytes than vmstore sent, so the object was deleted; "
-            "upload again"
-        )
+        if _strip_etag(str(head.get("ETag", ""))) != etag:
+            return  # replaced since by a later upload: not this one's to judge
+
+        def discard() -> bool:
+            try:
+                self.storage._delete_key(self.location, "delete")
+            except StorageError:
+                return False
+            return True
+
+        held = head.get("ContentLength")
+        check_stored_size(self.url, None if held is None else int(held), size, discard)
 
     # -- multipart ----------------------------------------------------------------------
 
@@ -1341,7 +1349,7 @@ class _MultipartUpload:
         previous.parts = {
             n: part
             for n, part in previous.parts.items()
-            if n in listed and listed[n][0] == part[0]
+            if n in listed and _strip_etag(listed[n][0]) == _strip_etag(part[0])
         }
         if previous.encoding is not None:
             # The same salt: the frames stored already and those still to come are one object.
@@ -1598,36 +1606,30 @@ class _MultipartUpload:
         listed = self._list_parts(state.upload_id)
         if listed is None:
             return  # the upload is gone: Complete says so
-        held = sum(part_size for _, part_size in listed.values())
+        sizes = [part_size for _, part_size in listed.values()]
+        # A server that lists no sizes (none of the tested ones, nor AWS) is held to the ETags.
+        held = None if None in sizes else sum(s for s in sizes if s is not None)
         sent = {n: _strip_etag(etag) for n, (etag, _) in state.parts.items()}
-        if held == size and {n: _strip_etag(etag) for n, (etag, _) in listed.items()} == sent:
+        if held in (None, size) and {n: _strip_etag(e) for n, (e, _) in listed.items()} == sent:
             return
+        holds = f"{held} bytes" if held is not None else "other parts"
         raise ChecksumMismatchError(
-            f"the server holds {held} bytes in {len(listed)} parts of the upload to {self.url}, "
+            f"the server holds {holds} in {len(listed)} parts of the upload to {self.url}, "
             f"not the {size} bytes in {len(sent)} parts that were sent: nothing was stored "
             "under the final name; upload again"
         )
 
-    def _list_parts(self, upload_id: str) -> dict[int, tuple[str, int]] | None:
-        """The server's parts of an upload: number -> (ETag, size); None if it is gone."""
-        listed: dict[int, tuple[str, int]] = {}
-        marker = 0
+    def _list_parts(self, upload_id: str) -> dict[int, tuple[str, int | None]] | None:
+        """The server's parts of an upload: number -> (ETag, size, None if the server does
+        not say); None if the upload is gone."""
         try:
-            while True:
-                response = self.storage._call(
-                    "list the parts of",
-                    self.location,
-                    self.client.list_parts,
-                    Bucket=self.location.bucket,
-                    Key=self.location.key,
-                    UploadId=upload_id,
-                    PartNumberMarker=marker,
+            return {
+                int(part.get("PartNumber", 0)): (
+                    str(part.get("ETag", "")),
+                    None if part.get("Size") is None else int(part["Size"]),
                 )
-                for part in response.get("Parts", []):
-                    listed[int(part["PartNumber"])] = (str(part["ETag"]), int(part["Size"]))
-                if not response.get("IsTruncated"):
-                    return listed
-                marker = int(response.get("NextPartNumberMarker", 0))
+                for part in self.storage._parts(self.location, upload_id)
+            }
         except NotFoundError:
             return None
 
