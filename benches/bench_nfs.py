@@ -645,17 +645,19 @@ class Bench:
                     [],
                 )
             )
-            return C
         C.append(vmstore_download)
+        # The limit contenders run cold too: a cold read is part of the physical cost the
+        # 0.85 target is measured against (the way a migration host runs).
         C.append(vmstore_sha256)
-        C.append(
-            (
-                "ref: openssl dgst -sha256",
-                lambda: self.commands(["openssl", "dgst", "-sha256", src]),
-                [src],
-                [],
+        if mode != "cold":
+            C.append(
+                (
+                    "ref: openssl dgst -sha256",
+                    lambda: self.commands(["openssl", "dgst", "-sha256", src]),
+                    [src],
+                    [],
+                )
             )
-        )
         if kind == "rand":
             C.append(
                 (
@@ -693,14 +695,15 @@ class Bench:
                     [dd_dst],
                 )
             )
-            C.append(
-                (
-                    "ref: python write+fsync",
-                    lambda: self.child("python-write", dd_dst, size),
-                    [],
-                    [dd_dst],
+            if mode != "cold":  # writes from RAM: nothing for a cold cache to change
+                C.append(
+                    (
+                        "ref: python write+fsync",
+                        lambda: self.child("python-write", dd_dst, size),
+                        [],
+                        [dd_dst],
+                    )
                 )
-            )
             C.append(
                 ("ref: hashlib sha256 (file)", lambda: self.child("hashlib-file", src), [src], [])
             )
