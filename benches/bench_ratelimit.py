@@ -295,7 +295,7 @@ def markdown(data: dict[str, Any]) -> str:
         f"**{limit / MiB:.0f} MiB/s**, about {data['seconds']:g} s of data per measurement "
         f"({limit * data['seconds'] / MiB:.0f} MiB: one file, or four of a quarter on one "
         f"store sharing its limiter); {data['args']['reps']} repetition(s); 1-min load during "
-        f"the runs (other engineers' work on the same 2 cores): median "
+        f"the runs (servers, client and whatever else shares the 2 cores): median "
         f"{statistics.median(load):.2f}, max {max(load):.2f}. Rate = bytes / wall time from the "
         f"first call to the last return (set-up, commit and sidecar included); ratio = rate / "
         f"limit; the issue asks for {1 - TOLERANCE:.1f}-{1 + TOLERANCE:.1f}. granted/bytes: "
