@@ -604,6 +604,47 @@ def test_download_onto_a_full_disk_fails_cleanly_and_keeps_the_destination(
     assert files_under(small_host) == {"imported.img"}
 
 
+# --- copies bypass the page cache on a local disk -------------------------------------------
+
+
+def _cached_bytes(path: Path) -> int:
+    """Bytes of ``path`` in the page cache (util-linux fincore, mincore(2) underneath)."""
+    out = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(out.stdout.strip())
+
+
+@pytest.mark.skipif(shutil.which("fincore") is None, reason="needs util-linux fincore")
+def test_a_copy_onto_a_local_disk_leaves_its_bytes_out_of_the_page_cache(
+    tmp_path: Path, share: Path, host: Path
+) -> None:
+    """Downloads (and uploads to a share on a local disk) write O_DIRECT, as the network
+    backends' partials do: a 200 GB import neither evicts the host's cache nor pays the
+    first touch of fresh cache pages. A cached copy of the same bytes is the control."""
+    from vmstore._localpath import direct_io_suits
+
+    if not direct_io_suits(str(host)):
+        pytest.skip(f"{host} is not on a filesystem that takes O_DIRECT")
+    data = random_bytes(8 * MiB + 1000, seed=31)  # an unaligned tail goes through the cache
+    source = write_file(host / "disk.img", data)
+    control = host / "control.img"
+    shutil.copyfile(source, control)
+    os.sync()
+    assert _cached_bytes(control) >= 8 * MiB  # fincore sees a cached copy
+    # Left in the cache: at most the unaligned tail and the image header read before commit.
+    # (The copy's source is read through the cache: the share's file once it is downloaded.)
+    with new_storage(nfs(share)) as store:
+        store.upload(UploadRequest(str(source), "nfs://disk.img"))
+        assert _cached_bytes(share / "disk.img") <= 1 * MiB
+        store.download(DownloadRequest("nfs://disk.img", str(host / "back.img")))
+    assert _cached_bytes(host / "back.img") <= 1 * MiB
+    assert (host / "back.img").read_bytes() == data
+
+
 # --- sparse files ------------------------------------------------------------------------
 
 

@@ -70,6 +70,7 @@ from vmstore._incomplete import (
 from vmstore._localpath import (
     check_destination_file,
     check_source_file,
+    direct_io_suits,
     open_regular_file,
     refuse_non_regular,
     stream_label,
@@ -130,6 +131,19 @@ _RESERVED_NAME = re.compile(
 def _host_label() -> str:
     """This host's name, safe inside a file name (partials are per host on a shared mount)."""
     return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "localhost"
+
+
+def _chunk_writer(final_path: str, temp_path: str, *, resume: bool) -> _native.ChunkWriter:
+    """The writer of every copy into a temp file beside ``final_path``: O_DIRECT where the
+    directory is on a local disk (``direct_io_suits``, the network backends' rule for their
+    partials), so a copy neither fills the page cache nor pays the first touch of its fresh
+    pages (docs/BENCHMARKS.md, NFS backend); a share on NFS is written through the cache."""
+    return _native.ChunkWriter(
+        final_path,
+        temp_path,
+        resume=resume,
+        direct=direct_io_suits(os.path.dirname(final_path) or "."),
+    )
 
 
 def _unique_temp_path(final_path: str) -> str:
@@ -771,7 +785,7 @@ class NfsStorage(_many.BatchTransfers):
         Returns the writer and whether it may resume (only the shared partial name can).
         """
         try:
-            return _native.ChunkWriter(final_path, partial_path, resume=resume), resume
+            return _chunk_writer(final_path, partial_path, resume=resume), resume
         except BlockingIOError:
             temp_path = _unique_temp_path(final_path)
             logger.warning(
@@ -782,7 +796,7 @@ class NfsStorage(_many.BatchTransfers):
         except OSError as exc:
             raise storage_error_from_oserror(exc, "create temporary file", partial_path) from exc
         try:
-            return _native.ChunkWriter(final_path, temp_path, resume=False), False
+            return _chunk_writer(final_path, temp_path, resume=False), False
         except OSError as exc:
             raise storage_error_from_oserror(exc, "create temporary file", temp_path) from exc
 
@@ -826,7 +840,7 @@ class NfsStorage(_many.BatchTransfers):
         else:
             temp = _unique_temp_path(final_path)
             try:
-                writer = _native.ChunkWriter(final_path, temp, resume=False)
+                writer = _chunk_writer(final_path, temp, resume=False)
             except OSError as exc:
                 raise storage_error_from_oserror(exc, "create temporary file", temp) from exc
         journal = _FrameJournal(writer.temp_path) if resumable else None
@@ -985,7 +999,7 @@ class NfsStorage(_many.BatchTransfers):
         temp_path = _unique_temp_path(final_path)
         label = stream_label(stream)
         try:
-            writer = _native.ChunkWriter(final_path, temp_path, resume=False)
+            writer = _chunk_writer(final_path, temp_path, resume=False)
         except OSError as exc:
             raise storage_error_from_oserror(exc, "create temporary file", temp_path) from exc
         hasher = _native.Sha256()
