@@ -160,16 +160,12 @@ def copy_file(
     *,
     chunk_size: int = 32 << 20,
     resume: bool = False,
-    direct: bool = False,
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
     limiter: RateLimiter | None = None,
     limit_writes: bool = False,
 ) -> CopyResult:
     """Copy source into writer's temp file, hashing while copying; does not commit.
-
-    ``direct`` reads the source with O_DIRECT where its filesystem takes it (block-aligned
-    buffers, which an O_DIRECT writer stores without a bounce copy); a paced copy reads cached.
 
     With ``limiter``, the bytes read from the source (``limit_writes=False``: a download from
     a share) or the bytes stored into the destination (``limit_writes=True``: an upload onto

@@ -3,13 +3,9 @@
 //! but never read or written; all-zero chunks are not written either.
 //!
 //! With no sink the same pipeline is a whole-file hash whose reads overlap the hashing.
-//!
-//! With `direct`, the source is read with O_DIRECT into block-aligned buffers (as the upload
-//! pass reads it), which an O_DIRECT sink then writes without a bounce copy: neither side
-//! fills the page cache or pays the first touch of fresh cache pages.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
@@ -18,12 +14,11 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use crate::aligned::{AlignedBuf, ALIGN};
 use crate::error::{CoreError, CoreResult, IoContext};
 use crate::hash::{hash_span, hex_digest, update_zeros};
 use crate::progress::Progress;
 use crate::ratelimit::{Pacing, Side, TokenBucket};
-use crate::reader::{advise_sequential, data_extents, read_direct_span, read_full_at, SourceFile};
+use crate::reader::{advise_sequential, data_extents, read_full_at, SourceFile};
 use crate::writer::WriterCore;
 
 /// Buffers in flight: one being read, one hashed, one written, one spare.
@@ -43,7 +38,7 @@ pub struct CopyStats {
 }
 
 enum Block {
-    Data { offset: u64, buf: AlignedBuf },
+    Data { offset: u64, buf: Vec<u8>, len: usize },
     Zero { len: u64 },
 }
 
@@ -193,29 +188,16 @@ fn open_source(path: &Path) -> CoreResult<SourceFile> {
     Ok(SourceFile { file, path: path.to_path_buf(), size: meta.len() })
 }
 
-/// The source opened a second time with O_DIRECT, if the filesystem takes it (tmpfs and some
-/// FUSE filesystems refuse it: those are read cached) and it is still the file opened first.
-fn open_direct(source: &SourceFile) -> Option<File> {
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT | libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(&source.path)
-        .ok()?;
-    let (direct, first) = (file.metadata().ok()?, source.file.metadata().ok()?);
-    (direct.dev() == first.dev() && direct.ino() == first.ino()).then_some(file)
-}
-
 /// Copy (or with `sink == None` just hash) `source_path`. The sink is left uncommitted.
 ///
 /// With `pacing`, the bytes that cross the share's side (read from the source, or stored
 /// into the destination: holes and skipped zero blocks are not traffic) are taken from the
-/// rate limiter, in pieces of at most its burst (read through the page cache).
+/// rate limiter, in pieces of at most its burst.
 pub fn copy_file(
     source_path: &Path,
     sink: Option<&WriterCore>,
     chunk_size: usize,
     resume: bool,
-    direct: bool,
     progress: &mut Progress,
     pacing: Option<Pacing<'_>>,
 ) -> CoreResult<CopyStats> {
@@ -223,7 +205,6 @@ pub fn copy_file(
         return Err(CoreError::InvalidArgument("chunk_size must be positive".into()));
     }
     let source = open_source(source_path)?;
-    let direct_source = if direct { open_direct(&source) } else { None };
     let size = source.size;
     progress.set_total(size);
     let extents = source.extents()?;
@@ -252,18 +233,15 @@ pub fn copy_file(
     let (pool_tx, pool_rx) = sync_channel::<Vec<u8>>(BUFFERS);
     let in_flight = BUFFERS.min(size.saturating_sub(start).div_ceil(chunk).max(1) as usize);
     for _ in 0..in_flight {
-        // Cannot block: the channel has room for BUFFERS buffers. Room for an aligned start
-        // and whole blocks, allocated zeroed (untouched until read into).
-        let _ = pool_tx.send(vec![0u8; chunk_size.next_multiple_of(ALIGN) + ALIGN]);
+        // Cannot block: the channel has room for BUFFERS buffers.
+        let _ = pool_tx.send(vec![0u8; chunk_size]);
     }
     let (to_hash_tx, to_hash_rx) = sync_channel::<Block>(1);
 
     let (read_pace, write_pace) = (Pacing::on(pacing, Side::Source), Pacing::on(pacing, Side::Destination));
-    let direct_source = direct_source.as_ref();
     let digest = std::thread::scope(|scope| -> CoreResult<String> {
-        let reader = scope.spawn(|| {
-            read_stage(&source, direct_source, &extents, start, chunk, pool_rx, to_hash_tx, &control, read_pace)
-        });
+        let reader =
+            scope.spawn(|| read_stage(&source, &extents, start, chunk, pool_rx, to_hash_tx, &control, read_pace));
         let (to_write_tx, to_write_rx) = sync_channel::<Block>(1);
         let (hash_pool, write_pool) = match sink {
             Some(_) => (None, Some(pool_tx)),
@@ -375,7 +353,6 @@ fn write_block(
 #[allow(clippy::too_many_arguments)]
 fn read_stage(
     source: &SourceFile,
-    direct: Option<&File>,
     extents: &[(u64, u64)],
     start: u64,
     chunk: u64,
@@ -391,19 +368,12 @@ fn read_stage(
         }
         let len = chunk.min(source.size - offset);
         let block = if overlaps(extents, offset, offset + len) {
-            let Ok(vec) = pool.recv() else { return };
-            let mut buf = AlignedBuf::new(vec, len as usize);
-            let read = match direct.filter(|_| pace.is_none() && buf.aligned()) {
-                Some(file) => read_direct_span(source, file, extents, offset, buf.window(), len as usize),
-                None => match read_block(&source.file, buf.bytes_mut(), offset, pace, control) {
-                    None => return,
-                    Some(read) => read.map_err(|err| {
-                        CoreError::io(format!("reading {} at offset {offset}", source.path.display()), err)
-                    }),
-                },
+            let Ok(mut buf) = pool.recv() else { return };
+            let Some(read) = read_block(&source.file, &mut buf[..len as usize], offset, pace, control) else {
+                return;
             };
             match read {
-                Ok(got) if got == len as usize => Block::Data { offset, buf },
+                Ok(got) if got == len as usize => Block::Data { offset, buf, len: got },
                 Ok(_) => {
                     control.fail(CoreError::io(
                         format!("reading {}", source.path.display()),
@@ -412,7 +382,7 @@ fn read_stage(
                     return;
                 }
                 Err(err) => {
-                    control.fail(err);
+                    control.fail(CoreError::io(format!("reading {} at offset {offset}", source.path.display()), err));
                     return;
                 }
             }
@@ -439,9 +409,9 @@ fn hash_stage(
             return None;
         }
         let len = match &block {
-            Block::Data { buf, .. } => {
-                state.update(buf.bytes());
-                buf.bytes().len() as u64
+            Block::Data { buf, len, .. } => {
+                state.update(&buf[..*len]);
+                *len as u64
             }
             Block::Zero { len, .. } => {
                 update_zeros(&mut state, *len);
@@ -457,7 +427,7 @@ fn hash_stage(
             }
             (None, Block::Data { buf, .. }) => {
                 if let Some(pool) = &pool {
-                    let _ = pool.send(buf.vec);
+                    let _ = pool.send(buf);
                 }
             }
             (None, Block::Zero { .. }) => {}
@@ -485,9 +455,8 @@ fn write_stage(
             return;
         }
         let result = match block {
-            Block::Data { offset, buf } => {
-                let len = buf.bytes().len();
-                let outcome = write_block(sink, offset, buf.bytes(), pace, control).map(|stored| {
+            Block::Data { offset, buf, len } => {
+                let outcome = write_block(sink, offset, &buf[..len], pace, control).map(|stored| {
                     if stored > 0 {
                         sink.start_writeback(offset, len as u64);
                         if offset >= WRITEBACK_LAG * chunk {
@@ -497,7 +466,7 @@ fn write_stage(
                     holes.fetch_add(len as u64 - stored, Ordering::Relaxed);
                     len as u64
                 });
-                let _ = pool.send(buf.vec);
+                let _ = pool.send(buf);
                 outcome
             }
             Block::Zero { len, .. } => {
@@ -535,7 +504,7 @@ mod tests {
         std::fs::write(&src, &data).expect("write");
         let dst = dir.path().join("dst");
         let writer = WriterCore::open(&dst, &dir.path().join("dst.partial"), false, false).expect("open");
-        let stats = copy_file(&src, Some(&writer), 65536, false, false, &mut Progress::silent(0), None).expect("copy");
+        let stats = copy_file(&src, Some(&writer), 65536, false, &mut Progress::silent(0), None).expect("copy");
         writer.commit().expect("commit");
         assert_eq!(std::fs::read(&dst).expect("read"), data);
         assert_eq!(stats.sha256, crate::hash::to_hex(&Sha256::digest(&data)));
@@ -548,7 +517,7 @@ mod tests {
         let src = dir.path().join("src");
         let data = pattern(300_000, 2);
         std::fs::write(&src, &data).expect("write");
-        let stats = copy_file(&src, None, 4096, false, false, &mut Progress::silent(0), None).expect("hash");
+        let stats = copy_file(&src, None, 4096, false, &mut Progress::silent(0), None).expect("hash");
         assert_eq!(stats.sha256, crate::hash::to_hex(&Sha256::digest(&data)));
     }
 
@@ -559,38 +528,10 @@ mod tests {
         std::fs::write(&src, b"").expect("write");
         let dst = dir.path().join("dst");
         let writer = WriterCore::open(&dst, &dir.path().join("p"), false, false).expect("open");
-        let stats = copy_file(&src, Some(&writer), 4096, false, false, &mut Progress::silent(0), None).expect("copy");
+        let stats = copy_file(&src, Some(&writer), 4096, false, &mut Progress::silent(0), None).expect("copy");
         writer.commit().expect("commit");
         assert_eq!(stats.sha256, "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
         assert_eq!(std::fs::metadata(&dst).expect("meta").len(), 0);
-    }
-
-    #[test]
-    fn a_direct_copy_into_a_direct_writer_matches_the_source_holes_and_unaligned_tail_included() {
-        // In the crate's own directory: /tmp may be a tmpfs, which refuses O_DIRECT.
-        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).expect("tempdir");
-        let src = dir.path().join("sparse");
-        let mut file = File::create(&src).expect("create");
-        file.seek(SeekFrom::Start((5 << 20) + 512)).expect("seek");
-        file.write_all(&pattern((1 << 20) + 3000, 7)).expect("data");
-        file.set_len((16 << 20) + 777).expect("len");
-        file.seek(SeekFrom::Start(16 << 20)).expect("seek");
-        file.write_all(&pattern(777, 8)).expect("tail");
-        drop(file);
-        let data = std::fs::read(&src).expect("read");
-        if open_direct(&open_source(&src).expect("open")).is_none() {
-            return; // this filesystem has no O_DIRECT: nothing to compare
-        }
-        let dst = dir.path().join("dst");
-        let writer = WriterCore::open_direct(&dst, &dir.path().join("p"), false, false, &[], true).expect("open");
-        let stats = copy_file(&src, Some(&writer), 1 << 20, false, true, &mut Progress::silent(0), None).expect("copy");
-        writer.commit().expect("commit");
-        assert_eq!(std::fs::read(&dst).expect("read"), data);
-        assert_eq!(stats.sha256, crate::hash::to_hex(&Sha256::digest(&data)));
-        let blocks = |p: &Path| std::fs::metadata(p).expect("meta").blocks();
-        assert!(blocks(&dst) <= blocks(&src), "the copy holds more blocks than the source");
-        let hashed = copy_file(&src, None, 1 << 20, false, true, &mut Progress::silent(0), None).expect("hash");
-        assert_eq!(hashed.sha256, stats.sha256);
     }
 
     #[test]
@@ -604,8 +545,7 @@ mod tests {
         drop(file);
         let dst = dir.path().join("dst");
         let writer = WriterCore::open(&dst, &dir.path().join("p"), false, false).expect("open");
-        let stats =
-            copy_file(&src, Some(&writer), 1 << 20, false, false, &mut Progress::silent(0), None).expect("copy");
+        let stats = copy_file(&src, Some(&writer), 1 << 20, false, &mut Progress::silent(0), None).expect("copy");
         writer.commit().expect("commit");
         assert_eq!(std::fs::read(&dst).expect("dst"), std::fs::read(&src).expect("src"));
         let (s, d) = (std::fs::metadata(&src).expect("s"), std::fs::metadata(&dst).expect("d"));
@@ -625,7 +565,7 @@ mod tests {
         // A good partial: the first 300 KB of the source.
         std::fs::write(&partial, &data[..300_000]).expect("partial");
         let writer = WriterCore::open(&dst, &partial, true, false).expect("open");
-        let stats = copy_file(&src, Some(&writer), 65536, true, false, &mut Progress::silent(0), None).expect("copy");
+        let stats = copy_file(&src, Some(&writer), 65536, true, &mut Progress::silent(0), None).expect("copy");
         writer.commit().expect("commit");
         assert_eq!(stats.resumed_from, 300_000 / 65536 * 65536);
         assert_eq!(std::fs::read(&dst).expect("dst"), data);
@@ -635,7 +575,7 @@ mod tests {
         bad[1000] ^= 0xff;
         std::fs::write(&partial, &bad).expect("partial");
         let writer = WriterCore::open(&dst, &partial, true, false).expect("open");
-        let stats = copy_file(&src, Some(&writer), 65536, true, false, &mut Progress::silent(0), None).expect("copy");
+        let stats = copy_file(&src, Some(&writer), 65536, true, &mut Progress::silent(0), None).expect("copy");
         writer.commit().expect("commit");
         assert_eq!(stats.resumed_from, 0);
         assert_eq!(std::fs::read(&dst).expect("dst"), data);
@@ -661,16 +601,9 @@ mod tests {
         let dst = dir.path().join("dst");
         let writer = WriterCore::open(&dst, &dir.path().join("p"), false, false).expect("open");
         let started = std::time::Instant::now();
-        let stats = copy_file(
-            &src,
-            Some(&writer),
-            1 << 20,
-            false,
-            false,
-            &mut Progress::silent(0),
-            paced(&bucket, Side::Source),
-        )
-        .expect("copy");
+        let stats =
+            copy_file(&src, Some(&writer), 1 << 20, false, &mut Progress::silent(0), paced(&bucket, Side::Source))
+                .expect("copy");
         let took = started.elapsed().as_secs_f64();
         writer.commit().expect("commit");
         assert_eq!(std::fs::read(&dst).expect("dst"), std::fs::read(&src).expect("src"));
@@ -690,16 +623,8 @@ mod tests {
         let bucket = TokenBucket::new(256 << 20).expect("bucket");
         let dst = dir.path().join("dst");
         let writer = WriterCore::open(&dst, &dir.path().join("p"), false, false).expect("open");
-        copy_file(
-            &src,
-            Some(&writer),
-            1 << 20,
-            false,
-            false,
-            &mut Progress::silent(0),
-            paced(&bucket, Side::Destination),
-        )
-        .expect("copy");
+        copy_file(&src, Some(&writer), 1 << 20, false, &mut Progress::silent(0), paced(&bucket, Side::Destination))
+            .expect("copy");
         writer.commit().expect("commit");
         assert_eq!(std::fs::read(&dst).expect("dst"), data);
         assert_eq!(bucket.granted(), 2 << 20);
@@ -715,16 +640,9 @@ mod tests {
         std::fs::write(&partial, &data[..1 << 20]).expect("partial");
         let bucket = TokenBucket::new(256 << 20).expect("bucket");
         let writer = WriterCore::open(&dst, &partial, true, false).expect("open");
-        let stats = copy_file(
-            &src,
-            Some(&writer),
-            1 << 20,
-            true,
-            false,
-            &mut Progress::silent(0),
-            paced(&bucket, Side::Source),
-        )
-        .expect("copy");
+        let stats =
+            copy_file(&src, Some(&writer), 1 << 20, true, &mut Progress::silent(0), paced(&bucket, Side::Source))
+                .expect("copy");
         writer.commit().expect("commit");
         assert_eq!(stats.resumed_from, 1 << 20);
         // The source's prefix was re-read (1 MiB) and its rest copied (1 MiB).
@@ -748,7 +666,7 @@ mod tests {
         let mut progress = Progress::silent(0).with_cancel(cancel);
         let writer = WriterCore::open(&dir.path().join("dst"), &dir.path().join("p"), false, false).expect("open");
         let started = std::time::Instant::now();
-        let result = copy_file(&src, Some(&writer), 1 << 20, false, false, &mut progress, paced(&bucket, Side::Source));
+        let result = copy_file(&src, Some(&writer), 1 << 20, false, &mut progress, paced(&bucket, Side::Source));
         canceller.join().expect("join");
         assert!(matches!(result, Err(CoreError::Cancelled)), "{result:?}");
         assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
@@ -761,15 +679,14 @@ mod tests {
         let status = std::process::Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
         assert!(status.success());
         // A plain open() would wait for a writer forever; this must return at once.
-        let err = copy_file(&fifo, None, 4096, false, false, &mut Progress::silent(0), None).expect_err("must fail");
+        let err = copy_file(&fifo, None, 4096, false, &mut Progress::silent(0), None).expect_err("must fail");
         assert!(matches!(err, CoreError::InvalidArgument(ref m) if m.contains("FIFO")), "{err:?}");
     }
 
     #[test]
     fn directory_source_is_eisdir() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let err =
-            copy_file(dir.path(), None, 4096, false, false, &mut Progress::silent(0), None).expect_err("must fail");
+        let err = copy_file(dir.path(), None, 4096, false, &mut Progress::silent(0), None).expect_err("must fail");
         match err {
             CoreError::Io { source, .. } => assert_eq!(source.raw_os_error(), Some(libc::EISDIR)),
             other => panic!("{other:?}"),
@@ -778,7 +695,7 @@ mod tests {
 
     #[test]
     fn missing_source_is_not_found() {
-        let err = copy_file(Path::new("/no/such/file"), None, 4096, false, false, &mut Progress::silent(0), None)
+        let err = copy_file(Path::new("/no/such/file"), None, 4096, false, &mut Progress::silent(0), None)
             .expect_err("must fail");
         match err {
             CoreError::Io { source, .. } => assert_eq!(source.kind(), std::io::ErrorKind::NotFound),

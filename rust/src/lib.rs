@@ -65,7 +65,7 @@ impl CopyResult {
 }
 
 #[pyfunction]
-#[pyo3(signature = (source_path, writer, *, chunk_size = 32 << 20, resume = false, direct = false, progress = None, cancel = None, limiter = None, limit_writes = false))]
+#[pyo3(signature = (source_path, writer, *, chunk_size = 32 << 20, resume = false, progress = None, cancel = None, limiter = None, limit_writes = false))]
 #[allow(clippy::too_many_arguments)]
 fn copy_file(
     py: Python<'_>,
@@ -73,7 +73,6 @@ fn copy_file(
     writer: &Bound<'_, ChunkWriter>,
     chunk_size: usize,
     resume: bool,
-    direct: bool,
     progress: Option<Py<PyAny>>,
     cancel: Option<&Bound<'_, CancelToken>>,
     limiter: Option<&Bound<'_, RateLimiter>>,
@@ -83,8 +82,7 @@ fn copy_file(
     let sink = writer.get().core();
     let side = if limit_writes { Side::Destination } else { Side::Source };
     let pacing = limiter.map(|l| Pacing { bucket: l.get().bucket(), side });
-    let stats =
-        py.detach(|| copy::copy_file(&source_path, Some(sink), chunk_size, resume, direct, &mut reporter, pacing))?;
+    let stats = py.detach(|| copy::copy_file(&source_path, Some(sink), chunk_size, resume, &mut reporter, pacing))?;
     Ok(CopyResult {
         sha256: stats.sha256,
         size: stats.size,
@@ -103,7 +101,7 @@ fn sha256_file(
     cancel: Option<&Bound<'_, CancelToken>>,
 ) -> PyResult<String> {
     let mut reporter = progress_for(progress, cancel);
-    let stats = py.detach(|| copy::copy_file(&path, None, 8 << 20, false, false, &mut reporter, None))?;
+    let stats = py.detach(|| copy::copy_file(&path, None, 8 << 20, false, &mut reporter, None))?;
     Ok(stats.sha256)
 }
 

@@ -6,7 +6,6 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::aligned::ALIGN;
 use crate::error::{CoreError, CoreResult, IoContext};
 use crate::sys::{self, Seek};
 
@@ -76,112 +75,6 @@ impl SourceFile {
     pub fn extents(&self) -> CoreResult<Vec<(u64, u64)>> {
         data_extents(&self.file, self.size).context(|| format!("finding data extents of {}", self.path.display()))
     }
-}
-
-/// Fill `buf[..len]` with bytes [offset, offset + len) of the file: data extents are read,
-/// holes are zeros without a read. Returns how many bytes the file still had. `buf` may be
-/// longer than `len` (up to the next block boundary): an O_DIRECT read of the file's last
-/// block fills whole blocks.
-///
-/// With `direct` (the file opened O_DIRECT, `buf` block-aligned), every block-aligned span is
-/// read straight from the device into `buf`: no page-cache copy, and the pages of a 200 GB
-/// image do not evict the host's cache (qemu-img's `-T none`). Anything unaligned, and a
-/// filesystem that refuses O_DIRECT for a span, goes through the page cache.
-pub fn read_file_span(
-    source: &SourceFile,
-    direct: Option<&File>,
-    extents: &[(u64, u64)],
-    offset: u64,
-    buf: &mut [u8],
-    len: usize,
-) -> CoreResult<usize> {
-    let end = offset + len as u64;
-    let mut pos = offset;
-    let first = extents.partition_point(|&(o, l)| o + l <= offset);
-    let aligned = |v: u64| v.is_multiple_of(ALIGN as u64);
-    for &(o, l) in &extents[first..] {
-        if o >= end {
-            break;
-        }
-        let (start, stop) = (o.max(offset), (o + l).min(end));
-        if start > pos {
-            buf[(pos - offset) as usize..(start - offset) as usize].fill(0);
-        }
-        let at = (start - offset) as usize;
-        let want = (stop - start) as usize;
-        let mut got = None;
-        if let Some(file) = direct {
-            let whole_blocks = aligned(start) && (aligned(stop) || stop == source.size);
-            if whole_blocks && at + want.next_multiple_of(ALIGN) <= buf.len() {
-                let slot = &mut buf[at..at + want.next_multiple_of(ALIGN)];
-                match read_full_at(file, slot, start) {
-                    Ok(n) => got = Some(n.min(want)),
-                    Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {}
-                    Err(err) => {
-                        return Err(CoreError::io(format!("reading {} at offset {start}", source.path.display()), err))
-                    }
-                }
-            }
-        }
-        let got = match got {
-            Some(n) => n,
-            None => read_full_at(&source.file, &mut buf[at..at + want], start)
-                .context(|| format!("reading {} at offset {start}", source.path.display()))?,
-        };
-        if got < want {
-            return Ok(at + got);
-        }
-        pos = stop;
-    }
-    if pos < end {
-        buf[(pos - offset) as usize..len].fill(0);
-    }
-    Ok(len)
-}
-
-/// Direct reads have no kernel readahead: a part is read as `DIRECT_STREAMS` concurrent
-/// pieces, so the device sees several requests at once (the depth readahead would give).
-const DIRECT_STREAMS: usize = 4;
-
-/// `read_file_span` with O_DIRECT, the part cut into block-aligned pieces read at once.
-pub fn read_direct_span(
-    source: &SourceFile,
-    direct: &File,
-    extents: &[(u64, u64)],
-    offset: u64,
-    buf: &mut [u8],
-    len: usize,
-) -> CoreResult<usize> {
-    let piece = len.div_ceil(DIRECT_STREAMS).next_multiple_of(ALIGN).max(1 << 20);
-    if piece >= len {
-        return read_file_span(source, Some(direct), extents, offset, buf, len);
-    }
-    let results: Vec<CoreResult<usize>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = buf
-            .chunks_mut(piece)
-            .enumerate()
-            .filter(|(i, _)| i * piece < len)
-            .map(|(i, window)| {
-                let at = i * piece;
-                let want = piece.min(len - at);
-                scope.spawn(move || read_file_span(source, Some(direct), extents, offset + at as u64, window, want))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(CoreError::InvalidArgument("a read thread panicked".into()))))
-            .collect()
-    });
-    let mut total = 0;
-    for (i, result) in results.into_iter().enumerate() {
-        let got = result?;
-        let want = piece.min(len - i * piece);
-        if got < want {
-            return Ok(i * piece + got);
-        }
-        total += got;
-    }
-    Ok(total)
 }
 
 #[cfg(test)]

@@ -751,9 +751,6 @@ class NfsStorage(_many.BatchTransfers):
                 writer,
                 chunk_size=self._chunk_size,
                 resume=resumable,
-                # Read as the destination is written: O_DIRECT where the source is on a local
-                # disk, into aligned buffers an O_DIRECT writer stores without a bounce copy.
-                direct=direct_io_suits(source_path),
                 progress=reporter,
                 cancel=cancel,
                 limiter=self._limiter,
