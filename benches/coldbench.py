@@ -812,6 +812,6 @@ def header_lines(data: dict[str, Any], server: str) -> list[str]:
             if cold
             else "**NOT dropped** for some runs: " + "; ".join(data.get("notes", []))
         )
-        + f"; 1-min load during the runs (server, client and whatever else shares the 2 cores): median "
-        f"{statistics.median(load):.2f}, max {max(load):.2f}.",
+        + "; 1-min load during the runs (server, client and whatever else shares the 2 cores): "
+        f"median {statistics.median(load):.2f}, max {max(load):.2f}.",
     ]
