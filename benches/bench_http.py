@@ -15,10 +15,10 @@ time, client CPU-seconds, bytes read from storage, time to the first progress re
 RSS (coldbench's docstring says how), and nginx's own CPU beside them (not in the client's).
 
 Contenders
-  upload    vmstore upload (page cache, default)  the library as it is: one pass over the
-                                          source (read cached), the sidecar PUT after the data
-            vmstore upload (O_DIRECT)     VMSTORE_BENCH_DIRECT=1: plan_source reads the file
-                                          with O_DIRECT
+  upload    vmstore upload (O_DIRECT, default)  the library as it is: one pass over the
+                                          source (read O_DIRECT), the sidecar PUT after the data
+            vmstore upload (page cache)   VMSTORE_BENCH_DIRECT=0: plan_source reads the file
+                                          through the page cache
             floor: vmstore's pass + socket  the O_DIRECT pass, bytes to a loopback socket,
                                           no HTTP (coldbench.floor_upload)
             requests PUT                  alone: the open file as the body, no hashing
@@ -73,8 +73,8 @@ DOC_HEADING = "## HTTP backend (nginx), page cache dropped"
 TOKEN_ENV = "BENCH_HTTP_TOKEN"  # the children's token: kept out of argv
 
 VM_UP, VM_UP_DIRECT, VM_DL = (
-    "vmstore upload (page cache, default)",
-    "vmstore upload (O_DIRECT)",
+    "vmstore upload (page cache)",
+    "vmstore upload (O_DIRECT, default)",
     "vmstore download",
 )
 RQ_UP, RQ_UP_H = "requests PUT", "requests PUT + hashlib"

@@ -86,9 +86,24 @@ def proc_io(pid: int | str = "self") -> dict[str, int]:
     return out
 
 
+LEGACY_CONTENDERS = {
+    # HTTP read its upload's source through the page cache by default until 2026-12-03.
+    "vmstore upload (page cache, default)": "vmstore upload (page cache)",
+    "vmstore upload (O_DIRECT)": "vmstore upload (O_DIRECT, default)",
+}
+
+
+def load_results(path: str | Path) -> dict[str, Any]:
+    """A results JSON, its contenders under today's names (the reading mode is the name's)."""
+    data: dict[str, Any] = json.loads(Path(path).read_text())
+    for run in data.get("runs", []):
+        run["contender"] = LEGACY_CONTENDERS.get(run["contender"], run["contender"])
+    return data
+
+
 def apply_direct_env() -> bool:
-    """VMSTORE_BENCH_DIRECT=1 makes vmstore's uploads read their file with O_DIRECT (S3's
-    default on a local disk), =0 through the page cache (HTTP's default), by putting
+    """VMSTORE_BENCH_DIRECT=1 makes vmstore's uploads read their file with O_DIRECT (the
+    default on a local disk), =0 through the page cache, by putting
     ``functools.partial(plan_source, direct=...)`` into the backends'
     namespaces (they import ``plan_source`` by name). Returns whether the run reads direct."""
     import vmstore._upload
@@ -769,7 +784,7 @@ def finish(
 ) -> None:
     """Run (or load with --report), save the JSON, print the markdown, update the doc."""
     if a.report:
-        data = json.loads(Path(a.report).read_text())
+        data = load_results(a.report)
     else:
         os.makedirs(a.workdir, exist_ok=True)
         meta = nfs.machine_info(a.workdir)

@@ -11,7 +11,6 @@ median [min-max] of the per-repetition values and whether the target is met (on 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -120,8 +119,9 @@ def bounds(s3: Any, sw: Any, http: Any) -> str:
             continue
         peer_h = mod.B3_UP_H if mod is bench_s3 else mod.RQ_UP_H
         peer = mod.B3_UP if mod is bench_s3 else mod.RQ_UP
-        # the library's default reading: O_DIRECT for S3, the page cache for HTTP
-        default = mod.VM_UP_DIRECT if mod is bench_s3 else mod.VM_UP
+        # the library's default reading, O_DIRECT (HTTP's was the page cache before
+        # 2026-12-03: for its older runs this column shows the O_DIRECT variant)
+        default = mod.VM_UP_DIRECT
         for size in cb.size_names(data["runs"]):
             floor_share, over_floor, cpu_bound, walls, best = [], [], [], [], []
             for (sn, _rep), row in sorted(cb.per_rep(data["runs"]).items()):
@@ -164,9 +164,9 @@ def main() -> None:
     def load(paths: list[str] | None) -> Any:
         if not paths:
             return None
-        merged: dict[str, Any] = json.loads(Path(paths[0]).read_text())
+        merged: dict[str, Any] = cb.load_results(paths[0])
         for p in paths[1:]:
-            more = json.loads(Path(p).read_text())
+            more = cb.load_results(p)
             sizes = set(cb.size_names(merged["runs"]))
             if sizes & set(cb.size_names(more["runs"])):
                 raise SystemExit(f"{p}: a size already in {paths[0]}; merge runs of other sizes")

@@ -457,11 +457,11 @@ class HttpStorage(_many.BatchTransfers):
             raise CancelledError(f"upload of {request.source_name} cancelled; nothing was stored")
 
         def open_plan() -> SourcePlan:
-            # Read through the page cache: one PUT streams as fast as the pass reads, and
-            # measured against nginx on 127.0.0.1 (cold, 1 GiB) the O_DIRECT pass was slower
-            # (1.95 s against 1.34 s) for no CPU saved; S3's parts, sent at the server's
-            # pace, read O_DIRECT (docs/BENCHMARKS.md, "O_DIRECT or the page cache").
-            return plan_source(request, lambda _size: self._chunk_size, direct=False)
+            # O_DIRECT where the file is on a local disk, as S3's upload reads: against nginx
+            # on 127.0.0.1 (1 GiB, page cache dropped, same repetitions) 1.71-1.92 s and
+            # 1.41-1.59 CPU-s against 2.02-2.41 s and 1.74-2.30 CPU-s read cached
+            # (docs/BENCHMARKS.md, "Where the targets stand").
+            return plan_source(request, lambda _size: self._chunk_size)
 
         plan = open_plan()
         content_type = (
