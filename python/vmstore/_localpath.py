@@ -150,8 +150,8 @@ def direct_io_suits(path: str) -> bool:
     transfer's own buffers without a page-cache copy, and a 200 GB image does not evict the
     host's cache (qemu-img's ``-T none``, KubeVirt's importer). Measured, page cache dropped:
     a download about 1 CPU-second less per GiB (the page-cache pages' first touch is most of
-    its kernel time); an S3 upload 15 % less client CPU at the same speed (1 and 4 GiB,
-    docs/BENCHMARKS.md; the HTTP backend reads cached, see its upload); an NFS copy's
+    its kernel time); an S3 upload 15 % less client CPU at the same speed (1 and 4 GiB), an
+    HTTP upload about 0.5 x the CPU and 1.4 x the speed (1 GiB; docs/BENCHMARKS.md); an NFS copy's
     temp file, 2-3 x faster on this VM (its source is read cached: a local copy is bound by
     the disk, see design-notes.md). Not on a network filesystem, where O_DIRECT means one
     synchronous RPC per block. A filesystem that refuses O_DIRECT (tmpfs) is read and
